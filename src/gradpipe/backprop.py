@@ -1,0 +1,161 @@
+"""Backpropagation for a block of samples: delta[l], per-sample and summed dC_i/dw[l], dC_i/db[l].
+
+Notation (Nielsen, *Neural Networks and Deep Learning*, ch. 2; batch-major, row i = sample i):
+
+    BP1  delta[L] = dC_i/da[L] * g'(z[L])                  (n, n_L)
+    BP2  delta[l] = (delta[l+1] @ w[l+1]) * g'(z[l])       (n, n_l)
+    BP3  grad_b[l]_i = delta[l]_i                          (n_l,)   per sample
+    BP4  grad_w[l]_i = outer(delta[l]_i, a[l-1]_i)         (n_l, n_{l-1}), i.e. delta_j * a_k
+
+Two identities keep per-sample work cheap: the sum over samples of BP4 is one matrix
+product, delta[l].T @ a[l-1]; and BP4 is rank one, so |grad_w[l]_i|_F^2 =
+|delta[l]_i|^2 |a[l-1]_i|^2. Per-sample gradients are materialized only when asked, a
+bounded number of rows at a time. Sums over samples are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .activations import ACTIVATIONS
+from .losses import LOSSES
+from .model import Architecture, Params, forward
+
+Array = NDArray[np.floating]
+F64 = NDArray[np.float64]
+
+# Rows per forward/backward pass inside a block. Fixed, not tied to the worker count, so
+# that the float64 sums are the same whatever worker holds the block.
+CHUNK_ROWS = 8192
+# Bytes of float64 per-sample gradients materialized at once with per_sample="full".
+FULL_CHUNK_BYTES = 64 * 2**20
+
+
+@dataclass
+class Partial:
+    """Sums over the samples of one block: what a worker returns to the reducer.
+
+    Sums and a count, never means, so the reducer can add blocks in any grouping.
+    """
+
+    block: int
+    n: int  # samples in this block
+    loss_sum: float  # sum_i C_i
+    sum_w: list[F64]  # sum_i dC_i/dw[l], (n_l, n_{l-1}); index 0 unused
+    sum_b: list[F64]  # sum_i dC_i/db[l], (n_l,)
+    sq_norm_sum: F64  # (L+1,): sum_i |dC_i/dw[l]|^2 + |dC_i/db[l]|^2 per layer; index 0 unused
+    correct: int  # samples whose arg-max output is the arg-max target (classification)
+
+
+# Sink for per-sample rows: (first row in block, losses (m,), sq_norms (m, L+1), grads (m, P) or None).
+Sink = Callable[[int, F64, F64, "F64 | None"], None]
+
+
+def output_delta(arch: Architecture, a_L: Array, z_L: Array, y: Array) -> Array:
+    """BP1: delta[L] = dC_i/da[L] * g'(z[L]), (n, n_L).
+
+    Fused shortcut, valid only for softmax + cross_entropy (the only pair with a
+    non-elementwise g that Architecture allows): delta[L] = a[L] - y, for y that sum to one.
+    """
+    if arch.output_activation == "softmax":
+        return a_L - y
+    return LOSSES[arch.loss].grad(a_L, y) * ACTIVATIONS[arch.output_activation].prime(z_L)
+
+
+def deltas(
+    arch: Architecture, params: Params, a: list[Array], z: list[Array], y: Array
+) -> list[Array]:
+    """delta[l] = dC_i/dz[l] for l = 1..L (BP1, then BP2 backwards); index 0 unused."""
+    L = arch.L
+    delta: list[Array] = [np.empty((0, 0), a[0].dtype)] * (L + 1)
+    delta[L] = output_delta(arch, a[L], z[L], y)
+    for l in range(L - 1, 0, -1):
+        delta[l] = (delta[l + 1] @ params.w[l + 1]) * ACTIVATIONS[arch.g(l)].prime(z[l])
+    return delta
+
+
+def per_sample_sq_norms(delta: list[Array], a: list[Array]) -> F64:
+    """|grad_w[l]_i|_F^2 + |grad_b[l]_i|^2 = |delta[l]_i|^2 (|a[l-1]_i|^2 + 1), (n, L+1).
+
+    Column 0 is unused (zero), column l is layer l.
+    """
+    n, L = a[0].shape[0], len(delta) - 1
+    out = np.zeros((n, L + 1))
+    for l in range(1, L + 1):
+        dd = np.einsum("nj,nj->n", delta[l], delta[l], dtype=np.float64)
+        aa = np.einsum("nk,nk->n", a[l - 1], a[l - 1], dtype=np.float64)
+        out[:, l] = dd * (aa + 1.0)
+    return out
+
+
+def per_sample_grads(delta: list[Array], a: list[Array]) -> F64:
+    """BP3/BP4 materialized: row i is dC_i/dtheta, (n, P) in gradients.parquet order.
+
+    grad_w[l]_i = einsum("nj,nk->njk", delta[l], a[l-1]) flattened (j, k) row-major,
+    followed by grad_b[l]_i = delta[l]_i, layer after layer.
+    """
+    parts = []
+    for l in range(1, len(delta)):
+        d = delta[l].astype(np.float64)
+        gw = np.einsum("nj,nk->njk", d, a[l - 1].astype(np.float64))  # (n, j, k)
+        parts.append(gw.reshape(d.shape[0], -1))
+        parts.append(d)
+    return np.concatenate(parts, axis=1)
+
+
+def block_partial(
+    arch: Architecture,
+    params: Params,
+    x: Array,
+    y: Array,
+    *,
+    block: int = 0,
+    classify: bool = False,
+    sink: Sink | None = None,
+    full: bool = False,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Partial:
+    """Sum the per-sample gradients, losses and squared norms of one block of samples.
+
+    x is (n, n_0) and y (n, n_L), both in the compute dtype of `arch`. The block is
+    processed `chunk_rows` rows at a time; per chunk, sum_i grad_w[l]_i = delta[l].T @ a[l-1]
+    (one matrix product), added into float64 sums. When `sink` is given it receives each
+    chunk's per-sample losses and squared norms, and with `full=True` the per-sample
+    gradients too, in pieces of at most FULL_CHUNK_BYTES.
+    """
+    L = arch.L
+    sum_w = [np.zeros((0, 0))] + [np.zeros(w.shape) for w in params.w[1:]]
+    sum_b = [np.zeros(0)] + [np.zeros(b.shape) for b in params.b[1:]]
+    sq_norm_sum = np.zeros(L + 1)
+    loss_sum = 0.0
+    correct = 0
+    loss_fn = LOSSES[arch.loss].fn
+    n = x.shape[0]
+    full_rows = max(1, FULL_CHUNK_BYTES // (8 * arch.n_params))
+    for start in range(0, n, chunk_rows):
+        xc, yc = x[start : start + chunk_rows], y[start : start + chunk_rows]
+        a, z = forward(arch, params, xc)
+        delta = deltas(arch, params, a, z, yc)
+        losses = loss_fn(a[L], yc)  # (m,) float64
+        sq = per_sample_sq_norms(delta, a)  # (m, L+1)
+        for l in range(1, L + 1):
+            sum_w[l] += delta[l].T @ a[l - 1]  # (n_l, n_{l-1}), BP4 summed
+            sum_b[l] += delta[l].sum(axis=0, dtype=np.float64)  # BP3 summed
+        loss_sum += float(losses.sum())
+        sq_norm_sum += sq.sum(axis=0)
+        if classify:
+            correct += int((a[L].argmax(axis=1) == yc.argmax(axis=1)).sum())
+        if sink is None:
+            continue
+        if not full:
+            sink(start, losses, sq, None)
+            continue
+        for s in range(0, xc.shape[0], full_rows):
+            rows = slice(s, s + full_rows)
+            grads = per_sample_grads([d[rows] for d in delta], [a_l[rows] for a_l in a])
+            sink(start + s, losses[rows], sq[rows], grads)
+    return Partial(block, n, loss_sum, sum_w, sum_b, sq_norm_sum, correct)

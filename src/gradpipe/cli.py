@@ -1,0 +1,427 @@
+"""The `gradpipe` command line: parse options, build a config, call one library function, print.
+
+Any GradpipeError becomes one line on stderr and exit status 2 (1 for a diverged run);
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .activations import ACTIVATIONS, HIDDEN_ACTIVATIONS
+from .errors import DivergenceError, GradpipeError
+from .losses import LOSSES
+
+
+class UserError(click.ClickException):
+    """A GradpipeError shown as one line: 'gradpipe: error: ...', exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"gradpipe: error: {self.format_message()}", err=True)
+
+
+class RunFailed(UserError):
+    exit_code = 1
+
+
+class Group(click.Group):
+    """A click group that turns GradpipeError into UserError, in one place."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DivergenceError as e:
+            raise RunFailed(str(e)) from None
+        except GradpipeError as e:
+            raise UserError(str(e)) from None
+
+
+@click.group(cls=Group)
+@click.option("--address", envvar="RAY_ADDRESS", default=None, metavar="ADDR",
+              help="Ray cluster to use: HOST:PORT, ray://HOST:PORT or auto (env RAY_ADDRESS). "
+                   "Default: a private local instance on 127.0.0.1.")
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray's own logs.")
+@click.version_option(package_name="gradpipe")
+@click.pass_context
+def cli(ctx: click.Context, address: str | None, verbose: bool) -> None:
+    """Exact per-sample backpropagation over Parquet, on Ray.
+
+    \b
+    Example:
+      gradpipe train data/digits --out runs/digits
+    """
+    ctx.obj = {"address": address, "verbose": verbose}
+
+
+def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if value.strip() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of sizes") from None
+
+
+def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _batch(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
+    if value is None or value == "full":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use 'full' or a number of rows") from None
+
+
+def model_options(f: Callable) -> Callable:
+    """The options of every command that builds a network: the same flags give the same weights."""
+    options = [
+        click.option("--features", callback=_names, help="Feature columns: comma-separated "
+                     "names or globs (x*), or one fixed-size list column. Default: all but "
+                     "the target."),
+        click.option("--target", callback=_names, help="Target: one integer class column, or "
+                     "comma-separated float columns for regression. Default: label."),
+        click.option("--id-column", help="Integer column to use as the sample id. Default: "
+                     "the global row index."),
+        click.option("--hidden", callback=_ints, metavar="N,N,..",
+                     help="Hidden layer sizes, e.g. 64,32. Default: 32."),
+        click.option("--activation", type=click.Choice(HIDDEN_ACTIVATIONS),
+                     help="Activation of the hidden layers. Default: sigmoid."),
+        click.option("--output-activation", type=click.Choice(sorted(ACTIVATIONS)),
+                     help="Activation of the output layer. Default: sigmoid."),
+        click.option("--loss", type=click.Choice(sorted(LOSSES)),
+                     help="Per-sample loss. Default: squared, C = sum_j (a_j - y_j)^2."),
+        click.option("--seed", type=int, help="Seed of the initial weights. Default: 0."),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]),
+                     help="Compute dtype (sums are float64 either way). Default: float32."),
+        click.option("--weights", metavar="RUN|FILE",
+                     help="Start from these weights (a run folder or weights.parquet) "
+                          "instead of the seeded initialisation."),
+        click.option("--job", type=click.Path(dir_okay=False), metavar="FILE.toml",
+                     help="Read options from a job file; flags given here override it."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def worker_options(f: Callable) -> Callable:
+    options = [
+        click.option("--workers", type=int, help="Ray workers (actors). Default: the CPUs Ray "
+                     "offers; 0 computes in this process."),
+        click.option("--per-sample", type=click.Choice(["none", "norms", "full"]),
+                     help="Per-sample rows to write: none, norms (loss and gradient norms), "
+                          "or full (also the whole gradient). Default: none."),
+        click.option("--block-rows", type=int, help="Largest block, in rows (row groups are "
+                     "split to this size). Default: 65536."),
+        click.option("--memory-budget", type=int, metavar="BYTES",
+                     help="Bytes of data per worker above which it streams its blocks from "
+                          "Parquet each step instead of holding them."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON summary line."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+# Options that are not TrainConfig fields.
+_NOT_CONFIG = {"job", "quiet", "as_json", "samples", "per_layer", "tol_check", "layer", "j", "k",
+               "sample"}
+
+
+def build_config(ctx: click.Context, data: str | None, params: dict, **fixed: Any):
+    """TrainConfig from a job file (if any) overridden by the flags given on the command line."""
+    from .jobs import load_job_file
+    from .train import TrainConfig
+
+    values: dict = {}
+    if params.get("job"):
+        values.update(load_job_file(params["job"]))
+    for name, value in params.items():
+        if name in _NOT_CONFIG or value is None:
+            continue
+        source = ctx.get_parameter_source(name)
+        if source is click.core.ParameterSource.DEFAULT and name in values:
+            continue
+        values[name] = value
+    if data is not None:
+        values["data"] = data
+    if "data" not in values:
+        raise click.UsageError("missing DATA (give it as an argument or as `data` in the job file)")
+    if values.get("batch") == "full":
+        values["batch"] = None
+    values.setdefault("address", ctx.obj["address"])
+    values["verbose"] = ctx.obj["verbose"]
+    values.update(fixed)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in fields})
+
+
+class Progress:
+    """A rich progress bar on stderr with the loss; silent unless stderr is a terminal."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total = total
+        self.bar = None
+        self.samples = 0
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> "Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar
+            from rich.progress import TextColumn, TimeElapsedColumn
+
+            self.bar = Bar(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                           TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                           console=Console(stderr=True), transient=False)
+            self.bar.__enter__()
+            self.task = self.bar.add_task("train", total=self.total, info="starting")
+        return self
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        self.samples += metrics["samples"]
+        if self.bar is not None:
+            rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
+            info = f"loss {metrics['loss']:.4g}  |grad| {metrics['grad_norm']:.3g}"
+            if "accuracy" in metrics:
+                info += f"  acc {metrics['accuracy']:.3f}"
+            self.bar.update(self.task, completed=step, info=f"{info}  {rate:,.0f} samples/s")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None = None) -> None:
+    summary = {"out": out, **metrics, **(extra or {})}
+    if as_json:
+        # JSON has no NaN: an undefined statistic (noise scale at n = 1, say) is null.
+        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
+        click.echo(json.dumps(clean))
+        return
+    parts = [f"step {metrics['step']}", f"loss {metrics['loss']:.6g}",
+             f"grad_norm {metrics['grad_norm']:.6g}"]
+    if "accuracy" in metrics:
+        parts.append(f"accuracy {metrics['accuracy']:.4f}")
+    click.echo("  ".join(parts))
+    if out:
+        click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("data", required=False)
+@model_options
+@click.option("--standardize", is_flag=True, default=None,
+              help="Scale features to mean 0, std 1 (statistics computed by the workers).")
+@click.option("--lr", type=float, help="Learning rate. Default: 2.0.")
+@click.option("--steps", type=int, help="SGD steps. Default: 300.")
+@click.option("--momentum", type=float, help="Momentum in [0, 1). Default: 0 (plain SGD).")
+@click.option("--weight-decay", type=float, help="L2 weight decay lambda (weights only). "
+              "Default: 0.")
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "linear"]),
+              help="Learning-rate schedule. Default: constant.")
+@click.option("--batch", callback=_batch, metavar="full|N",
+              help="full (default) or N rows per step, drawn by a seeded generator.")
+@click.option("--tol", type=float, help="Stop when the gradient norm falls below this.")
+@worker_options
+@click.option("--out", metavar="RUN", help="Run folder. Default: runs/train-YYYYmmdd-HHMMSS.")
+@click.option("--record-every", type=int, help="Write gradients every K steps (and the last). "
+              "Default: 10.")
+@click.option("--per-sample-every", type=int, help="Write per-sample rows every K steps "
+              "(and the last). Default: only the last.")
+@click.option("--checkpoint-every", type=int, help="Checkpoint every K steps. Default: 50.")
+@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from "
+              "its last checkpoint.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing --out.")
+@click.pass_context
+def train(ctx: click.Context, data: str | None, **params: Any) -> None:
+    """Train a network with full-batch (or mini-batch) SGD; every step's gradient is exact.
+
+    DATA is a Parquet file, a folder of them, or a URI (s3://, gs://, hdfs://, file://);
+    on a cluster it is a path the cluster's nodes can read.
+
+    \b
+    Example:
+      gradpipe train data/digits --hidden 32 --lr 2 --steps 300 --out runs/digits
+    """
+    from .train import train as run_train
+
+    config = build_config(ctx, data, params)
+    if config.out is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        config = dataclasses.replace(config, out=f"runs/train-{stamp}")
+    with Progress(config.steps, not params["quiet"]) as progress:
+        metrics = run_train(config, progress)
+    _summary(config.out, metrics, params["as_json"])
+
+
+@cli.command()
+@click.argument("data", required=False)
+@model_options
+@worker_options
+@click.option("--out", metavar="DIR", help="Run folder to write (step 0).")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing --out.")
+@click.pass_context
+def grad(ctx: click.Context, data: str | None, **params: Any) -> None:
+    """Compute one full-batch gradient, at the seeded initial weights or at --weights.
+
+    Writes a run folder with step 0: gradients.parquet, metrics.parquet, weights.parquet,
+    run.json and, with --per-sample, per_sample/step=0/.
+
+    \b
+    Example:
+      gradpipe grad data/digits --hidden 16 --dtype float64 --per-sample norms --out runs/g0
+    """
+    from .train import train as run_train
+
+    if params.get("out") is None and not params.get("job"):
+        raise click.UsageError("missing --out DIR")
+    config = build_config(ctx, data, params, update=False, steps=1)
+    metrics = run_train(config)
+    _summary(config.out, metrics, params["as_json"])
+
+
+@cli.command()
+@click.argument("data", required=False)
+@model_options
+@click.option("--samples", type=int, default=4, show_default=True, help="Samples to check.")
+@click.option("--per-layer", type=int, default=8, show_default=True,
+              help="Parameters to check in every layer.")
+@click.option("--tol", "tol_check", type=float, default=1e-6, show_default=True,
+              help="Largest relative error that passes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+def check(ctx: click.Context, data: str | None, **params: Any) -> None:
+    """Check backprop against central finite differences, in float64.
+
+    Exits 0 when the worst relative error is within --tol, 1 otherwise.
+
+    \b
+    Example:
+      gradpipe check data/digits --hidden 16,8 --activation tanh
+    """
+    from .check import finite_difference_check
+
+    config = build_config(ctx, data, params, workers=0)
+    report = finite_difference_check(config, samples=params["samples"],
+                                     per_layer=params["per_layer"])
+    worst = report["worst"]
+    ok = worst["relative_error"] <= params["tol_check"] or worst["abs_error"] <= 1e-10
+    if params["as_json"]:
+        click.echo(json.dumps({"ok": ok, "worst": worst, "compared": len(report["checks"])}))
+    else:
+        where = f"layer {worst['layer']} {worst['param']}[{worst['j']}" + (
+            f", {worst['k']}]" if worst["k"] is not None else "]")
+        click.echo(f"compared {len(report['checks'])} per-sample derivatives "
+                   f"({report['samples']} samples x {report['parameters']} parameters)")
+        click.echo(f"worst relative error {worst['relative_error']:.3e} at {where}, sample "
+                   f"{worst['sample']}: backprop {worst['backprop']:.10g}, finite difference "
+                   f"{worst['finite_difference']:.10g}")
+        click.echo("ok" if ok else f"FAILED: above --tol {params['tol_check']:g}")
+    ctx.exit(0 if ok else 1)
+
+
+@cli.command()
+@click.argument("data", required=False)
+@model_options
+@click.option("--layer", type=int, required=True, help="Layer l (1..L) of the weight.")
+@click.option("--j", type=int, required=True, help="Unit j in layer l.")
+@click.option("--k", type=int, default=None, help="Unit k in layer l-1; omit for the bias b_j.")
+@click.option("--sample", type=int, default=0, show_default=True,
+              help="Sample: its global row index.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line.")
+@click.pass_context
+def explain(ctx: click.Context, data: str | None, **params: Any) -> None:
+    """Show the chain rule for one weight and one sample, beside a finite difference.
+
+    dC_0/dw_jk = dC_0/da_j * g'(z_j) * a_k, in float64.
+
+    \b
+    Example:
+      gradpipe explain data/digits --layer 1 --j 3 --k 10 --sample 7
+    """
+    from .check import explain as run_explain
+
+    config = build_config(ctx, data, params, workers=0)
+    out = run_explain(config, layer=params["layer"], j=params["j"], k=params["k"],
+                      sample=params["sample"])
+    if params["as_json"]:
+        click.echo(json.dumps(out))
+        return
+    l, j, k = out["layer"], out["j"], out["k"]
+    what = f"w[{l}][{j}, {k}]" if k is not None else f"b[{l}][{j}]"
+    click.echo(f"sample {out['sample']}, {what}, layer {l} activation {out['activation']}, "
+               f"loss {out['loss']}")
+    if "note" in out:
+        click.echo(f"  {out['note']}")
+    else:
+        click.echo(f"  dC_0/da_j = {out['dC_da_formula']} = {out['dC_da']:.10g}")
+        for t in out.get("dC_da_terms", [])[:12]:
+            click.echo(f"      m={t['m']}: w {t['w']:+.6g} * delta {t['delta']:+.6g} = "
+                       f"{t['product']:+.6g}")
+        if len(out.get("dC_da_terms", [])) > 12:
+            click.echo(f"      ... {len(out['dC_da_terms']) - 12} more terms")
+    click.echo(f"  da_j/dz_j = g'(z_j) = {out['da_dz']:.10g}   (z_j = {out['z_j']:.6g})")
+    dz_dw = "1 (bias)" if k is None else f"a_k^(l-1) = {out['dz_dw']:.10g}"
+    click.echo(f"  dz_j/dw   = {dz_dw}")
+    click.echo(f"  product   = {out['grad']:.12g}")
+    click.echo(f"  finite difference = {out['finite_difference']:.12g} "
+               f"(relative error {out['relative_error']:.2e})")
+
+
+@cli.group()
+def data() -> None:
+    """Make or convert datasets to Parquet."""
+
+
+@data.command("synth")
+@click.argument("out")
+@click.option("--rows", type=int, default=10000, show_default=True, help="Rows in all.")
+@click.option("--features", type=int, default=16, show_default=True, help="Feature columns.")
+@click.option("--classes", type=int, default=10, show_default=True,
+              help="Classes of the label column; 0 for regression (float targets t0..).")
+@click.option("--targets", type=int, default=1, show_default=True,
+              help="Float target columns, with --classes 0.")
+@click.option("--files", type=int, default=1, show_default=True, help="Parquet files.")
+@click.option("--row-group-size", type=int, default=65536, show_default=True,
+              help="Rows per row group (one block each).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+@click.option("--overwrite", is_flag=True, help="Replace part files in an existing OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def data_synth(out: str, as_json: bool, **params: Any) -> None:
+    """Write a deterministic, learnable synthetic dataset, one row group at a time.
+
+    \b
+    Example:
+      gradpipe data synth /tmp/synth --rows 1000000 --features 128 --classes 10 --files 8
+    """
+    from .synth import synth
+
+    summary = synth(out, **params)
+    click.echo(json.dumps(summary) if as_json else
+               f"wrote {summary['rows']} rows in {summary['files']} files "
+               f"({summary['row_groups']} row groups) to {summary['out']}")
+
+
+def main() -> None:
+    cli(prog_name="gradpipe")

@@ -1,0 +1,25 @@
+"""Errors meant for users: each message says where, what was found, what was expected.
+
+`cli.py` turns any `GradpipeError` into one line on stderr and exit status 2. Anything
+else is a bug and keeps its traceback.
+"""
+
+
+class GradpipeError(Exception):
+    """Base class of the errors gradpipe reports to users as one line."""
+
+
+class DataError(GradpipeError):
+    """The dataset is missing, unreadable or does not fit the model."""
+
+
+class ConfigError(GradpipeError):
+    """An option, job file or run folder has a value outside what is allowed."""
+
+
+class JobError(GradpipeError):
+    """A Ray cluster or job could not be reached, submitted or followed."""
+
+
+class DivergenceError(GradpipeError):
+    """Training produced a non-finite loss or gradient."""

@@ -1,0 +1,277 @@
+"""Run folders: write and read gradpipe's Parquet and JSON outputs, never half-written.
+
+Every file is written under a temporary name in its own folder and renamed into place, so
+a crash leaves the old file or the new one, never a mix. Nothing here pickles: weights and
+checkpoints are Parquet with the model description as JSON metadata.
+
+    RUN/run.json            resolved configuration, versions, dataset fingerprint, status
+    RUN/metrics.parquet     one row per step
+    RUN/gradients.parquet   step, layer, param, j, k, value, grad
+    RUN/per_sample/step=S/part-BLOCK.parquet
+    RUN/weights.parquet     layer, param, j, k, value
+    RUN/checkpoints/step-S/ weights.parquet (+ velocity) and state.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from numpy.typing import NDArray
+
+from .errors import ConfigError
+from .model import Architecture, Params
+
+F64 = NDArray[np.float64]
+META_KEY = b"gradpipe"
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def write_table(table: pa.Table, path: str | Path) -> None:
+    """Write a Parquet file atomically: a temporary name in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """Write JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def param_index(sizes: tuple[int, ...] | list[int]) -> dict[str, np.ndarray]:
+    """Columns layer, param, j, k for every parameter, in gradients.parquet row order."""
+    layer, param, j, k = [], [], [], []
+    for l in range(1, len(sizes)):
+        n_out, n_in = sizes[l], sizes[l - 1]
+        layer += [np.full(n_out * n_in, l), np.full(n_out, l)]
+        param += [np.full(n_out * n_in, "w"), np.full(n_out, "b")]
+        j += [np.repeat(np.arange(n_out), n_in), np.arange(n_out)]
+        k += [np.tile(np.arange(n_in), n_out), np.full(n_out, -1)]
+    return {
+        "layer": np.concatenate(layer).astype(np.int32),
+        "param": np.concatenate(param),
+        "j": np.concatenate(j).astype(np.int32),
+        "k": np.concatenate(k).astype(np.int32),
+    }
+
+
+def _index_columns(sizes: tuple[int, ...]) -> dict[str, pa.Array]:
+    idx = param_index(sizes)
+    return {
+        "layer": pa.array(idx["layer"]),
+        "param": pa.array(idx["param"]).dictionary_encode().cast(pa.string()),
+        "j": pa.array(idx["j"]),
+        "k": pa.array(idx["k"], mask=idx["k"] < 0),  # null for biases
+    }
+
+
+def gradient_table(step: int, sizes: tuple[int, ...], value: F64, grad: F64) -> pa.Table:
+    """One step's rows of gradients.parquet: the weights w_s (`value`) and dC/dw at w_s."""
+    cols = _index_columns(sizes)
+    n = len(value)
+    return pa.table(
+        {
+            "step": pa.array(np.full(n, step, dtype=np.int64)),
+            **cols,
+            "value": pa.array(np.asarray(value, dtype=np.float64)),
+            "grad": pa.array(np.asarray(grad, dtype=np.float64)),
+        }
+    )
+
+
+def model_metadata(arch: Architecture, extra: dict | None = None) -> dict[bytes, bytes]:
+    return {META_KEY: json.dumps({"model": arch.to_dict(), **(extra or {})}).encode()}
+
+
+def weights_table(
+    arch: Architecture,
+    params: Params,
+    *,
+    standardize: tuple[F64, F64] | None = None,
+    velocity: F64 | None = None,
+) -> pa.Table:
+    """weights.parquet: layer, param, j, k, value (+ velocity in checkpoints); model in metadata.
+
+    `standardize` (mean, std) of the features is stored in the metadata, so that later
+    commands apply the same transform.
+    """
+    cols: dict[str, pa.Array] = {**_index_columns(arch.sizes), "value": pa.array(params.flat())}
+    if velocity is not None:
+        cols["velocity"] = pa.array(np.asarray(velocity, dtype=np.float64))
+    extra = {}
+    if standardize is not None:
+        extra["standardize"] = {"mean": standardize[0].tolist(), "std": standardize[1].tolist()}
+    return pa.table(cols).replace_schema_metadata(model_metadata(arch, extra))
+
+
+def params_from_flat(sizes: tuple[int, ...], flat: F64, dtype: str) -> Params:
+    """Inverse of Params.flat()."""
+    w: list = [np.empty((0, 0), dtype)]
+    b: list = [np.empty(0, dtype)]
+    pos = 0
+    for l in range(1, len(sizes)):
+        n_out, n_in = sizes[l], sizes[l - 1]
+        w.append(flat[pos : pos + n_out * n_in].reshape(n_out, n_in).astype(dtype))
+        pos += n_out * n_in
+        b.append(flat[pos : pos + n_out].astype(dtype))
+        pos += n_out
+    return Params(w, b)
+
+
+def read_weights(
+    path: str | Path,
+) -> tuple[Architecture, Params, tuple[F64, F64] | None, F64 | None]:
+    """Read weights.parquet (or RUN/weights.parquet): architecture, params, standardize, velocity."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "weights.parquet"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such weights file. Pass a run folder or a weights.parquet.")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"{path}: not a readable Parquet file ({e})") from None
+    meta = (table.schema.metadata or {}).get(META_KEY)
+    if meta is None or "value" not in table.column_names:
+        raise ConfigError(f"{path}: not a gradpipe weights file (no model in its metadata)")
+    info = json.loads(meta)
+    arch = Architecture.from_dict(info["model"])
+    flat = table.column("value").to_numpy()
+    if len(flat) != arch.n_params:
+        raise ConfigError(
+            f"{path}: holds {len(flat)} values but its model has {arch.n_params} parameters"
+        )
+    params = params_from_flat(arch.sizes, flat, arch.dtype)
+    std = info.get("standardize")
+    standardize = (np.array(std["mean"]), np.array(std["std"])) if std else None
+    velocity = table.column("velocity").to_numpy() if "velocity" in table.column_names else None
+    return arch, params, standardize, velocity
+
+
+class PerSampleWriter:
+    """Writes one block's per-sample rows to part-BLOCK.parquet, chunk by chunk, atomically.
+
+    Columns: sample, [label], loss, grad_norm, grad_norm_l1 .. grad_norm_lL, [grad].
+    """
+
+    def __init__(self, path: str | Path, L: int, *, full: bool, classify: bool) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = _tmp(self.path)
+        fields = [pa.field("sample", pa.int64())]
+        if classify:
+            fields.append(pa.field("label", pa.int64()))
+        fields += [pa.field("loss", pa.float64()), pa.field("grad_norm", pa.float64())]
+        fields += [pa.field(f"grad_norm_l{l}", pa.float64()) for l in range(1, L + 1)]
+        if full:
+            fields.append(pa.field("grad", pa.list_(pa.float64())))
+        self.schema = pa.schema(fields)
+        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+
+    def write(
+        self,
+        ids: NDArray[np.int64],
+        labels: NDArray[np.int64] | None,
+        losses: F64,
+        sq_norms: F64,
+        grads: F64 | None,
+    ) -> None:
+        cols: list[pa.Array] = [pa.array(ids)]
+        if labels is not None:
+            cols.append(pa.array(labels))
+        cols += [pa.array(losses), pa.array(np.sqrt(sq_norms[:, 1:].sum(axis=1)))]
+        cols += [pa.array(np.sqrt(sq_norms[:, l])) for l in range(1, sq_norms.shape[1])]
+        if grads is not None:
+            m, p = grads.shape
+            offsets = pa.array(np.arange(0, (m + 1) * p, p, dtype=np.int64))
+            cols.append(pa.LargeListArray.from_arrays(offsets, pa.array(grads.ravel())).cast(
+                pa.list_(pa.float64())))
+        self.writer.write_table(pa.Table.from_arrays(cols, schema=self.schema))
+
+    def close(self) -> None:
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def per_sample_path(out_dir: str | Path, step: int, block: int) -> Path:
+    return Path(out_dir) / "per_sample" / f"step={step}" / f"part-{block:05d}.parquet"
+
+
+def metrics_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows)
+
+
+def read_run_json(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a gradpipe run folder (no run.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def prepare_run_dir(out: str | Path, *, overwrite: bool, remove: bool = False) -> Path:
+    """Check that `out` may be written (an old run only with `overwrite`); `remove` deletes it.
+
+    Called once to check, before any data is read, and once with remove=True when the run
+    is about to write, so that a refused run never deletes the old one.
+    """
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out}: exists and is not a folder")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise ConfigError(
+                    f"--out {out}: folder exists and is not empty. Pass --overwrite to replace "
+                    "it, --resume to continue it, or choose another --out."
+                )
+            if not (out / "run.json").is_file():
+                raise ConfigError(
+                    f"--out {out}: is not a gradpipe run folder (no run.json); refusing to "
+                    "delete it with --overwrite."
+                )
+            if remove:
+                shutil.rmtree(out)
+    return out
+

@@ -1,0 +1,93 @@
+"""The reducer: block partials -> the full-batch gradient dC/dw = (1/N) sum_i dC_i/dw.
+
+Partials are added in block order, in float64, and divided by N once at the end. The
+order is the blocks' and not the workers', so the result has the same bits for any number
+of workers and after any retry. Also here: the gradient noise scale estimated from the
+same sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .backprop import Partial
+
+F64 = NDArray[np.float64]
+
+
+@dataclass
+class Gradient:
+    """The full-batch loss and gradient over N samples, with the per-sample norm sums."""
+
+    n: int  # N, samples summed
+    loss: float  # C = (1/N) sum_i C_i
+    w: list[F64]  # dC/dw[l], (n_l, n_{l-1}); index 0 unused
+    b: list[F64]  # dC/db[l], (n_l,)
+    sq_norm_sum: F64  # (L+1,): sum_i |dC_i/dtheta[l]|^2 per layer; index 0 unused
+    correct: int  # samples classified right (classification)
+
+    @property
+    def L(self) -> int:
+        return len(self.w) - 1
+
+    def flat(self) -> F64:
+        """The gradient as one vector in gradients.parquet row order (layer, w then b, j, k)."""
+        parts = []
+        for l in range(1, self.L + 1):
+            parts += [self.w[l].ravel(), self.b[l].ravel()]
+        return np.concatenate(parts)
+
+    def layer_norms(self) -> F64:
+        """|dC/dtheta[l]| per layer, (L+1,); index 0 unused."""
+        out = np.zeros(self.L + 1)
+        for l in range(1, self.L + 1):
+            out[l] = np.sqrt(np.sum(self.w[l] ** 2) + np.sum(self.b[l] ** 2))
+        return out
+
+    def norm(self) -> float:
+        return float(np.sqrt(np.sum(self.layer_norms() ** 2)))
+
+    def noise_scale(self) -> float:
+        """B_simple = tr(Sigma) / |G|^2 (McCandlish et al., 2018), unbiased; NaN if undefined.
+
+        With g_i the per-sample gradients and G their mean over n samples:
+        tr(Sigma) ~ S = (sum_i |g_i|^2 - n |G|^2) / (n - 1), and, since E|G|^2 =
+        |G_true|^2 + tr(Sigma)/n, |G_true|^2 ~ |G|^2 - S / n.
+        """
+        n = self.n
+        if n < 2:
+            return float("nan")
+        g2 = float(np.sum(self.flat() ** 2))
+        trace = (float(self.sq_norm_sum.sum()) - n * g2) / (n - 1)
+        denom = g2 - trace / n
+        return trace / denom if denom > 0 else float("nan")
+
+
+def reduce(partials: list[Partial]) -> Gradient:
+    """Sum block partials in block order, in float64, and divide by N once."""
+    if not partials:
+        raise ValueError("no partials to reduce")
+    ordered = sorted(partials, key=lambda p: p.block)
+    assert len({p.block for p in ordered}) == len(ordered), "a block was reduced twice"
+    first = ordered[0]
+    sum_w = [np.array(w, dtype=np.float64, copy=True) for w in first.sum_w]
+    sum_b = [np.array(b, dtype=np.float64, copy=True) for b in first.sum_b]
+    sq = np.array(first.sq_norm_sum, dtype=np.float64, copy=True)
+    loss, n, correct = float(first.loss_sum), first.n, first.correct
+    for p in ordered[1:]:
+        for l in range(1, len(sum_w)):
+            sum_w[l] += p.sum_w[l]
+            sum_b[l] += p.sum_b[l]
+        sq += p.sq_norm_sum
+        loss += p.loss_sum
+        n += p.n
+        correct += p.correct
+    if n == 0:
+        raise ValueError("the partials hold zero samples")
+    for l in range(1, len(sum_w)):
+        sum_w[l] /= n
+        sum_b[l] /= n
+    return Gradient(n, loss / n, sum_w, sum_b, sq, correct)

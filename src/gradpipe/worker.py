@@ -1,0 +1,330 @@
+"""Workers: blocks -> Partials. A plain class does the work; Ray actors are a thin wrapper.
+
+`BlockSet` loads its blocks once (checking them) and keeps them, or streams them from
+Parquet each step when they exceed the memory budget; per step it returns one Partial per
+block and, when asked, writes the blocks' per-sample rows itself. `Pool` plans which
+worker holds which blocks and fans each step out: to Ray actors, or in-process when
+workers == 0. Nothing here depends on which worker holds a block, so any split gives the
+same bits.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .backprop import Partial, block_partial
+from .data import Block, BlockData, Dataset, filesystem, read_block
+from .model import Architecture, Params
+from .outputs import PerSampleWriter, per_sample_path
+
+F64 = NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """What one step asks of every worker (sent once per step through the object store)."""
+
+    step: int
+    arch: Architecture
+    params: Params
+    per_sample: str = "none"  # none | norms | full
+    out_dir: str | None = None  # run folder, for per-sample files
+    batch: NDArray[np.int64] | None = None  # sorted global row indexes; None: full batch
+    standardize: tuple[F64, F64] | None = None  # (mean, std) of the features
+
+
+@dataclass
+class Moments:
+    """Feature count, mean and sum of squared deviations (M2) of one block, in float64."""
+
+    block: int
+    n: int
+    mean: F64
+    m2: F64
+
+
+def combine_moments(parts: list[Moments]) -> tuple[F64, F64]:
+    """Mean and population std over all blocks, combined in block order (Chan et al.)."""
+    parts = sorted(parts, key=lambda p: p.block)
+    n, mean, m2 = 0, np.zeros_like(parts[0].mean), np.zeros_like(parts[0].m2)
+    for p in parts:
+        if p.n == 0:
+            continue
+        total = n + p.n
+        d = p.mean - mean
+        mean = mean + d * (p.n / total)
+        m2 = m2 + p.m2 + d * d * (n * p.n / total)
+        n = total
+    std = np.sqrt(m2 / max(n, 1))
+    # A constant feature (std 0) is only centred: dividing by 0 would make NaN.
+    return mean, np.where(std > 0, std, 1.0)
+
+
+def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
+    """One block's Partial for one step; writes its per-sample rows when asked."""
+    x, y, ids, labels = data.x, data.y, data.ids, data.labels
+    if req.batch is not None:
+        # Rows of this block drawn for the mini-batch: global indexes first_id .. first_id+n-1.
+        first = data.block.first_id
+        lo, hi = np.searchsorted(req.batch, [first, first + data.block.n])
+        rows = req.batch[lo:hi] - first
+        x, y, ids = x[rows], y[rows], ids[rows]
+        labels = labels[rows] if labels is not None else None
+    writer = None
+    if req.per_sample != "none" and req.out_dir is not None:
+        writer = PerSampleWriter(
+            per_sample_path(req.out_dir, req.step, data.block.index),
+            req.arch.L,
+            full=req.per_sample == "full",
+            classify=classify,
+        )
+
+    def sink(start: int, losses: F64, sq: F64, grads: F64 | None) -> None:
+        m = len(losses)
+        assert writer is not None
+        writer.write(
+            ids[start : start + m],
+            labels[start : start + m] if labels is not None else None,
+            losses,
+            sq,
+            grads,
+        )
+
+    try:
+        partial = block_partial(
+            req.arch,
+            req.params,
+            x,
+            y,
+            block=data.block.index,
+            classify=classify,
+            sink=sink if writer is not None else None,
+            full=req.per_sample == "full",
+        )
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
+    return partial
+
+
+class BlockSet:
+    """The blocks one worker holds, loaded once (or streamed), and the work on them."""
+
+    def __init__(
+        self, dataset: Dataset, blocks: list[Block], dtype: str, stream: bool = False
+    ) -> None:
+        self.dataset = dataset
+        self.blocks = blocks
+        self.dtype = dtype
+        self.stream = stream
+        self.fs, _ = filesystem(dataset.source)
+        self._standardize: tuple[F64, F64] | None = None
+        self.data: list[BlockData] | None = None
+        self.loaded = False
+
+    def load(self) -> int:
+        """Read and check every block; keep them unless streaming. Returns the bytes held.
+
+        Called before anything is written, so bad data is refused early; called again
+        (lazily) by a restarted actor, which starts empty.
+        """
+        if not self.loaded:
+            if self.stream:
+                for b in self.blocks:  # check each block, keep none
+                    self._read(b)
+            else:
+                self.data = [self._read(b) for b in self.blocks]
+            self.loaded = True
+        return self.nbytes()
+
+    def _read(self, block: Block) -> BlockData:
+        return read_block(self.dataset, block, self.dtype, self.fs)
+
+    def _apply(self, data: BlockData, standardize: tuple[F64, F64] | None) -> BlockData:
+        if standardize is not None:
+            mean, std = standardize
+            data.x -= mean.astype(data.x.dtype)
+            data.x /= std.astype(data.x.dtype)
+        return data
+
+    def iter_blocks(self, standardize: tuple[F64, F64] | None = None) -> Iterator[BlockData]:
+        """The blocks, standardized as asked; streaming reads the next while one is used."""
+        if not self.stream:
+            self.load()
+            assert self.data is not None
+            if standardize is not None and self._standardize is None:
+                for d in self.data:
+                    self._apply(d, standardize)
+                self._standardize = standardize
+            yield from self.data
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self._read, self.blocks[0]) if self.blocks else None
+            for i in range(len(self.blocks)):
+                assert pending is not None
+                data = pending.result()
+                if i + 1 < len(self.blocks):
+                    pending = pool.submit(self._read, self.blocks[i + 1])
+                yield self._apply(data, standardize)
+
+    def moments(self) -> list[Moments]:
+        """Per-block feature moments of the raw data, for --standardize."""
+        out = []
+        for d in self.iter_blocks(None):
+            x = d.x.astype(np.float64)
+            mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
+            out.append(Moments(d.block.index, len(x), mean, ((x - mean) ** 2).sum(axis=0)))
+        return out
+
+    def step(self, req: StepRequest) -> list[Partial]:
+        classify = self.dataset.classify
+        return [block_step(d, req, classify) for d in self.iter_blocks(req.standardize)]
+
+    def nbytes(self) -> int:
+        return sum(d.nbytes for d in self.data) if self.data is not None else 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def assign_blocks(blocks: tuple[Block, ...], workers: int) -> list[list[Block]]:
+    """Split blocks into `workers` contiguous runs of about equal rows (some may be empty)."""
+    total = sum(b.n for b in blocks)
+    groups: list[list[Block]] = [[] for _ in range(workers)]
+    seen = 0
+    for b in blocks:
+        # Worker w takes the blocks whose middle row falls in its share of the rows.
+        w = min(workers - 1, int((seen + b.n / 2) * workers / total))
+        groups[w].append(b)
+        seen += b.n
+    return groups
+
+
+def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Start a local Ray instance on 127.0.0.1, or connect to the cluster at `address`.
+
+    "local" or None starts a private instance (never joins another cluster by accident),
+    with the dashboard off; "auto", HOST:PORT and ray://HOST:PORT connect to a cluster.
+    Ray's own logs stay out of the terminal unless `verbose`; errors still reach us.
+    """
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet = dict(
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        log_to_driver=verbose,
+    )
+    if address in (None, "", "local"):
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            **quiet,
+        )
+    else:
+        ray.init(address=address, **quiet)
+
+
+def _unwrap(e: Exception) -> Exception:
+    """The user-facing error inside a Ray error, if there is one."""
+    from .errors import GradpipeError
+
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, GradpipeError) else e
+
+
+class Pool:
+    """The workers of one run: `workers` Ray actors, or one in-process BlockSet for 0."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        workers: int,
+        dtype: str,
+        *,
+        stream: bool = False,
+    ) -> None:
+        self.dataset = dataset
+        self.workers = workers
+        self.local: BlockSet | None = None
+        self.actors: list = []
+        if workers == 0:
+            self.local = BlockSet(dataset, list(dataset.blocks), dtype, stream)
+            return
+        import ray
+
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        per_worker = cpus / workers
+        threads = str(max(1, int(per_worker)))
+        actor_class = ray.remote(BlockSet)
+        for group in assign_blocks(dataset.blocks, workers):
+            self.actors.append(
+                actor_class.options(
+                    num_cpus=min(per_worker, 1.0) if per_worker < 1 else int(per_worker),
+                    # A crashed actor restarts empty, reloads its blocks on the next call,
+                    # and the call is retried: the gradient call is idempotent.
+                    max_restarts=-1,
+                    max_task_retries=-1,
+                    scheduling_strategy="SPREAD",
+                    # BLAS threads matched to the CPUs the actor holds, set before numpy loads.
+                    runtime_env={"env_vars": {"OMP_NUM_THREADS": threads,
+                                              "OPENBLAS_NUM_THREADS": threads,
+                                              "MKL_NUM_THREADS": threads}},
+                ).remote(dataset, group, dtype, stream)
+            )
+
+    def _call(self, method: str, *args) -> list:
+        """Call `method` on every worker and wait for all; results in worker order."""
+        if self.local is not None:
+            return [getattr(self.local, method)(*args)]
+        import ray
+
+        try:
+            return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrap(e) from None
+
+    def load(self) -> int:
+        """Load and check every block; returns the bytes the workers hold."""
+        return sum(self._call("load"))
+
+    def moments(self) -> tuple[F64, F64]:
+        """Feature mean and std over the whole dataset, reduced in block order."""
+        return combine_moments([m for ms in self._call("moments") for m in ms])
+
+    def step(self, req: StepRequest) -> list[Partial]:
+        """Fan one step out; the weights travel once, as one object-store reference."""
+        if self.local is not None:
+            return self.local.step(req)
+        import ray
+
+        ref = ray.put(req)
+        try:
+            results = ray.get([a.step.remote(ref) for a in self.actors])
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrap(e) from None
+        return [p for partials in results for p in partials]
+
+    def pids(self) -> list[int]:
+        return self._call("pid")
+
+    def close(self) -> None:
+        if self.actors:
+            import ray
+
+            for a in self.actors:
+                ray.kill(a)
+            self.actors = []

@@ -236,10 +236,6 @@ def per_sample_path(out_dir: str | Path, step: int, block: int) -> Path:
     return Path(out_dir) / "per_sample" / f"step={step}" / f"part-{block:05d}.parquet"
 
 
-def metrics_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows)
-
-
 def read_run_json(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "run.json"
     if not path.is_file():

@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
-from . import __version__
 from .data import BLOCK_ROWS, DataSpec, Dataset, plan
 from .errors import ConfigError, DataError, DivergenceError
 from .model import Architecture, Params, check_shapes, init_params
@@ -169,16 +168,14 @@ def build_model(
 
 
 def versions() -> dict[str, str]:
-    import click
+    from importlib.metadata import PackageNotFoundError, version
 
-    out = {"gradpipe": __version__, "python": platform.python_version(),
-           "numpy": np.__version__, "pyarrow": pa.__version__, "click": click.__version__}
-    try:
-        from importlib.metadata import version
-
-        out["ray"] = version("ray")
-    except Exception:  # ray's metadata missing is not worth failing a run over
-        out["ray"] = "unknown"
+    out = {"python": platform.python_version()}
+    for package in ("gradpipe", "numpy", "pyarrow", "ray", "click"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "unknown"
     return out
 
 
@@ -320,6 +317,8 @@ class Run:
                 prepare_run_dir(out, overwrite=config.overwrite, remove=True)
             out.mkdir(parents=True, exist_ok=True)
             write_json(self.run_json("running", started=started), out / "run.json")
+            if config.update and not config.resume:
+                self._checkpoint(state)  # step 0: a diverged or killed run still has w_0
         last = config.steps - 1 if config.update else 0
         summary: dict = {}
         params, velocity = state.params, state.velocity
@@ -339,7 +338,8 @@ class Run:
             grad = reduce(self.pool.step(req))
             lr = lr_at(config, step)
             metrics = self._metrics(step, grad, lr, time.perf_counter() - t0)
-            stop = (config.tol > 0 and metrics["grad_norm"] < config.tol) or step == last
+            converged = config.tol > 0 and metrics["grad_norm"] < config.tol
+            stop = converged or step == last
             if not (math.isfinite(grad.loss) and np.isfinite(grad.flat()).all()):
                 self._diverged(step, state, metrics)
             state.metrics.append(metrics)
@@ -347,16 +347,17 @@ class Run:
             if out is not None and (step == last or stop or (
                     config.record_every and step % config.record_every == 0)):
                 state.gradients.append(gradient_table(step, arch.sizes, params.flat(), full))
-            if config.update and not stop:
+            if config.update and not converged:  # --steps N makes N updates
                 velocity = config.momentum * velocity + full
                 flat = params.flat() - lr * velocity
-                params = _unflatten(arch, flat)
-                if not np.isfinite(flat).all():
+                with np.errstate(over="ignore"):  # overflow to inf is caught just below
+                    params = _unflatten(arch, flat)
+                if not all(np.isfinite(w).all() for w in params.w + params.b):  # in dtype
                     self._diverged(step, state, metrics)
             step += 1
             state.step, state.params, state.velocity = step, params, velocity
             if out is not None:
-                write_table(pa.Table.from_pylist(state.metrics), out / "metrics.parquet")
+                write_table(metrics_table(state.metrics), out / "metrics.parquet")
                 if config.update and (stop or (
                         config.checkpoint_every and step % config.checkpoint_every == 0)):
                     self._checkpoint(state)
@@ -395,7 +396,8 @@ class Run:
             "lr": lr,
             "samples": grad.n,
             "seconds": seconds,
-            "noise_scale": grad.noise_scale(),
+            # null where undefined (n < 2, or |G|^2 below its own noise): NaN would not compare.
+            "noise_scale": None if math.isnan(noise := grad.noise_scale()) else noise,
         }
         if self.dataset.classify:
             row["accuracy"] = grad.correct / grad.n
@@ -422,13 +424,20 @@ class Run:
         assert self.out is None or self.out.is_dir()
         if self.out is not None:
             state.metrics.append(metrics)
-            write_table(pa.Table.from_pylist(state.metrics), self.out / "metrics.parquet")
+            write_table(metrics_table(state.metrics), self.out / "metrics.parquet")
             write_json(self.run_json("diverged", diverged_at=step), self.out / "run.json")
         raise DivergenceError(
             f"step {step}: the loss or gradient is not finite (loss {metrics['loss']:.6g}, "
             f"gradient norm {metrics['grad_norm']:.6g}). Lower --lr; the last finite "
             "checkpoint is kept."
         )
+
+
+def metrics_table(rows: list[dict]) -> pa.Table:
+    """metrics.parquet: every column float64 but step and samples, even when all null."""
+    types = {"step": pa.int64(), "samples": pa.int64()}
+    schema = pa.schema([(k, types.get(k, pa.float64())) for k in rows[0]])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def _unflatten(arch: Architecture, flat: F64) -> Params:

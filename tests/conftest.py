@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny networks and datasets in tmp_path, and one Ray instance per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS = REPO / "data" / "digits"
+
+
+def write_parquet(path: Path, columns: dict, row_group_size: int | None = None) -> Path:
+    """Write a dict of columns as one Parquet file (creating folders)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+def make_classification(folder: Path, *, rows: int = 60, features: int = 5, classes: int = 3,
+                        files: int = 3, row_group_size: int = 7, seed: int = 0) -> Path:
+    """A small dataset of several files and row groups (short last groups included)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, features))
+    labels = rng.integers(0, classes, size=rows)
+    labels[:classes] = np.arange(classes)  # every class present
+    bounds = np.linspace(0, rows, files + 1).astype(int)
+    for f in range(files):
+        part = slice(bounds[f], bounds[f + 1])
+        cols = {f"x{d}": x[part, d] for d in range(features)}
+        cols["label"] = labels[part]
+        write_parquet(folder / f"part-{f}.parquet", cols, row_group_size)
+    return folder
+
+
+def make_regression(folder: Path, *, rows: int = 40, features: int = 4, targets: int = 2,
+                    seed: int = 1) -> Path:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, features))
+    cols = {f"x{d}": x[:, d] for d in range(features)}
+    for t in range(targets):
+        cols[f"t{t}"] = np.tanh(x @ rng.normal(size=features))
+    write_parquet(folder / "part-0.parquet", cols, row_group_size=9)
+    return folder
+
+
+@pytest.fixture
+def cls_data(tmp_path: Path) -> Path:
+    return make_classification(tmp_path / "cls")
+
+
+@pytest.fixture
+def reg_data(tmp_path: Path) -> Path:
+    return make_regression(tmp_path / "reg")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (starting one costs 5-10 s)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from gradpipe.worker import ray_init
+
+    ray_init("local", num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(ray_session):
+    """Use in @pytest.mark.ray tests."""
+    return ray_session

@@ -1,0 +1,248 @@
+"""The SGD loop, run in-process (--workers 0): files, the update rule, resume, divergence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from gradpipe.errors import DivergenceError
+from gradpipe.outputs import params_from_flat
+from gradpipe.train import TrainConfig, train
+
+from conftest import DIGITS
+from reference import naive_full_batch
+
+
+def load_xy(folder: Path, classes: int | None = None, target=("label",)):
+    """All rows in gradpipe's order (files sorted by path), read independently with duckdb."""
+    files = sorted(str(p) for p in folder.rglob("*.parquet"))
+    table = duckdb.sql(f"select * from read_parquet({files!r})").arrow()
+    if hasattr(table, "read_all"):
+        table = table.read_all()
+    names = [c for c in table.column_names if c not in target]
+    x = np.column_stack([table.column(c).to_numpy() for c in names]).astype(np.float64)
+    if classes:
+        labels = table.column(target[0]).to_numpy()
+        y = np.eye(classes)[labels]
+    else:
+        y = np.column_stack([table.column(c).to_numpy() for c in target]).astype(np.float64)
+    return x, y
+
+
+def gradients(out: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    rows = duckdb.sql(
+        f"select step, list(value order by layer, param desc, j, k nulls first) v, "
+        f"list(grad order by layer, param desc, j, k nulls first) g "
+        f"from '{out}/gradients.parquet' group by step order by step").fetchall()
+    return {s: (np.array(v), np.array(g)) for s, v, g in rows}
+
+
+def test_gradients_file_is_in_documented_order(cls_data, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=2,
+                      record_every=1))
+    table = pq.read_table(out / "gradients.parquet").to_pylist()
+    step0 = [r for r in table if r["step"] == 0]
+    keys = [(r["layer"], r["param"] == "b", r["j"], -1 if r["k"] is None else r["k"])
+            for r in step0]
+    assert keys == sorted(keys)
+    assert all((r["k"] is None) == (r["param"] == "b") for r in step0)
+    assert len(step0) == 4 * (5 + 1) + 3 * (4 + 1)
+
+
+@pytest.mark.parametrize("activation,output,loss,target,classes", [
+    ("sigmoid", "sigmoid", "squared", ("label",), 3),
+    ("relu", "softmax", "cross_entropy", ("label",), 3),
+    ("tanh", "identity", "squared", ("t0", "t1"), None),
+])
+def test_every_recorded_step_matches_the_naive_chain_rule(
+        activation, output, loss, target, classes, cls_data, reg_data, tmp_path):
+    data = cls_data if classes else reg_data
+    hidden = (4, 3) if activation == "relu" else (4,)
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(data), out=str(out), workers=0, hidden=hidden, steps=4,
+                      activation=activation, output_activation=output, loss=loss,
+                      target=target, dtype="float64", lr=0.1, record_every=1, seed=3))
+    x, y = load_xy(data, classes, target)
+    sizes = (x.shape[1], *hidden, y.shape[1])
+    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    recorded = gradients(out)
+    assert sorted(recorded) == [0, 1, 2, 3]
+    for step, (value, grad) in recorded.items():
+        p = params_from_flat(sizes, value, "float64")
+        C, ref, _, _ = naive_full_batch(sizes, p.w, p.b, activation, output, loss, x, y)
+        np.testing.assert_allclose(grad, ref, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(metrics[step]["loss"], C, rtol=1e-12)
+        np.testing.assert_allclose(metrics[step]["grad_norm"], np.linalg.norm(ref), rtol=1e-9)
+
+
+def test_weights_follow_the_sgd_rule(cls_data, tmp_path):
+    out = tmp_path / "run"
+    lr = 0.3
+    train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=5,
+                      dtype="float64", lr=lr, record_every=1))
+    rec = gradients(out)
+    for s in range(4):
+        np.testing.assert_allclose(rec[s + 1][0], rec[s][0] - lr * rec[s][1], rtol=0, atol=1e-12)
+    final = pq.read_table(out / "weights.parquet").column("value").to_numpy()
+    np.testing.assert_allclose(final, rec[4][0] - lr * rec[4][1], rtol=0, atol=1e-12)
+
+
+def test_momentum_weight_decay_and_schedule(cls_data, tmp_path):
+    out = tmp_path / "run"
+    lr, mu, lam, steps = 0.5, 0.9, 0.01, 6
+    train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=steps,
+                      dtype="float64", lr=lr, momentum=mu, weight_decay=lam,
+                      schedule="cosine", record_every=1))
+    rec = gradients(out)
+    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    is_weight = duckdb.sql(f"select param = 'w' from '{out}/gradients.parquet' where step = 0 "
+                           "order by layer, param desc, j, k nulls first").fetchnumpy()
+    mask = list(is_weight.values())[0].astype(float)
+    v = np.zeros_like(rec[0][0])
+    for s in range(steps - 1):
+        w, g = rec[s]
+        # gradients.parquet's grad already includes the decay term on weights only
+        lr_s = lr * 0.5 * (1 + np.cos(np.pi * s / steps))
+        assert metrics[s]["lr"] == pytest.approx(lr_s, rel=1e-15)
+        v = mu * v + g
+        np.testing.assert_allclose(rec[s + 1][0], w - lr_s * v, atol=1e-12)
+    # the decay term: grad - data gradient = lam * w on weights, 0 on biases
+    plain = tmp_path / "plain"
+    train(TrainConfig(data=str(cls_data), out=str(plain), workers=0, hidden=(4,), steps=1,
+                      dtype="float64", update=False))
+    w0, g0 = gradients(plain)[0]
+    np.testing.assert_allclose(rec[0][1] - g0, lam * w0 * mask, atol=1e-15)
+
+
+def test_loss_falls_and_accuracy_is_high_on_digits(tmp_path):
+    out = tmp_path / "run"
+    summary = train(TrainConfig(data=str(DIGITS), out=str(out), workers=0, steps=120))
+    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    losses = [m["loss"] for m in metrics]
+    assert losses[-1] < 0.5 * losses[0]
+    assert summary["accuracy"] > 0.85
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "completed" and info["dataset"]["rows"] == 1797
+
+
+def test_per_sample_rows_match_the_naive_reference(cls_data, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=1,
+                      dtype="float64", per_sample="full", update=False))
+    x, y = load_xy(cls_data, 3)
+    value, _ = gradients(out)[0]
+    sizes = (5, 4, 3)
+    p = params_from_flat(sizes, value, "float64")
+    _, _, losses, grads = naive_full_batch(sizes, p.w, p.b, "sigmoid", "sigmoid", "squared", x, y)
+    rows = duckdb.sql(f"select sample, label, loss, grad_norm, grad_norm_l1, grad_norm_l2, grad "
+                      f"from '{out}/per_sample/*/*.parquet' order by sample").fetchall()
+    assert [r[0] for r in rows] == list(range(len(x)))
+    assert [r[1] for r in rows] == list(y.argmax(axis=1))
+    np.testing.assert_allclose([r[2] for r in rows], losses, rtol=1e-12)
+    np.testing.assert_allclose(np.array([r[6] for r in rows]), grads, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose([r[3] for r in rows], np.linalg.norm(grads, axis=1), rtol=1e-9)
+    n1 = 4 * 6
+    np.testing.assert_allclose([r[4] for r in rows], np.linalg.norm(grads[:, :n1], axis=1),
+                               rtol=1e-9)
+    np.testing.assert_allclose([r[5] for r in rows], np.linalg.norm(grads[:, n1:], axis=1),
+                               rtol=1e-9)
+
+
+def test_noise_scale_matches_its_definition(cls_data, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=1,
+                      dtype="float64", update=False))
+    x, y = load_xy(cls_data, 3)
+    value, _ = gradients(out)[0]
+    p = params_from_flat((5, 4, 3), value, "float64")
+    _, G, _, g = naive_full_batch((5, 4, 3), p.w, p.b, "sigmoid", "sigmoid", "squared", x, y)
+    n = len(g)
+    trace = ((g - G) ** 2).sum() / (n - 1)
+    expected = trace / ((G ** 2).sum() - trace / n)
+    got = pq.read_table(out / "metrics.parquet").column("noise_scale")[0].as_py()
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+class Stop(Exception):
+    pass
+
+
+def _interrupt_at(step: int):
+    def progress(done: int, metrics: dict) -> None:
+        if done == step:
+            raise Stop
+
+    return progress
+
+
+@pytest.mark.parametrize("batch", [None, 17])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(cls_data, tmp_path, batch):
+    common = dict(data=str(cls_data), workers=0, hidden=(4,), steps=9, momentum=0.5,
+                  checkpoint_every=3, record_every=2, batch=batch, per_sample="norms",
+                  per_sample_every=4)
+    full = tmp_path / "full"
+    train(TrainConfig(out=str(full), **common))
+    cut = tmp_path / "cut"
+    with pytest.raises(Stop):
+        train(TrainConfig(out=str(cut), **common), _interrupt_at(7))
+    train(TrainConfig(out=str(cut), resume=True, **common))
+    for name in ("weights.parquet", "gradients.parquet"):
+        assert pq.read_table(full / name).equals(pq.read_table(cut / name)), name
+    m_full = pq.read_table(full / "metrics.parquet").drop(["seconds"])
+    m_cut = pq.read_table(cut / "metrics.parquet").drop(["seconds"])
+    assert m_full.equals(m_cut)
+    for step_dir in (full / "per_sample").iterdir():
+        for part in step_dir.iterdir():
+            assert pq.read_table(part).equals(pq.read_table(cut / "per_sample" / step_dir.name
+                                                            / part.name))
+
+
+def test_resume_refuses_changed_options(cls_data, tmp_path):
+    from gradpipe.errors import ConfigError
+
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=3))
+    with pytest.raises(ConfigError, match="--lr"):
+        train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=3,
+                          lr=0.1, resume=True))
+
+
+def test_minibatch_draws_the_asked_rows(cls_data, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=3,
+                      batch=11, per_sample="norms", per_sample_every=1))
+    samples = pq.read_table(out / "metrics.parquet").column("samples").to_pylist()
+    assert samples == [11, 11, 11]
+    ids = [duckdb.sql(f"select list(sample order by sample) from "
+                      f"'{out}/per_sample/step={s}/*.parquet'").fetchall()[0][0] for s in range(3)]
+    assert all(len(set(i)) == 11 for i in ids) and ids[0] != ids[1]
+
+
+def test_standardize_uses_dataset_moments(cls_data, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=1,
+                      standardize=True, dtype="float64", update=False))
+    meta = json.loads(pq.read_schema(out / "weights.parquet").metadata[b"gradpipe"])
+    x, _ = load_xy(cls_data, 3)
+    np.testing.assert_allclose(meta["standardize"]["mean"], x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(meta["standardize"]["std"], x.std(axis=0), rtol=1e-12)
+
+
+def test_divergence_stops_with_the_step_and_keeps_earlier_outputs(cls_data, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DivergenceError, match=r"step \d+"):
+        train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=50,
+                          lr=1e300, activation="identity", output_activation="identity",
+                          checkpoint_every=1))
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "diverged"
+    ckpts = sorted((out / "checkpoints").iterdir())
+    assert ckpts, "the finite checkpoints stay"
+    last = pq.read_table(ckpts[-1] / "weights.parquet").column("value").to_numpy()
+    assert np.isfinite(last).all()

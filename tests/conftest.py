@@ -63,7 +63,6 @@ def ray_session():
     """One local Ray instance for the whole test session (starting one costs 5-10 s)."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     from gradpipe.worker import ray_init
 
     ray_init("local", num_cpus=2)

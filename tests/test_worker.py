@@ -1,0 +1,127 @@
+"""Ray workers: the distributed gradient equals the in-process one and the naive one, bit for bit
+across worker counts, and survives killed workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from gradpipe.data import DataSpec, plan
+from gradpipe.train import Run, TrainConfig, train
+from gradpipe.worker import assign_blocks
+
+from conftest import DIGITS, make_classification
+from reference import naive_full_batch
+from test_train import gradients, load_xy
+
+pytestmark = pytest.mark.ray
+
+
+def test_blocks_are_split_in_contiguous_runs_covering_all():
+    blocks = plan(DataSpec(str(DIGITS), block_rows=100)).blocks
+    for workers in (1, 2, 3, 4, 7, 40):
+        groups = assign_blocks(blocks, workers)
+        assert [b for g in groups for b in g] == list(blocks)
+        assert len(groups) == workers
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gradients_are_bitwise_identical_for_any_worker_count(ray_local, tmp_path, dtype):
+    data = make_classification(tmp_path / "data", rows=300, features=6, classes=4, files=3,
+                               row_group_size=25)
+    tables = {}
+    for workers in (0, 1, 2, 3, 4):
+        out = tmp_path / f"w{workers}"
+        train(TrainConfig(data=str(data), out=str(out), workers=workers, dtype=dtype,
+                          hidden=(8, 5), steps=4, record_every=1, momentum=0.5,
+                          per_sample="norms"))
+        tables[workers] = {name: pq.read_table(out / name) for name in
+                           ("gradients.parquet", "weights.parquet")}
+        tables[workers]["metrics"] = pq.read_table(out / "metrics.parquet").drop(["seconds"])
+    for workers in (1, 2, 3, 4):
+        for name, table in tables[workers].items():
+            assert table.equals(tables[0][name]), (workers, name)
+
+
+def test_distributed_equals_the_naive_chain_rule(ray_local, tmp_path):
+    data = make_classification(tmp_path / "data", rows=50, features=4, classes=3)
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(data), out=str(out), workers=2, dtype="float64", hidden=(3,),
+                      steps=3, record_every=1, lr=0.5))
+    x, y = load_xy(data, 3)
+    from gradpipe.outputs import params_from_flat
+
+    for step, (value, grad) in gradients(out).items():
+        p = params_from_flat((4, 3, 3), value, "float64")
+        _, ref, _, _ = naive_full_batch((4, 3, 3), p.w, p.b, "sigmoid", "sigmoid", "squared",
+                                        x, y)
+        np.testing.assert_allclose(grad, ref, rtol=1e-9, atol=1e-13)
+
+
+def test_per_sample_files_are_written_by_the_workers(ray_local, tmp_path):
+    data = make_classification(tmp_path / "data", rows=90, files=2, row_group_size=20)
+    out = tmp_path / "run"
+    run = Run(TrainConfig(data=str(data), out=str(out), workers=2, hidden=(4,), steps=1,
+                          per_sample="full", update=False))
+    run.prepare()
+    try:
+        run.execute()
+        pids = set(run.pool.pids())
+    finally:
+        run.close()
+    assert os.getpid() not in pids and len(pids) == 2
+    parts = sorted((out / "per_sample" / "step=0").iterdir())
+    assert [p.name for p in parts] == [f"part-{b:05d}.parquet" for b in range(len(parts))]
+    ids = np.concatenate([pq.read_table(p).column("sample").to_numpy() for p in parts])
+    assert list(ids) == list(range(90))
+
+
+def _kill_one_worker_during(run: Run, step_to_hit: int, kills: list[int]):
+    """Progress hook: after step `step_to_hit` - 1 ends, SIGKILL a worker shortly after."""
+    def progress(done: int, metrics: dict) -> None:
+        if done == step_to_hit:
+            pid = run.pool.pids()[0]
+
+            def kill() -> None:
+                time.sleep(0.02)  # inside the next step's compute
+                os.kill(pid, signal.SIGKILL)
+                kills.append(pid)
+
+            threading.Thread(target=kill).start()
+
+    return progress
+
+
+def test_a_killed_worker_restarts_and_the_run_is_bitwise_unchanged(ray_local, tmp_path):
+    data = make_classification(tmp_path / "data", rows=40000, features=32, classes=5,
+                               files=2, row_group_size=5000)
+    common = dict(data=str(data), workers=2, hidden=(64,), steps=6, record_every=1,
+                  per_sample="norms", per_sample_every=1)
+    clean = tmp_path / "clean"
+    train(TrainConfig(out=str(clean), **common))
+
+    crashed = tmp_path / "crashed"
+    run = Run(TrainConfig(out=str(crashed), **common))
+    kills: list[int] = []
+    run.prepare()
+    try:
+        hook = _kill_one_worker_during(run, 2, kills)
+        second = _kill_one_worker_during(run, 4, kills)
+        run.execute(lambda d, m: (hook(d, m), second(d, m)))
+        new_pids = run.pool.pids()
+    finally:
+        run.close()
+    assert len(kills) == 2 and not set(kills) & set(new_pids), "workers were restarted"
+    for name in ("gradients.parquet", "weights.parquet"):
+        assert pq.read_table(clean / name).equals(pq.read_table(crashed / name)), name
+    for step in range(6):
+        a = pq.read_table(clean / "per_sample" / f"step={step}").sort_by("sample")
+        b = pq.read_table(crashed / "per_sample" / f"step={step}").sort_by("sample")
+        assert a.equals(b)
+        assert b.num_rows == 40000

@@ -1,4 +1,4 @@
-"""Activations: every g' against a central finite difference of g, sigmoid/softmax stability, lookup errors."""
+"""Activations: every g' against a central difference of g, sigmoid/softmax stability, lookup."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import gradpipe.backprop as backprop
 from gradpipe.activations import HIDDEN_ACTIVATIONS
 from gradpipe.backprop import block_partial, deltas, per_sample_grads, per_sample_sq_norms
+from gradpipe.losses import LOSSES
 from gradpipe.model import Architecture, Params, forward, init_params
 
 OUTPUTS = [("sigmoid", "squared"), ("identity", "squared"), ("softmax", "cross_entropy")]
@@ -258,7 +259,8 @@ class Recorder:
 
     def __call__(self, start, losses, sq_norms, grads) -> None:
         self.calls.append(
-            (start, np.array(losses), np.array(sq_norms), None if grads is None else np.array(grads))
+            (start, np.array(losses), np.array(sq_norms),
+             None if grads is None else np.array(grads))
         )
 
 
@@ -275,9 +277,8 @@ def test_per_sample_grads_match_naive_chain_rule(p):
     np.testing.assert_allclose(grads, naive_grads, rtol=1e-10, atol=1e-13)
     # ... and the loss table gives the same C_i as the loops
     a, _ = forward(p.arch, p.params, p.x)
-    from gradpipe.losses import LOSSES
-
-    np.testing.assert_allclose(LOSSES[p.arch.loss].fn(a[-1], p.y), naive_losses, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(LOSSES[p.arch.loss].fn(a[-1], p.y), naive_losses,
+                               rtol=1e-12, atol=1e-14)
 
 
 @settings(max_examples=50, deadline=None)
@@ -406,7 +407,8 @@ def test_classify_counts_argmax_matches():
     a, _ = forward(p.arch, p.params, p.x)
     expected = int((a[-1].argmax(axis=1) == p.y.argmax(axis=1)).sum())
     assert 0 < expected < 37
-    assert block_partial(p.arch, p.params, p.x, p.y, classify=True, chunk_rows=4).correct == expected
+    part = block_partial(p.arch, p.params, p.x, p.y, classify=True, chunk_rows=4)
+    assert part.correct == expected
     assert block_partial(p.arch, p.params, p.x, p.y).correct == 0
 
 

@@ -1,4 +1,4 @@
-"""Losses: every grad against a central finite difference of fn in a, worked values, lookup errors."""
+"""Losses: every grad against a central difference of fn in a, worked values, lookup errors."""
 
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def test_squared_has_no_factor_one_half():
     # row 1: 0 + (0 - 3)^2 = 9
     np.testing.assert_allclose(squared(a, y), [4.25, 9.0], rtol=0, atol=0)
     # dC/da_j = 2 (a_j - y_j)
-    np.testing.assert_allclose(LOSSES["squared"].grad(a, y), [[1.0, -4.0], [0.0, -6.0]], rtol=0, atol=0)
+    np.testing.assert_allclose(LOSSES["squared"].grad(a, y), [[1.0, -4.0], [0.0, -6.0]],
+                               rtol=0, atol=0)
 
 
 def test_cross_entropy_on_one_hot_targets():

@@ -1,4 +1,4 @@
-"""Model: Architecture validation, seeded Glorot/He initialisation, forward pass, parameter order."""
+"""Model: Architecture validation, seeded Glorot/He init, forward pass, parameter order."""
 
 from __future__ import annotations
 

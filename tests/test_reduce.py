@@ -189,7 +189,7 @@ def test_gradient_norms_match_materialized(problem):
 # ---------------------------------------------------------------------------- noise scale
 
 def noise_scale_direct(per_sample: np.ndarray) -> tuple[float, float]:
-    """(tr(S), denominator): tr(S) = sum_i |g_i - G|^2 / (n-1), |G|^2 - tr(S)/n; B is their ratio."""
+    """(tr(S), |G|^2 - tr(S)/n) with tr(S) = sum_i |g_i - G|^2 / (n-1); B is their ratio."""
     n = per_sample.shape[0]
     G = per_sample.mean(axis=0)
     trace = float(((per_sample - G) ** 2).sum() / (n - 1))

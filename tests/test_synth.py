@@ -179,12 +179,6 @@ def test_bad_options(tmp_path: Path, args: list[str], name: str) -> None:
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    reason="BUG: synth() calls out.iterdir() on an OUT that exists but is a file, so "
-    "`gradpipe data synth FILE` ends in a NotADirectoryError traceback (exit 1) instead "
-    "of one line and exit 2",
-    strict=True,
-)
 def test_out_is_a_file(tmp_path: Path) -> None:
     out = tmp_path / "data.csv"
     out.write_text("a,b\n")

@@ -10,7 +10,9 @@ Notation (Nielsen, *Neural Networks and Deep Learning*, ch. 2; batch-major, row 
 Two identities keep per-sample work cheap: the sum over samples of BP4 is one matrix
 product, delta[l].T @ a[l-1]; and BP4 is rank one, so |grad_w[l]_i|_F^2 =
 |delta[l]_i|^2 |a[l-1]_i|^2. Per-sample gradients are materialized only when asked, a
-bounded number of rows at a time. Sums over samples are accumulated in float64.
+bounded number of rows at a time. Sums over samples are accumulated in float64: within
+a chunk of at most CHUNK_ROWS rows the matrix product runs in the compute dtype (float32
+by default, about 2e-7 relative), and chunks, biases, losses and norms add in float64.
 """
 
 from __future__ import annotations

@@ -13,12 +13,12 @@ import numpy as np
 
 from .activations import ACTIVATIONS
 from .backprop import deltas, per_sample_grads
-from .data import DataSpec, plan, read_rows
+from .data import plan, read_rows
 from .errors import ConfigError
 from .losses import LOSSES
 from .model import Architecture, Params, forward
 from .outputs import param_index, params_from_flat
-from .train import TrainConfig, build_model
+from .train import TrainConfig, build_model, data_spec
 
 EPS = 1e-6  # central difference step; error O(EPS^2) against rounding O(1e-16 / EPS)
 
@@ -29,8 +29,7 @@ def _losses(arch: Architecture, params: Params, x: np.ndarray, y: np.ndarray) ->
 
 
 def _setup(config: TrainConfig):
-    dataset = plan(DataSpec(config.data, config.features, config.target, config.id_column,
-                            block_rows=config.block_rows))
+    dataset = plan(data_spec(config))
     config64 = dataclasses.replace(config, dtype="float64")
     arch, params, standardize = build_model(config64, dataset)
     return dataset, arch, params.astype("float64"), standardize

@@ -71,7 +71,7 @@ class Dataset:
     n_outputs: int  # K classes, or the number of target columns
     id_column: str | None
     n_rows: int
-    fingerprint: str  # sha256 of the files' paths, sizes, row counts and schema
+    fingerprint: str  # sha256 of the files' paths, sizes, modification times, row counts, schema
 
     @property
     def classify(self) -> bool:
@@ -252,7 +252,9 @@ def plan(spec: DataSpec) -> Dataset:
                 "must have the same columns and types."
             )
         md = pf.metadata
-        digest.update(f"{path}\0{md.num_rows}\0{md.num_row_groups}\0{md.serialized_size}".encode())
+        info = fs.get_file_info(path)
+        digest.update(f"{path}\0{info.size}\0{info.mtime_ns}\0{md.num_rows}\0"
+                      f"{md.num_row_groups}\0{md.serialized_size}".encode())
         file_row = 0
         for rg in range(md.num_row_groups):
             rows = md.row_group(rg).num_rows
@@ -327,7 +329,8 @@ def _column(table: pa.Table, name: str, block: Block) -> pa.ChunkedArray:
     if col.null_count:
         nulls = pc.is_null(col).to_numpy(zero_copy_only=False)
         raise DataError(
-            f"{block.file}: column {name!r} has {col.null_count} null values (first at row "
+            f"{block.file}: column {name!r} has {col.null_count} null values in rows "
+            f"{block.file_row}..{block.file_row + block.n - 1} (first at row "
             f"{block.file_row + int(np.argmax(nulls))}). Drop or impute them first."
         )
     return col
@@ -340,7 +343,8 @@ def _check_finite(values: NDArray, name: str, block: Block) -> None:
         kind = "NaN" if n_nan == int(bad.sum()) else ("infinite" if n_nan == 0 else "NaN or infinite")
         row = int(np.argmax(bad.reshape(bad.shape[0], -1).any(axis=1)))
         raise DataError(
-            f"{block.file}: column {name!r} has {int(bad.sum())} {kind} values (first at row "
+            f"{block.file}: column {name!r} has {int(bad.sum())} {kind} values in rows "
+            f"{block.file_row}..{block.file_row + block.n - 1} (first at row "
             f"{block.file_row + row}). Drop or impute them first."
         )
 
@@ -367,7 +371,8 @@ def read_block(
         name = dataset.features[0]
         col = _column(table, name, block).combine_chunks()
         flat = col.values.to_numpy(zero_copy_only=False)
-        x = flat.reshape(n, dataset.n_features).astype(dtype, copy=False)
+        with np.errstate(over="ignore"):
+            x = flat.reshape(n, dataset.n_features).astype(dtype, copy=False)
         _check_finite(x, name, block)
     else:
         x = np.empty((n, dataset.n_features), dtype=dtype)  # (n, n_0)
@@ -375,7 +380,8 @@ def read_block(
             values = _column(table, name, block).to_numpy()
             if values.dtype.kind == "f":
                 _check_finite(values, name, block)
-            x[:, k] = values
+            with np.errstate(over="ignore"):  # too large for float32: inf, refused below
+                x[:, k] = values
         if not np.isfinite(x).all():  # a float64 too large for float32 turns into inf
             k = int(np.argmax(~np.isfinite(x).all(axis=0)))
             _check_finite(x[:, k], dataset.features[k], block)

@@ -60,6 +60,8 @@ def synth(out: str | Path, *, rows: int, features: int, classes: int, files: int
     if files > rows:
         raise ConfigError(f"--files {files}: more files than --rows {rows}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a folder. Choose a folder for the dataset.")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"{out}: folder exists and is not empty. Pass --overwrite or "

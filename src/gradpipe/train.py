@@ -138,6 +138,17 @@ def draw_batch(config: TrainConfig, n_rows: int, step: int) -> NDArray[np.int64]
     return np.sort(rng.choice(n_rows, size=config.batch, replace=False)).astype(np.int64)
 
 
+def data_spec(config: TrainConfig) -> DataSpec:
+    """The dataset options; with --weights the classes are the model's outputs, so labels
+    beyond them are refused by name and a split holding fewer classes is accepted."""
+    classes = None
+    if config.weights:
+        arch = read_weights(config.weights)[0]
+        classes = arch.sizes[-1] if arch.sizes[-1] >= 2 else None
+    return DataSpec(config.data, config.features, config.target, config.id_column,
+                    classes=classes, block_rows=config.block_rows)
+
+
 def build_model(
     config: TrainConfig, dataset: Dataset
 ) -> tuple[Architecture, Params, tuple[F64, F64] | None]:
@@ -260,8 +271,7 @@ class Run:
                     raise ConfigError(f"--resume {self.out}: not a gradpipe run folder (no run.json)")
             else:
                 prepare_run_dir(self.out, overwrite=config.overwrite)
-        self.dataset = plan(DataSpec(config.data, config.features, config.target,
-                                     config.id_column, block_rows=config.block_rows))
+        self.dataset = plan(data_spec(config))
         self.arch, self.params, self.standardize = build_model(config, self.dataset)
         if config.workers != 0:
             ray_init(config.address, verbose=config.verbose)

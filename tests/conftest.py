@@ -61,11 +61,11 @@ def reg_data(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (starting one costs 5-10 s)."""
-    import ray
-
     from gradpipe.worker import ray_init
 
     ray_init("local", num_cpus=2)
+    import ray
+
     yield ray
     ray.shutdown()
 

@@ -217,6 +217,9 @@ def assign_blocks(blocks: tuple[Block, ...], workers: int) -> list[list[Block]]:
     return groups
 
 
+_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
 def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool = False) -> None:
     """Start a local Ray instance on 127.0.0.1, or connect to the cluster at `address`.
 
@@ -226,15 +229,25 @@ def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool 
     """
     import logging
 
+    local = address in (None, "", "local")
+    if local:
+        # Ray takes a node's address from the network unless it believes it runs on a
+        # laptop (this switch, read when ray is imported); then every server of the local
+        # instance binds 127.0.0.1 instead of all interfaces.
+        os.environ[_LOOPBACK_SWITCH] = "0"
     import ray
 
     if ray.is_initialized():
         return
+    if local:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before
     quiet = dict(
         logging_level=logging.INFO if verbose else logging.ERROR,
         log_to_driver=verbose,
     )
-    if address in (None, "", "local"):
+    if local:
         ray.init(
             address="local",
             num_cpus=num_cpus,

@@ -1,0 +1,99 @@
+"""The local instance gradpipe starts is reachable from this machine only; nothing is unpickled."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "gradpipe"
+
+
+def _listening() -> dict[int, tuple[str, int]]:
+    """socket inode -> (address, port) of every listening TCP socket, from /proc/net."""
+    out: dict[int, tuple[str, int]] = {}
+    for name, width in (("tcp", 8), ("tcp6", 32)):
+        path = Path("/proc/net") / name
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], int(fields[9])
+            if state != "0A":  # LISTEN
+                continue
+            hex_ip, hex_port = local.split(":")
+            raw = bytes.fromhex(hex_ip)
+            # /proc stores each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            out[inode] = (str(ipaddress.ip_address(raw)), int(hex_port, 16))
+    return out
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        ppid = int(text.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    seen, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return seen
+
+
+def _sockets_of(pids: set[int]) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {}
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(fd))
+                if m:
+                    out.setdefault(pid, set()).add(int(m.group(1)))
+        except OSError:  # the process ended meanwhile
+            continue
+    return out
+
+
+def _is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+@pytest.mark.ray
+def test_the_local_instance_listens_on_loopback_only(ray_local):
+    @ray_local.remote
+    def ping() -> int:
+        return 1
+
+    assert ray_local.get(ping.remote()) == 1  # workers up, so their ports exist too
+    assert ray_local.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+    listening = _listening()
+    ours = _sockets_of(_descendants(os.getpid()) | {os.getpid()})
+    found = [(pid, listening[i]) for pid, inodes in ours.items() for i in inodes if i in listening]
+    assert found, "no listening socket found: the check would pass vacuously"
+    exposed = [(pid, Path(f"/proc/{pid}/comm").read_text().strip(), addr, port)
+               for pid, (addr, port) in found if not _is_loopback(addr)]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_nothing_is_unpickled():
+    """No pickle or np.load with pickles in gradpipe's own reading code."""
+    for path in SRC.glob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|cloudpickle|joblib)\b", text,
+                             re.M), path.name
+        assert not re.search(r"\bpickle\.loads?\(", text), path.name
+        for call in re.findall(r"np\.load\([^)]*\)", text):
+            assert "allow_pickle=False" in call, (path.name, call)

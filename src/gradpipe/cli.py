@@ -423,5 +423,182 @@ def data_synth(out: str, as_json: bool, **params: Any) -> None:
                f"({summary['row_groups']} row groups) to {summary['out']}")
 
 
+def _jobs_client(ctx: click.Context, address: str | None):
+    """The cluster's Jobs API: --address here, else the group's --address / RAY_ADDRESS."""
+    from .jobs import Jobs
+
+    return Jobs(address or ctx.obj["address"], verbose=ctx.obj["verbose"])
+
+
+def _job_exit(ctx: click.Context, record: dict) -> None:
+    message = f": {record['message']}" if record["message"] else ""
+    click.echo(f"job {record['id']} {record['status']}{message}", err=True)
+    ctx.exit(0 if record["status"] == "SUCCEEDED" else 1)
+
+
+def _address_option(f: Callable) -> Callable:
+    return click.option("--address", metavar="URL",
+                        help="The cluster's Jobs API, its dashboard: http://HEAD:8265. "
+                             "Default: the group's --address / RAY_ADDRESS.")(f)
+
+
+@cli.command(context_settings={"show_default": True})
+@click.argument("job_file", metavar="JOBFILE", type=click.Path(exists=True, dir_okay=False))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[-- FLAGS...]")
+@_address_option
+@click.option("--working-dir", default=".", type=click.Path(exists=True, file_okay=False),
+              help="Folder uploaded as the job's working directory; the job file and the "
+                   "relative paths in it must lie inside. runs/, build/, dist/, .git, caches, "
+                   "virtual environments and files over --max-file-mb stay behind.")
+@click.option("--max-file-mb", type=float, default=50.0,
+              help="Files larger than this (MiB) are not uploaded.")
+@click.option("--use-installed", is_flag=True,
+              help="Run the gradpipe installed on the cluster instead of uploading this "
+                   "machine's gradpipe source (py_modules).")
+@click.option("--submission-id", help="Job id to use instead of Ray's raysubmit_... one.")
+@click.option("--wait", is_flag=True, help="Wait for the job to end; exit 0 if it SUCCEEDED, "
+              "1 if it FAILED or was STOPPED.")
+@click.option("--follow", is_flag=True, help="Stream the job's logs until it ends; exit as "
+              "with --wait.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line (logs of --follow "
+              "go to stderr).")
+@click.pass_context
+def submit(ctx: click.Context, job_file: str, args: tuple[str, ...], address: str | None,
+           working_dir: str, max_file_mb: float, use_installed: bool,
+           submission_id: str | None, wait: bool, follow: bool, as_json: bool) -> None:
+    """Run a job file on a Ray cluster as a Ray Job: `gradpipe train --job JOBFILE` (or grad).
+
+    The working dir (default: here) is uploaded and becomes the job's current directory,
+    so relative paths in the job file are relative to it; a relative `out` is written in
+    that copy, on the cluster. This machine's gradpipe source goes with the job
+    (py_modules), so the cluster runs the same code. Flags after -- are passed to
+    gradpipe train|grad and override the job file. Prints the job id.
+
+    \b
+    Example:
+      gradpipe submit jobs/digits.toml --address http://HEAD:8265 --follow
+      gradpipe submit jobs/digits.toml --address http://HEAD:8265 --wait -- --steps 50
+    """
+    from .jobs import JobConfig, plan_submission
+
+    config = JobConfig(job_file=job_file, address=address or ctx.obj["address"],
+                       working_dir=working_dir, args=args, use_installed=use_installed,
+                       max_file_mb=max_file_mb, submission_id=submission_id)
+    plan = plan_submission(config)
+    for note in plan.notes:
+        click.echo(f"gradpipe: note: {note}", err=True)
+    jobs = _jobs_client(ctx, config.address)
+    job_id = jobs.submit(config, plan)
+    if not as_json:
+        click.echo(job_id)
+        click.echo(f"submitted to {jobs.url}: {plan.entrypoint}", err=True)
+    if not (wait or follow):
+        if as_json:
+            click.echo(json.dumps({**jobs.info(job_id), "address": jobs.url}))
+        else:
+            click.echo(f"follow it with: gradpipe jobs logs {job_id} --follow --address "
+                       f"{jobs.url}", err=True)
+        return
+    try:
+        if follow:
+            record = jobs.follow(job_id, lambda text: click.echo(text, nl=False, err=as_json))
+        else:
+            record = jobs.wait(job_id)
+    except KeyboardInterrupt:
+        click.echo(f"\ngradpipe: stopped waiting; job {job_id} goes on (gradpipe jobs stop "
+                   f"{job_id})", err=True)
+        ctx.exit(130)
+    if as_json:
+        click.echo(json.dumps({**record, "address": jobs.url}))
+    _job_exit(ctx, record)
+
+
+@cli.group()
+def jobs() -> None:
+    """The Ray Jobs on a cluster: list, status, logs, stop (Jobs API, http://HEAD:8265)."""
+
+
+@jobs.command("list")
+@_address_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.pass_context
+def jobs_list(ctx: click.Context, address: str | None, as_json: bool) -> None:
+    """List the cluster's jobs, oldest first: id, status, start time, entrypoint.
+
+    \b
+    Example:
+      gradpipe jobs list --address http://127.0.0.1:8265
+    """
+    records = _jobs_client(ctx, address).list()
+    if as_json:
+        click.echo(json.dumps(records))
+        return
+    rows = [(r["id"] or "", r["status"], (r["start_time"] or "").replace("T", " "),
+             r["entrypoint"]) for r in records]
+    header = ("ID", "STATUS", "START", "ENTRYPOINT")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + row[3])
+
+
+@jobs.command("status")
+@click.argument("job_id", metavar="ID")
+@_address_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line.")
+@click.pass_context
+def jobs_status(ctx: click.Context, job_id: str, address: str | None, as_json: bool) -> None:
+    """Show a job's status, message, times and entrypoint.
+
+    \b
+    Example:
+      gradpipe jobs status raysubmit_XYZ --address http://127.0.0.1:8265
+    """
+    r = _jobs_client(ctx, address).info(job_id)
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    click.echo(f"{r['id']}  {r['status']}  {r['message'] or ''}".rstrip())
+    took = f" ({r['seconds']:.1f} s)" if r["seconds"] is not None else ""
+    click.echo(f"started {r['start_time'] or '-'}  ended {r['end_time'] or '-'}{took}")
+    click.echo(f"entrypoint: {r['entrypoint']}")
+
+
+@jobs.command("logs")
+@click.argument("job_id", metavar="ID")
+@_address_option
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
+@click.pass_context
+def jobs_logs(ctx: click.Context, job_id: str, address: str | None, follow: bool) -> None:
+    """Print a job's logs (its stdout and stderr).
+
+    \b
+    Example:
+      gradpipe jobs logs raysubmit_XYZ --follow --address http://127.0.0.1:8265
+    """
+    client = _jobs_client(ctx, address)
+    if follow:
+        client.follow(job_id, lambda text: click.echo(text, nl=False))
+    else:
+        click.echo(client.logs(job_id), nl=False)
+
+
+@jobs.command("stop")
+@click.argument("job_id", metavar="ID")
+@_address_option
+@click.pass_context
+def jobs_stop(ctx: click.Context, job_id: str, address: str | None) -> None:
+    """Stop a running job (SIGTERM to its driver, then SIGKILL); its actors go with it.
+
+    \b
+    Example:
+      gradpipe jobs stop raysubmit_XYZ --address http://127.0.0.1:8265
+    """
+    client = _jobs_client(ctx, address)
+    if client.stop(job_id):
+        click.echo(f"stopping {job_id}")
+    else:
+        click.echo(f"{job_id} was not running ({client.info(job_id)['status']})")
+
+
 def main() -> None:
     cli(prog_name="gradpipe")

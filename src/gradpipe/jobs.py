@@ -189,7 +189,7 @@ class JobConfig:
     working_dir: str = "."  # folder uploaded as the job's cwd; job-file paths are relative to it
     args: tuple[str, ...] = ()  # extra flags for `gradpipe train|grad`, after --job FILE
     use_installed: bool = False  # True: run the cluster's gradpipe; False: upload ours
-    max_file_mb: float = 100.0  # files above this size (MiB) are not uploaded
+    max_file_mb: float = 50.0  # files above this size (MiB) are not uploaded
     submission_id: str | None = None  # None: Ray makes one (raysubmit_...)
 
     def __post_init__(self) -> None:

@@ -289,6 +289,9 @@ class Run:
         self.state = State(0, self.params, np.zeros(self.arch.n_params))
         if config.resume and self.out is not None:
             self.state = _resume_state(config, self.out, self.arch, self.dataset)
+            # A killed run can leave temporary files (never the real names): drop them.
+            for tmp in self.out.rglob(".*.tmp-*"):
+                tmp.unlink(missing_ok=True)
 
     def _stream(self) -> bool:
         if self.config.memory_budget is None:
@@ -346,6 +349,10 @@ class Run:
                 standardize=self.standardize,
             )
             grad = reduce(self.pool.step(req))
+            if req.per_sample != "none" and out is not None:
+                # A worker killed mid-write leaves its temporary file; the retry wrote the part.
+                for tmp in (out / "per_sample" / f"step={step}").glob(".*.tmp-*"):
+                    tmp.unlink(missing_ok=True)
             lr = lr_at(config, step)
             metrics = self._metrics(step, grad, lr, time.perf_counter() - t0)
             converged = config.tol > 0 and metrics["grad_norm"] < config.tol

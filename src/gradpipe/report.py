@@ -1,0 +1,714 @@
+"""Summaries of gradpipe outputs: `gradpipe inspect` on a run folder or one of its Parquet files.
+
+Reads what `train` and `grad` wrote (DESIGN.md section 4) and writes nothing but an optional
+PNG: run.json, metrics.parquet, gradients.parquet, per_sample/step=S/ and weights.parquet.
+Which file is which is told from its columns. Per-sample files are scanned as one pyarrow
+dataset with an explicit column list, so the `grad` list column is never read. `inspect_output`
+returns an `Inspection` (a JSON-ready summary plus the series the plot needs); `render`
+prints it as rich tables and `plot` draws it on matplotlib's Agg canvas, with no display.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from numpy.typing import NDArray
+
+from .errors import ConfigError
+from .outputs import read_run_json, read_weights
+
+F64 = NDArray[np.float64]
+
+# The columns that tell each output file apart, checked in this order (gradients before
+# weights: it has their columns plus step and grad).
+KINDS: dict[str, frozenset[str]] = {
+    "per_sample": frozenset({"sample", "loss", "grad_norm"}),
+    "gradients": frozenset({"step", "layer", "param", "j", "k", "value", "grad"}),
+    "metrics": frozenset({"step", "loss", "grad_norm"}),
+    "weights": frozenset({"layer", "param", "j", "k", "value"}),
+}
+CURVE_POINTS = 8  # rows of the text tables: the first step, evenly spaced ones, the last
+NOISE_WINDOW = 0.1  # the noise scale's median is taken over this last fraction of steps
+NOISE_EXPLANATION = (
+    "B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, 'An Empirical Model of "
+    "Large-Batch Training'): the per-sample gradient variance over the squared mean "
+    "gradient. It estimates the critical batch size: batches much smaller than B_simple "
+    "are dominated by gradient noise, much larger ones cost samples without speeding up "
+    "training per step."
+)
+PLOT_SIZE = (1200, 900)  # default --plot-size, pixels
+_STEP_DIR = re.compile(r"^step=(-?\d+)$")
+_LAYER_COL = re.compile(r"^grad_norm_l(\d+)$")
+
+
+@dataclass
+class Output:
+    """What was found at a path: its kind and the files of each part of a run."""
+
+    path: Path
+    kind: str  # run | metrics | gradients | per_sample | weights
+    run: dict | None = None  # run.json
+    metrics: Path | None = None
+    gradients: Path | None = None
+    weights: Path | None = None
+    per_sample: dict[int | None, list[Path]] = field(default_factory=dict)  # step -> part files
+
+
+@dataclass
+class Inspection:
+    """A summary (JSON-ready, `summary`) and the full series that `plot` draws."""
+
+    summary: dict
+    metrics: pa.Table | None = None  # every step of metrics.parquet
+    recorded_norms: list[dict] | None = None  # per-layer |grad| of every gradients.parquet step
+    sample_norms: F64 | None = None  # per-sample grad_norm at the ranked step
+
+
+# --------------------------------------------------------------------------- finding files
+
+
+def _describe(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:6])}, ... ({len(names)})"
+
+
+def _read_schema(path: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def detect_kind(path: str | Path) -> str:
+    """Which gradpipe output a Parquet file is, from its columns: metrics, gradients, ..."""
+    path = Path(path)
+    names = _read_schema(path).names
+    for kind, required in KINDS.items():
+        if required <= set(names):
+            return kind
+    raise ConfigError(
+        f"{path}: not a gradpipe output: its columns ({_describe(names)}) match none of "
+        "metrics.parquet, gradients.parquet, weights.parquet or a per_sample part file"
+    )
+
+
+def _part_files(folder: Path) -> list[Path]:
+    # part-*.parquet only: a writer's temporary file starts with a dot.
+    return sorted(p for p in folder.glob("part-*.parquet") if p.is_file())
+
+
+def _step_folders(folder: Path) -> dict[int | None, list[Path]]:
+    out: dict[int | None, list[Path]] = {}
+    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = _STEP_DIR.match(sub.name)
+        if match and sub.is_dir() and (files := _part_files(sub)):
+            out[int(match.group(1))] = files
+    return dict(sorted(out.items(), key=lambda kv: kv[0] if kv[0] is not None else -1))
+
+
+def _step_of(folder: Path) -> int | None:
+    match = _STEP_DIR.match(folder.name)
+    return int(match.group(1)) if match else None
+
+
+def open_output(path: str | Path) -> Output:
+    """Find what `path` holds: a run folder, per_sample/ or step=S/, or one output file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(
+            f"{path}: no such file or folder. Pass a run folder or one of its outputs "
+            "(metrics.parquet, gradients.parquet, weights.parquet, per_sample/)."
+        )
+    if path.is_file() and path.name == "run.json":
+        path = path.parent
+    if path.is_dir():
+        if (path / "run.json").is_file():
+            return Output(
+                path, "run", run=read_run_json(path),
+                metrics=_file_or_none(path / "metrics.parquet"),
+                gradients=_file_or_none(path / "gradients.parquet"),
+                weights=_file_or_none(path / "weights.parquet"),
+                per_sample=_step_folders(path / "per_sample"),
+            )
+        if steps := _step_folders(path):
+            return Output(path, "per_sample", per_sample=steps)
+        files = _part_files(path)
+        if files and detect_kind(files[0]) == "per_sample":
+            return Output(path, "per_sample", per_sample={_step_of(path): files})
+        raise ConfigError(
+            f"{path}: not a gradpipe output folder (no run.json, no step=S/ folders and no "
+            "per-sample part files). Pass a run folder or one of its Parquet files."
+        )
+    kind = detect_kind(path)
+    out = Output(path, kind)
+    if kind == "per_sample":
+        out.per_sample = {_step_of(path.parent): [path]}
+    else:
+        setattr(out, kind, path)
+    return out
+
+
+def _file_or_none(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _finite(value: Any) -> float | None:
+    """A float, or None for null, NaN and infinities (JSON has none of them)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def run_info(run: dict) -> dict:
+    """The parts of run.json a reader wants first: command, status, model, dataset, steps."""
+    config = run.get("config", {})
+    model = run.get("model", {})
+    dataset = run.get("dataset", {})
+    return {
+        "command": run.get("command"),
+        "status": run.get("status"),
+        "started": run.get("started"),
+        "finished": run.get("finished"),
+        "steps": config.get("steps"),
+        "steps_done": run.get("steps_done"),
+        "diverged_at": run.get("diverged_at"),
+        "workers": run.get("workers"),
+        "model": {key: model.get(key) for key in (
+            "sizes", "activation", "output_activation", "loss", "dtype", "parameters")},
+        "dataset": {key: dataset.get(key) for key in (
+            "source", "rows", "task", "n_outputs", "files", "blocks", "fingerprint")},
+        "optimizer": {key: config.get(key) for key in (
+            "lr", "momentum", "weight_decay", "schedule", "batch")},
+        "per_sample": config.get("per_sample"),
+    }
+
+
+def _layer_columns(names: list[str]) -> list[str]:
+    layers = sorted((int(m.group(1)), n) for n in names if (m := _LAYER_COL.match(n)))
+    return [n for _, n in layers]
+
+
+def _spaced(n: int, points: int = CURVE_POINTS) -> list[int]:
+    """Row indexes 0, evenly spaced ones and n-1 (at most `points`)."""
+    return sorted({int(round(i)) for i in np.linspace(0, n - 1, min(n, points))})
+
+
+def read_metrics(path: Path) -> pa.Table:
+    """metrics.parquet, checked to be one."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"{path}: not a readable Parquet file ({e})") from None
+    missing = KINDS["metrics"] - set(table.column_names)
+    if missing:
+        raise ConfigError(f"{path}: not a gradpipe metrics file (no column {sorted(missing)[0]!r})")
+    return table
+
+
+def metrics_summary(table: pa.Table) -> dict:
+    """Steps recorded, the curve at evenly spaced steps, the last row and the lowest loss."""
+    if table.num_rows == 0:
+        return {"steps": 0, "first_step": None, "last_step": None, "layers": [],
+                "curve": [], "final": None, "best": None}
+    rows = table.to_pylist()
+    loss = table.column("loss").to_numpy(zero_copy_only=False).astype(np.float64)  # null: NaN
+    best = int(np.nanargmin(loss)) if np.isfinite(loss).any() else None
+    return {
+        "steps": table.num_rows,
+        "first_step": rows[0]["step"],
+        "last_step": rows[-1]["step"],
+        "layers": [int(_LAYER_COL.match(c).group(1)) for c in _layer_columns(table.column_names)],
+        "curve": [rows[i] for i in _spaced(len(rows))],
+        "final": rows[-1],
+        "best": None if best is None else {"step": rows[best]["step"], "loss": rows[best]["loss"]},
+    }
+
+
+def noise_summary(table: pa.Table, dataset_rows: int | None = None) -> dict | None:
+    """B_simple from metrics: the latest finite value, and the median over the last 10% of steps."""
+    if "noise_scale" not in table.column_names or table.num_rows == 0:
+        return None
+    steps = table.column("step").to_numpy()
+    values = table.column("noise_scale").to_numpy(zero_copy_only=False).astype(np.float64)
+    finite = np.isfinite(values)
+    window = max(1, math.ceil(NOISE_WINDOW * len(values)))
+    tail, tail_ok = values[-window:], finite[-window:]
+    latest = int(np.flatnonzero(finite)[-1]) if finite.any() else None
+    median = float(np.median(tail[tail_ok])) if tail_ok.any() else None
+    basis = median if median is not None else (values[latest] if latest is not None else None)
+    samples = table.column("samples")[-1].as_py() if "samples" in table.column_names else None
+    suggested = None if basis is None else max(1, int(round(basis)))
+    if suggested is not None and dataset_rows:
+        suggested = min(suggested, int(dataset_rows))
+    return {
+        "latest": None if latest is None else float(values[latest]),
+        "latest_step": None if latest is None else int(steps[latest]),
+        "median_last": median,
+        "window_steps": [int(steps[-window]), int(steps[-1])],
+        "window_finite": int(tail_ok.sum()),
+        "finite_steps": int(finite.sum()),
+        "suggested_batch": suggested,
+        "samples_per_step": samples,
+        "explanation": NOISE_EXPLANATION,
+    }
+
+
+def per_sample_columns(schema: pa.Schema) -> list[str]:
+    """The per-sample columns inspect reads: sample, [label], loss, grad_norm; never `grad`."""
+    return [c for c in ("sample", "label", "loss", "grad_norm") if c in schema.names]
+
+
+def per_sample_summary(
+    steps: dict[int | None, list[Path]], top: int, step: int | None, where: Path
+) -> tuple[dict, F64]:
+    """Top-`top` samples by gradient norm at one step, and statistics over all samples."""
+    if step is not None and step not in steps:
+        have = ", ".join(str(s) for s in steps if s is not None) or "none"
+        raise ConfigError(
+            f"--step {step}: {where} has no per-sample files for step {step} "
+            f"(steps with per-sample files: {have})"
+        )
+    chosen = step if step is not None else list(steps)[-1]
+    files = steps[chosen]
+    try:
+        dataset = ds.dataset([str(f) for f in files], format="parquet")
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"{files[0].parent}: per-sample files are not readable ({e})") from None
+    columns = per_sample_columns(dataset.schema)
+    missing = KINDS["per_sample"] - set(columns)
+    if missing:
+        raise ConfigError(
+            f"{files[0]}: not a gradpipe per-sample file (no column {sorted(missing)[0]!r})")
+    best: pa.Table | None = None
+    norms: list[F64] = []
+    losses: list[F64] = []
+    try:
+        # Stream the files batch by batch: only the norms and the current top K stay in memory.
+        for batch in dataset.to_batches(columns=columns):
+            if batch.num_rows == 0:
+                continue
+            norms.append(batch.column("grad_norm").to_numpy(zero_copy_only=False))
+            losses.append(batch.column("loss").to_numpy(zero_copy_only=False))
+            if top:
+                table = pa.Table.from_batches([batch])
+                if best is not None:
+                    table = pa.concat_tables([best, table])
+                keep = pc.select_k_unstable(table, k=min(top, table.num_rows),
+                                            sort_keys=[("grad_norm", "descending")])
+                best = table.take(keep)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"{files[0].parent}: per-sample files are not readable ({e})") from None
+    grad_norm = np.concatenate(norms) if norms else np.empty(0)
+    loss = np.concatenate(losses) if losses else np.empty(0)
+    rows: list[dict] = []
+    if best is not None:
+        order = pc.sort_indices(best, sort_keys=[("grad_norm", "descending"),
+                                                 ("sample", "ascending")])
+        rows = best.take(order).to_pylist()
+
+    def stats(values: F64) -> dict:
+        if values.size == 0:
+            return {}
+        q = np.quantile(values, [0.5, 0.9, 0.99])
+        return {"mean": float(values.mean()), "median": float(q[0]), "p90": float(q[1]),
+                "p99": float(q[2]), "max": float(values.max())}
+
+    summary = {
+        "steps": [s for s in steps if s is not None],
+        "step": chosen,
+        "files": len(files),
+        "samples": int(grad_norm.size),
+        "grad_norm": stats(grad_norm),
+        "loss": stats(loss),
+        "top": rows,
+    }
+    return summary, grad_norm
+
+
+def gradient_norms(path: Path) -> tuple[dict, list[dict]]:
+    """Per-layer |dC/dtheta| at every step recorded in gradients.parquet, read column by column."""
+    pf = _parquet_file(path)
+    sq: dict[tuple[int, int], float] = defaultdict(float)
+    try:
+        for batch in pf.iter_batches(columns=["step", "layer", "grad"], batch_size=1 << 20):
+            grad = batch.column("grad")
+            table = pa.table({"step": batch.column("step"), "layer": batch.column("layer"),
+                              "sq": pc.multiply(grad, grad)})
+            for row in table.group_by(["step", "layer"]).aggregate([("sq", "sum")]).to_pylist():
+                sq[(row["step"], row["layer"])] += row["sq_sum"] or 0.0
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
+        raise ConfigError(f"{path}: not a readable gradients file ({e})") from None
+    steps = sorted({s for s, _ in sq})
+    layers = sorted({l for _, l in sq})
+    rows = []
+    for s in steps:
+        row: dict = {"step": s, "grad_norm": math.sqrt(sum(sq[(s, l)] for l in layers))}
+        row.update({f"grad_norm_l{l}": math.sqrt(sq[(s, l)]) for l in layers})
+        rows.append(row)
+    summary = {
+        "rows": pf.metadata.num_rows,
+        "recorded_steps": steps,
+        "parameters": pf.metadata.num_rows // len(steps) if steps else 0,
+        "layers": layers,
+        "curve": [rows[i] for i in _spaced(len(rows))] if rows else [],
+    }
+    return summary, rows
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def weights_summary(path: Path) -> dict:
+    """The model stored with the weights, and |w[l]|, |b[l]| and max |w[l]_jk| per layer."""
+    arch, params, standardize, velocity = read_weights(path)
+    layers = []
+    for l in range(1, arch.L + 1):
+        w = params.w[l].astype(np.float64)
+        b = params.b[l].astype(np.float64)
+        layers.append({"layer": l, "shape": list(w.shape), "g": arch.g(l),
+                       "w_norm": float(np.linalg.norm(w)), "b_norm": float(np.linalg.norm(b)),
+                       "w_abs_max": float(np.abs(w).max())})
+    return {**arch.to_dict(), "parameters": arch.n_params, "standardize": standardize is not None,
+            "checkpoint": velocity is not None, "layers": layers}
+
+
+def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) -> Inspection:
+    """Summarize a run folder or one gradpipe Parquet output; `step` picks the per-sample step."""
+    if top < 0:
+        raise ConfigError(f"--top {top}: must be >= 0")
+    output = open_output(path)
+    if step is not None and not output.per_sample:
+        raise ConfigError(
+            f"--step {step}: {output.path} has no per-sample files. Train with "
+            "--per-sample norms (or full) to write them."
+        )
+    summary: dict = {"path": str(output.path), "kind": output.kind, "run": None,
+                     "metrics": None, "noise_scale": None, "per_sample": None,
+                     "gradients": None, "weights": None}
+    result = Inspection(summary)
+    if output.run is not None:
+        summary["run"] = run_info(output.run)
+    if output.metrics is not None:
+        result.metrics = read_metrics(output.metrics)
+        summary["metrics"] = metrics_summary(result.metrics)
+        rows = (summary["run"] or {}).get("dataset", {}).get("rows")
+        summary["noise_scale"] = noise_summary(result.metrics, rows)
+    if output.per_sample:
+        summary["per_sample"], result.sample_norms = per_sample_summary(
+            output.per_sample, top, step, output.path)
+    if output.gradients is not None:
+        summary["gradients"], result.recorded_norms = gradient_norms(output.gradients)
+    if output.weights is not None:
+        summary["weights"] = weights_summary(output.weights)
+    return result
+
+
+def jsonable(obj: Any) -> Any:
+    """`obj` with NaN and infinities as None and numpy scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _finite(obj)
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    return obj
+
+
+def to_json(summary: dict) -> str:
+    """The summary as one line of JSON (NaN -> null)."""
+    return json.dumps(jsonable(summary), allow_nan=False)
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _num(value: Any, digits: int = 6) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{int(value):,}"
+    return f"{float(value):.{digits}g}"
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # Piped output gets 120 columns rather than rich's 80, so deep networks' tables fit.
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
+    return Console(width=width, highlight=False)
+
+
+def render(summary: dict, console: Any = None) -> None:
+    """Print the summary as rich tables (to stdout unless `console` says otherwise)."""
+    from rich.table import Table
+
+    console = console or _console()
+    console.print(f"[bold]{summary['path']}[/bold] ({summary['kind'].replace('_', '-')})")
+
+    def table(title: str, *columns: str) -> Table:
+        t = Table(title=title, title_justify="left", title_style="bold")
+        for c in columns:  # unnamed columns are labels; the rest hold numbers
+            t.add_column(c, justify="left" if c in ("", "g") else "right", no_wrap=True)
+        return t
+
+    if run := summary.get("run"):
+        model, data, opt = run["model"], run["dataset"], run["optimizer"]
+        t = table("Run", "", "")
+        t.show_header = False
+        sizes = "-".join(str(n) for n in model.get("sizes") or [])
+        t.add_row("command", f"{run['command']}  ({run['status']})")
+        t.add_row("model", f"{sizes}  {model.get('activation')} / {model.get('output_activation')}"
+                  f", {model.get('loss')} loss, {model.get('dtype')}, "
+                  f"{_num(model.get('parameters'))} parameters")
+        task = data.get("task") or ""
+        if task == "classification":
+            task += f" ({data.get('n_outputs')} classes)"
+        t.add_row("dataset", f"{data.get('source')}: {_num(data.get('rows'))} rows, "
+                  f"{_num(data.get('files'))} files, {_num(data.get('blocks'))} blocks, {task}")
+        t.add_row("fingerprint", str(data.get("fingerprint")))
+        steps = f"{_num(run.get('steps_done'))} of {_num(run.get('steps'))}"
+        if run.get("diverged_at") is not None:
+            steps += f", diverged at step {run['diverged_at']}"
+        t.add_row("steps", steps)
+        t.add_row("optimizer", f"lr {_num(opt.get('lr'))}, momentum {_num(opt.get('momentum'))}, "
+                  f"weight decay {_num(opt.get('weight_decay'))}, schedule {opt.get('schedule')}, "
+                  f"batch {opt.get('batch') or 'full'}")
+        t.add_row("per-sample", str(run.get("per_sample")))
+        t.add_row("time", f"{run.get('started')} .. {run.get('finished') or '-'}")
+        console.print(t)
+
+    if (metrics := summary.get("metrics")) and metrics["curve"]:
+        curve = metrics["curve"]
+        has_acc = "accuracy" in curve[0]
+        t = table(f"Loss over {metrics['steps']} steps", "step", "loss",
+                  *(["accuracy"] if has_acc else []), "lr", "samples")
+        for r in curve:
+            t.add_row(str(r["step"]), _num(r["loss"]),
+                      *([_num(r.get("accuracy"), 4)] if has_acc else []), _num(r.get("lr")),
+                      _num(r.get("samples")))
+        console.print(t)
+        if metrics["best"]:
+            console.print(f"lowest loss {_num(metrics['best']['loss'])} at step "
+                          f"{metrics['best']['step']}")
+        _norm_table(console, table, "Gradient norm |dC/dtheta| per layer", curve,
+                    metrics["layers"])
+
+    if noise := summary.get("noise_scale"):
+        t = table("Gradient noise scale B_simple", "", "")
+        t.show_header = False
+        latest = (f"{_num(noise['latest'], 4)} (step {noise['latest_step']})"
+                  if noise["latest"] is not None else "- (no finite value)")
+        a, b = noise["window_steps"]
+        t.add_row("latest", latest)
+        t.add_row("median, last 10%", f"{_num(noise['median_last'], 4)} (steps {a}..{b}, "
+                  f"{noise['window_finite']} finite)")
+        batch = "-" if noise["suggested_batch"] is None else f"~{noise['suggested_batch']:,} rows"
+        if noise["samples_per_step"]:
+            batch += f" (this run: {noise['samples_per_step']:,} per step)"
+        t.add_row("suggested batch", batch)
+        console.print(t)
+        console.print(noise["explanation"], style="dim")
+
+    if gradients := summary.get("gradients"):
+        steps = gradients["recorded_steps"]
+        span = f"{steps[0]}..{steps[-1]}" if steps else "none"
+        console.print(f"gradients.parquet: {len(steps)} recorded steps ({span}), "
+                      f"{_num(gradients['parameters'])} parameters each")
+        if summary["kind"] == "gradients":  # a run shows the same norms from metrics
+            _norm_table(console, table, "Gradient norm |dC/dtheta| per layer",
+                        gradients["curve"], gradients["layers"])
+
+    if (per_sample := summary.get("per_sample")) is not None:
+        gn = per_sample["grad_norm"]
+        steps = ", ".join(str(s) for s in per_sample["steps"]) or "-"
+        step = per_sample["step"]
+        console.print(
+            f"per-sample rows at step {step if step is not None else '?'} (steps with "
+            f"per-sample files: {steps}): {per_sample['samples']:,} samples")
+        console.print(
+            f"  grad_norm mean {_num(gn.get('mean'), 4)}, median {_num(gn.get('median'), 4)}, "
+            f"p99 {_num(gn.get('p99'), 4)}, max {_num(gn.get('max'), 4)}; "
+            f"mean loss {_num(per_sample['loss'].get('mean'))}")
+        if per_sample["top"]:
+            has_label = "label" in per_sample["top"][0]
+            t = table(f"Top {len(per_sample['top'])} samples by gradient norm",
+                      "rank", "sample", *(["label"] if has_label else []), "loss", "grad_norm")
+            t.caption = "the hardest samples, or likely mislabeled ones"
+            t.caption_justify = "left"
+            for rank, r in enumerate(per_sample["top"], start=1):
+                t.add_row(str(rank), str(r["sample"]),
+                          *([str(r.get("label"))] if has_label else []),
+                          _num(r["loss"]), _num(r["grad_norm"]))
+            console.print(t)
+    elif summary["kind"] == "run":
+        console.print("no per-sample files: train with --per-sample norms to rank samples")
+
+    if weights := summary.get("weights"):
+        sizes = "-".join(str(n) for n in weights["sizes"])
+        title = f"{'Checkpoint' if weights['checkpoint'] else 'Weights'}: {sizes}, " \
+                f"{weights['parameters']:,} parameters, {weights['loss']} loss"
+        t = table(title, "layer", "shape", "g", "|w|", "|b|", "max |w_jk|")
+        for r in weights["layers"]:
+            t.add_row(str(r["layer"]), "x".join(map(str, r["shape"])), r["g"],
+                      _num(r["w_norm"], 5), _num(r["b_norm"], 5), _num(r["w_abs_max"], 5))
+        console.print(t)
+
+
+def _norm_table(console: Any, table: Any, title: str, curve: list[dict],
+                layers: list[int]) -> None:
+    t = table(title, "step", "total", *(f"layer {l}" for l in layers))
+    for r in curve:
+        t.add_row(str(r["step"]), _num(r["grad_norm"], 5),
+                  *(_num(r.get(f"grad_norm_l{l}"), 5) for l in layers))
+    console.print(t)
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1200x900' -> (1200, 900), each side 100..16384 pixels."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise ConfigError(f"--plot-size {text!r}: write it as WIDTHxHEIGHT in pixels, e.g. 1200x900")
+    size = int(match.group(1)), int(match.group(2))
+    if not all(100 <= s <= 16384 for s in size):
+        raise ConfigError(f"--plot-size {text}: each side must be 100..16384 pixels")
+    return size
+
+
+def _positive(values: Any) -> F64:
+    out = np.asarray(values, dtype=np.float64)
+    return np.where(out > 0, out, np.nan)  # log axes: drop zeros and nulls
+
+
+def plot(result: Inspection, png: str | Path, *, size: tuple[int, int] = PLOT_SIZE) -> Path:
+    """Draw loss, per-layer |grad| (log y), noise scale and the per-sample histogram to a PNG."""
+    from matplotlib import rc_context
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    png = Path(png)
+    if png.suffix.lower() != ".png":
+        raise ConfigError(f"--plot {png}: only PNG is written; give the file a .png name")
+    width, height = size
+    if not all(100 <= s <= 16384 for s in size):
+        raise ConfigError(f"--plot-size {width}x{height}: each side must be 100..16384 pixels")
+    summary, metrics = result.summary, result.metrics
+    dpi = 100
+    font = max(6.0, min(11.0, min(width, height) / 80))
+    with rc_context({"font.size": font}):
+        # +0.5 px: Agg truncates width_in * dpi to an integer, and 10.01 * 100 < 1001.
+        fig = Figure(figsize=((width + 0.5) / dpi, (height + 0.5) / dpi), dpi=dpi,
+                     layout="constrained")
+        FigureCanvasAgg(fig)
+        (ax_loss, ax_norm), (ax_noise, ax_hist) = fig.subplots(2, 2)
+        fig.suptitle(f"{summary['path']} ({summary['kind'].replace('_', '-')})")
+
+        def empty(ax: Any, what: str) -> None:
+            ax.text(0.5, 0.5, f"no {what} in this output", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
+
+        if metrics is not None and metrics.num_rows:
+            steps = metrics.column("step").to_numpy()
+            ax_loss.plot(steps, metrics.column("loss").to_numpy(zero_copy_only=False),
+                         color="C0", label="loss")
+            ax_loss.set(title="loss C", xlabel="step", ylabel="loss")
+            if "accuracy" in metrics.column_names:
+                ax_acc = ax_loss.twinx()
+                ax_acc.plot(steps, metrics.column("accuracy").to_numpy(zero_copy_only=False),
+                            color="C1", label="accuracy")
+                ax_acc.set_ylabel("accuracy")
+                ax_acc.set_ylim(0, 1)
+                ax_loss.legend(handles=ax_loss.lines + ax_acc.lines, loc="center right")
+            norm_steps = steps
+            norms = {"total": metrics.column("grad_norm").to_numpy(zero_copy_only=False)}
+            norms.update({f"layer {c.removeprefix('grad_norm_l')}":
+                          metrics.column(c).to_numpy(zero_copy_only=False)
+                          for c in _layer_columns(metrics.column_names)})
+        else:
+            empty(ax_loss, "metrics")
+            norm_steps, norms = None, {}
+            if result.recorded_norms:
+                rows = result.recorded_norms
+                norm_steps = np.array([r["step"] for r in rows])
+                norms = {"total": [r["grad_norm"] for r in rows]}
+                norms.update({f"layer {k.removeprefix('grad_norm_l')}": [r[k] for r in rows]
+                              for k in rows[0] if k.startswith("grad_norm_l")})
+        if norms:
+            for name, values in norms.items():
+                ax_norm.plot(norm_steps, _positive(values), label=name,
+                             linewidth=2 if name == "total" else 1,
+                             marker="o" if len(norm_steps) < 30 else None, markersize=3)
+            ax_norm.set_yscale("log")
+            ax_norm.set(title="gradient norm per layer", xlabel="step", ylabel="|dC/dtheta|")
+            ax_norm.legend()
+        else:
+            empty(ax_norm, "gradient norms")
+
+        noise = summary.get("noise_scale")
+        if metrics is not None and noise and noise["finite_steps"]:
+            values = _positive(metrics.column("noise_scale").to_numpy(zero_copy_only=False))
+            ax_noise.plot(metrics.column("step").to_numpy(), values, color="C2")
+            ax_noise.set_yscale("log")
+            if noise["median_last"] is not None and noise["median_last"] > 0:
+                ax_noise.axhline(noise["median_last"], color="gray", linestyle="--",
+                                 label=f"median, last 10%: {noise['median_last']:.4g}")
+                ax_noise.legend()
+            ax_noise.set(title="noise scale B_simple = tr(Sigma)/|G|^2", xlabel="step",
+                         ylabel="B_simple (samples)")
+        else:
+            empty(ax_noise, "noise scale")
+
+        sample_norms = result.sample_norms
+        if sample_norms is not None and sample_norms.size:
+            finite = sample_norms[np.isfinite(sample_norms)]
+            bins = int(min(60, max(10, math.sqrt(finite.size))))
+            ax_hist.hist(finite, bins=bins, color="C4")
+            per_sample = summary["per_sample"]
+            if per_sample["top"]:
+                cut = per_sample["top"][-1]["grad_norm"]
+                ax_hist.axvline(cut, color="C3", linestyle="--",
+                                label=f"top {len(per_sample['top'])}: >= {cut:.4g}")
+                ax_hist.legend()
+            step = per_sample["step"]
+            ax_hist.set(title=f"per-sample gradient norm, step {step if step is not None else '?'}"
+                        f" ({finite.size:,} samples)", xlabel="|dC_i/dtheta|", ylabel="samples")
+        else:
+            empty(ax_hist, "per-sample norms")
+
+        png.parent.mkdir(parents=True, exist_ok=True)
+        tmp = png.with_name(f".{png.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            fig.savefig(tmp, dpi=dpi, format="png")
+            os.replace(tmp, png)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return png

@@ -1,0 +1,94 @@
+"""Crashes: a driver killed at a random moment resumes to the same bits; a worker killed while
+writing per-sample rows for a million samples loses none and duplicates none."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from gradpipe.train import Run, TrainConfig
+
+from conftest import make_classification
+
+GRADPIPE = shutil.which("gradpipe", path=os.path.dirname(sys.executable)) or "gradpipe"
+
+
+def _all_parquet_readable(run: Path) -> None:
+    for path in run.rglob("*.parquet"):
+        pq.read_table(path)  # raises on a half-written file
+    for ckpt in (run / "checkpoints").iterdir():
+        if (ckpt / "state.json").exists():
+            pq.read_table(ckpt / "weights.parquet")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_driver_killed_at_a_random_moment_resumes_bitwise(tmp_path, seed):
+    data = make_classification(tmp_path / "data", rows=6000, features=16, classes=4, files=2,
+                               row_group_size=1000)
+    args = [str(data), "--workers", "0", "--hidden", "64", "--steps", "60", "--momentum", "0.9",
+            "--checkpoint-every", "7", "--record-every", "5", "--per-sample", "norms",
+            "--per-sample-every", "10", "--quiet"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run([GRADPIPE, "train", *args, "--out", str(full)], check=True, timeout=120)
+
+    proc = subprocess.Popen([GRADPIPE, "train", *args, "--out", str(cut)])
+    while not (cut / "metrics.parquet").exists():  # training has begun
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.005)
+    time.sleep(random.Random(seed).uniform(0.0, 0.4))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _all_parquet_readable(cut)
+
+    resumed = subprocess.run([GRADPIPE, "train", *args, "--out", str(cut), "--resume"],
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("weights.parquet", "gradients.parquet"):
+        assert pq.read_table(full / name).equals(pq.read_table(cut / name)), name
+    assert pq.read_table(full / "metrics.parquet").drop(["seconds"]).equals(
+        pq.read_table(cut / "metrics.parquet").drop(["seconds"]))
+    assert not list(cut.rglob(".*.tmp-*"))
+
+
+@pytest.mark.ray
+def test_a_million_per_sample_rows_survive_a_worker_crash(ray_local, tmp_path):
+    from gradpipe.synth import synth
+
+    data = tmp_path / "big"
+    synth(data, rows=1_000_000, features=4, classes=3, files=4, row_group_size=50_000)
+    out = tmp_path / "run"
+    run = Run(TrainConfig(data=str(data), out=str(out), workers=4, hidden=(8,), steps=1,
+                          per_sample="norms", update=False))
+    run.prepare()
+    killed: list[int] = []
+    try:
+        victim = run.pool.pids()[1]
+
+        def kill() -> None:
+            time.sleep(0.3)  # the step is under way: blocks are being written
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+
+        threading.Thread(target=kill).start()
+        run.execute()
+        after = run.pool.pids()
+    finally:
+        run.close()
+    assert killed and victim not in after
+    parts = f"{out}/per_sample/step=0/*.parquet"
+    rows, distinct, lo, hi = duckdb.sql(
+        f"select count(*), count(distinct sample), min(sample), max(sample) "
+        f"from read_parquet('{parts}')").fetchall()[0]
+    assert (rows, distinct, lo, hi) == (1_000_000, 1_000_000, 0, 999_999)
+    assert not list(out.rglob(".*.tmp-*"))

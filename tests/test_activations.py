@@ -122,3 +122,12 @@ def test_get_activation_unknown_name_lists_valid_names():
 def test_get_activation_returns_table_entry():
     for name, act in ACTIVATIONS.items():
         assert get_activation(name) is act
+
+
+@pytest.mark.parametrize("name", [n for n, a in ACTIVATIONS.items() if a.prime is not None])
+def test_prime_of_a_is_prime_of_z(name):
+    """backprop takes g'(z) from a = g(z); it must be the same number as g'(z) itself."""
+    act = ACTIVATIONS[name]
+    z = np.linspace(-30, 30, 1201)
+    z = z[z != 0]  # relu's kink
+    np.testing.assert_allclose(act.prime_of_a(act.fn(z)), act.prime(z), rtol=1e-12, atol=1e-300)

@@ -600,5 +600,84 @@ def jobs_stop(ctx: click.Context, job_id: str, address: str | None) -> None:
         click.echo(f"{job_id} was not running ({client.info(job_id)['status']})")
 
 
+def _plot_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
+    from .report import parse_size
+
+    try:
+        return parse_size(value)
+    except GradpipeError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None  # click names the option
+
+
+@cli.command("inspect")
+@click.argument("path")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Samples to list, by per-sample gradient norm (0: none).")
+@click.option("--step", type=int, default=None,
+              help="Per-sample step to rank. Default: the latest step with per_sample/ files.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--plot", "plot_file", metavar="FILE.png",
+              help="Also draw loss, per-layer gradient norms, noise scale and the per-sample "
+                   "histogram to this PNG.")
+@click.option("--plot-size", callback=_plot_size, default="1200x900", show_default=True,
+              metavar="WxH", help="Size of the --plot PNG, in pixels.")
+def inspect_(path: str, top: int, step: int | None, as_json: bool, plot_file: str | None,
+             plot_size: tuple[int, int]) -> None:
+    """Summarize a run folder or one of its Parquet outputs: loss, gradient norms, noise scale,
+    and the samples with the largest gradients.
+
+    PATH is a run folder, or metrics.parquet, gradients.parquet, weights.parquet, per_sample/
+    or one per-sample file (told apart by their columns).
+
+    \b
+    Example:
+      gradpipe inspect runs/digits --top 20 --plot runs/digits/summary.png
+    """
+    from .report import inspect_output, plot, render, to_json
+
+    result = inspect_output(path, top=top, step=step)
+    if plot_file:
+        result.summary["plot"] = str(plot(result, plot_file, size=plot_size))
+    if as_json:
+        click.echo(to_json(result.summary))
+        return
+    render(result.summary)
+    if plot_file:
+        click.echo(f"wrote {plot_file}")
+
+
+@data.command("import")
+@click.argument("src")
+@click.argument("out")
+@click.option("--row-group-size", type=int, default=65536, show_default=True,
+              help="Rows per row group (one block each).")
+@click.option("--files", type=int, default=1, show_default=True,
+              help="Parquet files to write; the rows are split evenly over them, in order.")
+@click.option("--target", callback=_names, default="label", show_default=True,
+              help="Target: one integer class column, or comma-separated float columns.")
+@click.option("--features", callback=_names, help="Feature columns to keep: comma-separated "
+              "names or globs (x*). Default: all but the target.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it holds only Parquet files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def data_import(src: str, out: str, as_json: bool, **params: Any) -> None:
+    """Convert a CSV or Parquet dataset into checked Parquet files for training.
+
+    SRC is a CSV file (.csv or .tsv, optionally .gz/.bz2/.zst) or a Parquet file, folder
+    or URI; it is streamed, never read whole. OUT gets part-00000.parquet.. only after
+    every row passed the checks `gradpipe train` makes; on an error nothing is written.
+
+    \b
+    Example:
+      gradpipe data import digits.csv data/digits-csv --files 3 --row-group-size 256
+    """
+    from .convert import import_dataset
+
+    params["features"] = params["features"] or ()
+    summary = import_dataset(src, out, **params)
+    click.echo(json.dumps(summary) if as_json else
+               f"wrote {summary['rows']} rows of {summary['format']} {src} in "
+               f"{summary['files']} files ({summary['row_groups']} row groups) to {out}")
+
+
 def main() -> None:
     cli(prog_name="gradpipe")

@@ -348,8 +348,11 @@ class Jobs:
 
     def __init__(self, address: str, *, verbose: bool = False, timeout: float = 5.0) -> None:
         self.url = dashboard_url(address)
+        from ray.job_submission import JobSubmissionClient  # importing ray sets its log levels
+
         # Ray's client logs each upload and a warning for a missing token; our one line says it.
-        logging.getLogger("ray").setLevel(logging.INFO if verbose else logging.ERROR)
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+            logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
         parts = urlsplit(self.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
@@ -360,8 +363,6 @@ class Jobs:
                            f"({e.strerror or e}). The Jobs API is the Ray dashboard, "
                            "http://HEAD:8265.") from None
         with self._errors():
-            from ray.job_submission import JobSubmissionClient
-
             self.client = JobSubmissionClient(self.url)
 
     @contextlib.contextmanager

@@ -146,7 +146,7 @@ def open_output(path: str | Path) -> Output:
         if steps := _step_folders(path):
             return Output(path, "per_sample", per_sample=steps)
         files = _part_files(path)
-        if files and detect_kind(files[0]) == "per_sample":
+        if files and KINDS["per_sample"] <= set(_read_schema(files[0]).names):
             return Output(path, "per_sample", per_sample={_step_of(path): files})
         raise ConfigError(
             f"{path}: not a gradpipe output folder (no run.json, no step=S/ folders and no "
@@ -558,7 +558,8 @@ def render(summary: dict, console: Any = None) -> None:
             has_label = "label" in per_sample["top"][0]
             t = table(f"Top {len(per_sample['top'])} samples by gradient norm",
                       "rank", "sample", *(["label"] if has_label else []), "loss", "grad_norm")
-            t.caption = "the hardest samples, or likely mislabeled ones"
+            t.caption = ("the hardest samples, or likely mislabeled ones" if has_label else
+                         "the hardest samples, or outliers in the targets")
             t.caption_justify = "left"
             for rank, r in enumerate(per_sample["top"], start=1):
                 t.add_row(str(rank), str(r["sample"]),

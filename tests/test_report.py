@@ -1,0 +1,419 @@
+"""`gradpipe inspect`: summaries of runs and single outputs, checked against the Parquet files.
+
+Runs are made in-process (`workers=0`, float64) once per module. Numbers in the summary are
+compared with the files read directly (pyarrow, numpy) and the top-K list with a DuckDB
+query over per_sample/; the PNG is decoded and its size checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import duckdb
+import matplotlib.image as mpimg
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner, Result
+
+from gradpipe import report
+from gradpipe.cli import cli
+from gradpipe.errors import ConfigError
+from gradpipe.synth import synth
+from gradpipe.train import TrainConfig, train
+
+from conftest import make_classification, make_regression, write_parquet
+
+STEPS = 30
+ROWS = 120
+
+
+def inspect(*args: str) -> Result:
+    return CliRunner().invoke(cli, ["inspect", *map(str, args)])
+
+
+def ok(result: Result) -> Result:
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.stderr == ""
+    return result
+
+
+def one_line_error(result: Result, *names: str) -> str:
+    assert "Traceback" not in result.output
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradpipe: error: "), result.stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def strict_json(text: str) -> dict:
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in JSON output")
+    return json.loads(text, parse_constant=refuse)
+
+
+def nan_to_none(row: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()}
+
+
+def duckdb_top(run: Path, step: int, k: int) -> list[tuple]:
+    return duckdb.sql(
+        f"select sample, loss, grad_norm from read_parquet('{run}/per_sample/step={step}/*.parquet') "
+        f"order by grad_norm desc limit {k}").fetchall()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 30-step run on 120 learnable rows, per-sample norms at steps 0, 10, 20 and 29."""
+    root = tmp_path_factory.mktemp("report")
+    data = root / "data"
+    synth(data, rows=ROWS, features=5, classes=3, files=3, row_group_size=16, seed=1)
+    out = root / "run"
+    train(TrainConfig(data=str(data), out=str(out), hidden=(8,), steps=STEPS, lr=1.0,
+                      dtype="float64", workers=0, per_sample="norms", per_sample_every=10))
+    return out
+
+
+@pytest.fixture(scope="module")
+def regression_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Regression (no label, no accuracy), per-sample rows with the full gradient."""
+    root = tmp_path_factory.mktemp("report-reg")
+    data = make_regression(root / "data")
+    out = root / "run"
+    train(TrainConfig(data=str(data), out=str(out), target=("t0", "t1"), hidden=(4, 3),
+                      output_activation="identity", lr=0.05, steps=12, dtype="float64",
+                      workers=0, per_sample="full"))
+    return out
+
+
+# --------------------------------------------------------------------------- a run
+
+
+def test_json_summary_matches_the_files(run: Path) -> None:
+    summary = strict_json(ok(inspect(run, "--json", "--top", "5")).stdout)
+    info = json.loads((run / "run.json").read_text())
+    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    assert summary["kind"] == "run" and summary["path"] == str(run)
+
+    assert summary["run"]["command"] == "train" and summary["run"]["status"] == "completed"
+    assert summary["run"]["model"]["sizes"] == [5, 8, 3]
+    assert summary["run"]["model"]["loss"] == info["model"]["loss"]
+    assert summary["run"]["dataset"]["rows"] == ROWS
+    assert summary["run"]["dataset"]["fingerprint"] == info["dataset"]["fingerprint"]
+    assert summary["run"]["steps"] == STEPS and summary["run"]["steps_done"] == STEPS
+
+    m = summary["metrics"]
+    assert m["steps"] == len(metrics) == STEPS
+    assert (m["first_step"], m["last_step"]) == (0, STEPS - 1)
+    assert m["layers"] == [1, 2]
+    curve_steps = [r["step"] for r in m["curve"]]
+    assert curve_steps[0] == 0 and curve_steps[-1] == STEPS - 1
+    assert len(curve_steps) == report.CURVE_POINTS and curve_steps == sorted(set(curve_steps))
+    for row in m["curve"]:
+        assert row == nan_to_none(metrics[row["step"]])  # every column, exactly
+    assert m["final"] == nan_to_none(metrics[-1])
+    losses = np.array([r["loss"] for r in metrics])
+    assert m["best"] == {"step": int(np.argmin(losses)), "loss": float(losses.min())}
+
+    noise = summary["noise_scale"]
+    values = np.array([np.nan if r["noise_scale"] is None else r["noise_scale"] for r in metrics])
+    finite = np.flatnonzero(np.isfinite(values))
+    assert noise["latest_step"] == metrics[finite[-1]]["step"]
+    assert noise["latest"] == values[finite[-1]]
+    window = values[-math.ceil(0.1 * STEPS):]  # the last 10% of steps: 3
+    assert noise["window_steps"] == [STEPS - 3, STEPS - 1]
+    np.testing.assert_allclose(noise["median_last"], np.median(window[np.isfinite(window)]),
+                               rtol=0, atol=0)
+    assert noise["window_finite"] == 3 and noise["finite_steps"] == STEPS
+    assert noise["suggested_batch"] == min(ROWS, max(1, round(noise["median_last"])))
+    assert noise["samples_per_step"] == ROWS
+    assert "McCandlish" in noise["explanation"] and "tr(Sigma)" in noise["explanation"]
+
+    per_sample = summary["per_sample"]
+    assert per_sample["steps"] == [0, 10, 20, STEPS - 1]
+    assert per_sample["step"] == STEPS - 1 and per_sample["samples"] == ROWS
+    table = pq.read_table(run / "per_sample" / f"step={STEPS - 1}")
+    norms = table.column("grad_norm").to_numpy()
+    assert per_sample["grad_norm"]["max"] == norms.max()
+    np.testing.assert_allclose(per_sample["grad_norm"]["mean"], norms.mean(), rtol=1e-12)
+    np.testing.assert_allclose(per_sample["grad_norm"]["median"], np.median(norms), rtol=1e-12)
+    # Full batch: the mean per-sample loss is the step's loss C = (1/N) sum_i C_i.
+    np.testing.assert_allclose(per_sample["loss"]["mean"], metrics[-1]["loss"], rtol=1e-12)
+
+    gradients = pq.read_table(run / "gradients.parquet")
+    assert summary["gradients"]["recorded_steps"] == sorted(set(gradients["step"].to_pylist()))
+    assert summary["gradients"]["rows"] == gradients.num_rows
+    assert summary["weights"]["parameters"] == info["model"]["parameters"] == 5 * 8 + 8 + 8 * 3 + 3
+
+
+@pytest.mark.parametrize(("step", "k"), [(None, 5), (None, 1), (10, 7), (0, ROWS), (20, 1000)])
+def test_top_k_agrees_with_duckdb(run: Path, step: int | None, k: int) -> None:
+    args = ["--json", "--top", str(k)] + (["--step", str(step)] if step is not None else [])
+    per_sample = strict_json(ok(inspect(run, *args)).stdout)["per_sample"]
+    expected_step = STEPS - 1 if step is None else step
+    assert per_sample["step"] == expected_step
+    top = per_sample["top"]
+    assert [(r["sample"], r["loss"], r["grad_norm"]) for r in top] == \
+        duckdb_top(run, expected_step, k)
+    assert len(top) == min(k, ROWS)
+    # Labels are those of the samples' rows.
+    labels = dict(duckdb.sql(f"select sample, label from read_parquet("
+                             f"'{run}/per_sample/step={expected_step}/*.parquet')").fetchall())
+    assert all(r["label"] == labels[r["sample"]] for r in top)
+
+
+def test_text_summary(run: Path) -> None:
+    out = ok(inspect(run, "--top", "4")).stdout
+    info = json.loads((run / "run.json").read_text())
+    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    for text in ("train", "completed", "5-8-3", info["dataset"]["fingerprint"], "120 rows",
+                 "Loss over 30 steps", "Gradient norm", "layer 1", "layer 2",
+                 "B_simple", "McCandlish", "suggested batch", "Top 4 samples by gradient norm",
+                 "per-sample files: 0, 10, 20, 29", "gradients.parquet: 4 recorded steps"):
+        assert text in out, text
+    # The first and last steps' numbers, as printed (6 significant digits).
+    for row in (metrics[0], metrics[-1]):
+        assert f"{row['loss']:.6g}" in out
+        assert f"{row['grad_norm_l1']:.5g}" in out and f"{row['grad_norm_l2']:.5g}" in out
+    for sample, loss, grad_norm in duckdb_top(run, STEPS - 1, 4):
+        assert f"{loss:.6g}" in out and f"{grad_norm:.6g}" in out
+        line = next(l for l in out.splitlines() if f"{grad_norm:.6g}" in l)
+        assert f" {sample} " in line
+
+
+def test_step_option_and_missing_step(run: Path) -> None:
+    top = strict_json(ok(inspect(run, "--json", "--step", "10", "--top", "3")).stdout)
+    assert top["per_sample"]["step"] == 10
+    one_line_error(inspect(run, "--step", "7"), "--step 7", str(run), "0, 10, 20, 29")
+
+
+def test_top_zero_lists_nothing(run: Path) -> None:
+    summary = strict_json(ok(inspect(run, "--json", "--top", "0")).stdout)
+    assert summary["per_sample"]["top"] == [] and summary["per_sample"]["samples"] == ROWS
+    assert "Top" not in ok(inspect(run, "--top", "0")).stdout
+
+
+def test_regression_run_with_full_gradients(regression_run: Path) -> None:
+    summary = strict_json(ok(inspect(regression_run, "--json", "--top", "3")).stdout)
+    assert summary["run"]["dataset"]["task"] == "regression"
+    assert "accuracy" not in summary["metrics"]["final"]
+    top = summary["per_sample"]["top"]
+    assert all("label" not in r and "grad" not in r for r in top)
+    assert [(r["sample"], r["loss"], r["grad_norm"]) for r in top] == \
+        duckdb_top(regression_run, 11, 3)
+    text = ok(inspect(regression_run)).stdout
+    assert "accuracy" not in text and "label ┃" not in text and "layer 3" in text
+    assert "┃ sample ┃" in text and "mislabeled" not in text
+
+
+def test_per_sample_grad_column_is_never_read(regression_run: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-sample files hold `grad`; inspect projects it away when scanning them."""
+    schema = pq.read_schema(next((regression_run / "per_sample" / "step=11").iterdir()))
+    assert "grad" in schema.names
+    assert report.per_sample_columns(schema) == ["sample", "loss", "grad_norm"]
+    scanned: list[list[str] | None] = []
+    real = report.ds.dataset
+
+    class Recording:
+        def __init__(self, *args, **kwargs) -> None:
+            self.inner = real(*args, **kwargs)
+            self.schema = self.inner.schema
+
+        def to_batches(self, columns: list[str] | None = None, **kwargs):
+            scanned.append(columns)
+            return self.inner.to_batches(columns=columns, **kwargs)
+
+    monkeypatch.setattr(report.ds, "dataset", Recording)
+    result = report.inspect_output(regression_run, top=2)
+    assert scanned == [["sample", "loss", "grad_norm"]]
+    assert result.summary["per_sample"]["samples"] == 40
+
+
+def test_run_without_per_sample(tmp_path: Path) -> None:
+    data = make_classification(tmp_path / "data", rows=30)
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(data), out=str(out), hidden=(4,), steps=3, workers=0))
+    summary = strict_json(ok(inspect(out, "--json")).stdout)
+    assert summary["per_sample"] is None and summary["metrics"]["steps"] == 3
+    assert "no per-sample files" in ok(inspect(out)).stdout
+    one_line_error(inspect(out, "--step", "2"), "--step 2", str(out), "--per-sample")
+
+
+def test_grad_run_of_one_step(tmp_path: Path) -> None:
+    data = make_classification(tmp_path / "data", rows=30)
+    out = tmp_path / "g"
+    result = CliRunner().invoke(cli, ["grad", str(data), "--workers", "0", "--hidden", "4",
+                                      "--per-sample", "norms", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = strict_json(ok(inspect(out, "--json")).stdout)
+    assert summary["run"]["command"] == "grad"
+    assert summary["metrics"]["steps"] == 1 and summary["noise_scale"]["window_steps"] == [0, 0]
+    assert summary["per_sample"]["step"] == 0 and len(summary["per_sample"]["top"]) == 10
+
+
+# --------------------------------------------------------------------------- single files
+
+
+def test_metrics_file(run: Path) -> None:
+    summary = strict_json(ok(inspect(run / "metrics.parquet", "--json")).stdout)
+    assert summary["kind"] == "metrics"
+    assert summary["run"] is None and summary["per_sample"] is None
+    assert summary["weights"] is None and summary["gradients"] is None
+    whole = strict_json(ok(inspect(run, "--json")).stdout)
+    assert summary["metrics"] == whole["metrics"]
+    assert summary["noise_scale"]["median_last"] == whole["noise_scale"]["median_last"]
+    assert "Loss over 30 steps" in ok(inspect(run / "metrics.parquet")).stdout
+
+
+def test_gradients_file(run: Path) -> None:
+    summary = strict_json(ok(inspect(run / "gradients.parquet", "--json")).stdout)
+    assert summary["kind"] == "gradients" and summary["metrics"] is None
+    g = summary["gradients"]
+    table = pq.read_table(run / "gradients.parquet")
+    steps = table["step"].to_numpy()
+    assert g["recorded_steps"] == [0, 10, 20, STEPS - 1]
+    assert g["parameters"] == 75 and g["layers"] == [1, 2]
+    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    for row in g["curve"]:
+        grad = table["grad"].to_numpy()[steps == row["step"]]
+        np.testing.assert_allclose(row["grad_norm"], np.linalg.norm(grad), rtol=1e-12)
+        # No weight decay: the same norms as metrics.parquet's, per layer.
+        for key in ("grad_norm", "grad_norm_l1", "grad_norm_l2"):
+            np.testing.assert_allclose(row[key], metrics[row["step"]][key], rtol=1e-12)
+    assert "Gradient norm" in ok(inspect(run / "gradients.parquet")).stdout
+
+
+@pytest.mark.parametrize("name", ["weights.parquet", "checkpoints/step-000000/weights.parquet"])
+def test_weights_file(run: Path, name: str) -> None:
+    summary = strict_json(ok(inspect(run / name, "--json")).stdout)
+    assert summary["kind"] == "weights"
+    w = summary["weights"]
+    assert w["sizes"] == [5, 8, 3] and w["parameters"] == 75
+    assert w["checkpoint"] == name.startswith("checkpoints")
+    table = pq.read_table(run / name)
+    layer, param = table["layer"].to_numpy(), np.array(table["param"].to_pylist())
+    value = table["value"].to_numpy()
+    for row in w["layers"]:
+        l = row["layer"]
+        np.testing.assert_allclose(row["w_norm"], np.linalg.norm(value[(layer == l) & (param == "w")]),
+                                   rtol=1e-12)
+        np.testing.assert_allclose(row["b_norm"], np.linalg.norm(value[(layer == l) & (param == "b")]),
+                                   rtol=1e-12)
+    assert "8x5" in ok(inspect(run / name)).stdout
+
+
+@pytest.mark.parametrize(("where", "step", "samples"), [
+    ("per_sample", STEPS - 1, ROWS),
+    ("per_sample/step=10", 10, ROWS),
+    ("per_sample/step=10/part-00002.parquet", 10, None),
+])
+def test_per_sample_paths(run: Path, where: str, step: int, samples: int | None) -> None:
+    summary = strict_json(ok(inspect(run / where, "--json", "--top", "3")).stdout)
+    assert summary["kind"] == "per_sample" and summary["metrics"] is None
+    per_sample = summary["per_sample"]
+    assert per_sample["step"] == step
+    path = run / where
+    if samples is None:  # one part file: one block's rows
+        samples = pq.ParquetFile(path).metadata.num_rows
+        expected = duckdb.sql(f"select sample, loss, grad_norm from read_parquet('{path}') "
+                              "order by grad_norm desc limit 3").fetchall()
+    else:
+        expected = duckdb_top(run, step, 3)
+    assert per_sample["samples"] == samples
+    assert [(r["sample"], r["loss"], r["grad_norm"]) for r in per_sample["top"]] == expected
+
+
+def test_run_json_path_means_the_run(run: Path) -> None:
+    assert strict_json(ok(inspect(run / "run.json", "--json")).stdout)["kind"] == "run"
+
+
+def test_nan_and_null_become_null(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "metrics.parquet", {
+        "step": np.arange(3), "loss": [1.0, float("nan"), 0.5],
+        "grad_norm": [1.0, float("inf"), 0.1], "samples": [4, 4, 4],
+        "noise_scale": pa.array([None, None, None], pa.float64()),
+    })
+    summary = strict_json(ok(inspect(path, "--json")).stdout)
+    assert summary["metrics"]["curve"][1]["loss"] is None
+    assert summary["metrics"]["curve"][1]["grad_norm"] is None
+    assert summary["metrics"]["best"] == {"step": 2, "loss": 0.5}
+    noise = summary["noise_scale"]
+    assert noise["latest"] is None and noise["median_last"] is None
+    assert noise["suggested_batch"] is None
+    assert "no finite value" in ok(inspect(path)).stdout
+
+
+# --------------------------------------------------------------------------- plot
+
+
+@pytest.mark.parametrize(("size", "shape"), [(None, (900, 1200)), ("640x480", (480, 640)),
+                                             ("1001x777", (777, 1001))])
+def test_plot_png_has_the_asked_size(run: Path, tmp_path: Path, size: str | None,
+                                     shape: tuple[int, int]) -> None:
+    png = tmp_path / "figures" / "run.png"  # the folder is created
+    args = ["--plot", str(png)] + (["--plot-size", size] if size else [])
+    result = ok(inspect(run, *args))
+    assert f"wrote {png}" in result.stdout
+    image = mpimg.imread(png)
+    assert image.shape[:2] == shape
+    assert image[..., :3].std() > 0.05  # something was drawn
+    assert [p.name for p in png.parent.iterdir()] == ["run.png"]  # no temporary file left
+
+
+@pytest.mark.parametrize("where", ["per_sample/step=0", "gradients.parquet", "weights.parquet",
+                                   "metrics.parquet"])
+def test_plot_of_single_outputs(run: Path, tmp_path: Path, where: str) -> None:
+    png = tmp_path / "one.png"
+    summary = strict_json(ok(inspect(run / where, "--json", "--plot", png,
+                                     "--plot-size", "400x300")).stdout)
+    assert summary["plot"] == str(png)
+    assert mpimg.imread(png).shape[:2] == (300, 400)
+
+
+@pytest.mark.parametrize("size", ["1200", "12x", "0x100", "99x100", "100x20000", "axb"])
+def test_bad_plot_size(run: Path, tmp_path: Path, size: str) -> None:
+    result = inspect(run, "--plot", tmp_path / "x.png", "--plot-size", size)
+    assert result.exit_code == 2 and "--plot-size" in result.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_refuses_other_formats(run: Path, tmp_path: Path) -> None:
+    one_line_error(inspect(run, "--plot", tmp_path / "x.jpg"), "x.jpg", ".png")
+
+
+# --------------------------------------------------------------------------- bad paths
+
+
+def test_bad_paths(tmp_path: Path, cls_data: Path) -> None:
+    one_line_error(inspect(tmp_path / "nope"), str(tmp_path / "nope"))
+    one_line_error(inspect(cls_data), str(cls_data))  # a dataset, not an output
+    one_line_error(inspect(cls_data / "part-0.parquet"), "part-0.parquet", "x0")
+    (tmp_path / "empty").mkdir()
+    one_line_error(inspect(tmp_path / "empty"), str(tmp_path / "empty"))
+    text = tmp_path / "notes.parquet"
+    text.write_text("not parquet")
+    one_line_error(inspect(text), str(text))
+    truncated = tmp_path / "metrics.parquet"
+    truncated.write_bytes((cls_data / "part-0.parquet").read_bytes()[:300])
+    one_line_error(inspect(truncated), str(truncated))
+    bad_run = tmp_path / "bad-run"
+    bad_run.mkdir()
+    (bad_run / "run.json").write_text("{not json")
+    one_line_error(inspect(bad_run), "run.json")
+
+
+def test_library_errors_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        report.inspect_output(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="--top"):
+        report.inspect_output(tmp_path, top=-1)

@@ -125,3 +125,21 @@ def test_a_killed_worker_restarts_and_the_run_is_bitwise_unchanged(ray_local, tm
         b = pq.read_table(crashed / "per_sample" / f"step={step}").sort_by("sample")
         assert a.equals(b)
         assert b.num_rows == 40000
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_blocks_gives_the_in_memory_bits(ray_local, tmp_path, workers):
+    data = make_classification(tmp_path / "data", rows=500, features=6, classes=3, files=2,
+                               row_group_size=40)
+    tables = {}
+    for budget in (None, 1):  # 1 byte: every worker streams its blocks each step
+        out = tmp_path / f"b{budget}-{workers}"
+        train(TrainConfig(data=str(data), out=str(out), workers=workers, hidden=(5,), steps=3,
+                          record_every=1, memory_budget=budget, standardize=True,
+                          per_sample="norms"))
+        info = __import__("json").loads((out / "run.json").read_text())
+        assert info["streaming"] is (budget == 1)
+        tables[budget] = [pq.read_table(out / n) for n in ("gradients.parquet", "weights.parquet")]
+        tables[budget].append(pq.read_table(out / "per_sample").sort_by("sample"))
+    for a, b in zip(tables[None], tables[1]):
+        assert a.equals(b)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -293,13 +294,20 @@ class Run:
             for tmp in self.out.rglob(".*.tmp-*"):
                 tmp.unlink(missing_ok=True)
 
+    def memory_budget(self) -> int:
+        """Bytes of blocks one worker may hold: --memory-budget, or by default half of this
+        machine's memory shared by the workers (on a cluster, set it for the nodes)."""
+        if self.config.memory_budget is not None:
+            return self.config.memory_budget
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return physical // 2 // max(1, self.n_workers)
+
     def _stream(self) -> bool:
-        if self.config.memory_budget is None:
-            return False
-        per_row = 4 if self.config.dtype == "float32" else 8
-        row_bytes = per_row * (self.dataset.n_features + self.dataset.n_outputs) + 8
-        workers = max(1, self.config.workers or 1)
-        return self.dataset.n_rows * row_bytes / workers > self.config.memory_budget
+        """Stream blocks from Parquet each step when a worker's share exceeds its budget."""
+        per_value = 4 if self.config.dtype == "float32" else 8
+        row_bytes = per_value * (self.dataset.n_features + self.dataset.n_outputs) + 8  # + id
+        share = self.dataset.n_rows * row_bytes / max(1, self.n_workers)
+        return share > self.memory_budget()
 
     def close(self) -> None:
         pool = getattr(self, "pool", None)
@@ -317,6 +325,7 @@ class Run:
             "workers": self.n_workers,
             "versions": versions(),
             "standardize": self.standardize is not None,
+            "streaming": self.pool.local.stream if self.pool.local else self._stream(),
             **extra,
         }
 

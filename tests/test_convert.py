@@ -1,0 +1,368 @@
+"""`gradpipe data import`: CSV and Parquet in, checked Parquet shards out, or nothing at all.
+
+Round trips are compared with DuckDB (read_csv / read_parquet) and pyarrow; layouts with
+the Parquet metadata; refused inputs must leave the folder as it was: no OUT, no temporary
+folder, no parent folder created.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner, Result
+
+from gradpipe import convert
+from gradpipe.cli import cli
+from gradpipe.data import DataSpec, plan
+
+from conftest import make_classification, write_parquet
+
+
+def import_(src: Path, out: Path, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["data", "import", str(src), str(out), *args])
+
+
+def ok(result: Result) -> Result:
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.stderr == ""
+    return result
+
+
+def one_line_error(result: Result, *names: str) -> str:
+    assert "Traceback" not in result.output
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradpipe: error: "), result.stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def listing(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def layout(folder: Path) -> dict[str, list[int]]:
+    """File name -> rows of each row group, from the Parquet metadata."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        md = pq.ParquetFile(f).metadata
+        out[f.name] = [md.row_group(r).num_rows for r in range(md.num_row_groups)]
+    return out
+
+
+def read(folder: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(f) for f in sorted(folder.glob("*.parquet"))])
+
+
+def write_csv(path: Path, rows: int = 60, seed: int = 0, classes: int = 3) -> Path:
+    """A CSV of float features (one of them integer-valued) and an integer label."""
+    rng = np.random.default_rng(seed)
+    table = pa.table({
+        "f0": rng.normal(size=rows),
+        "f1": rng.normal(size=rows) * 1e6,
+        "count": rng.integers(0, 100, size=rows),
+        "label": np.arange(rows) % classes,
+    })
+    pacsv.write_csv(table, path)
+    return path
+
+
+def same_as_csv(csv: Path, out: Path) -> None:
+    """DuckDB reads the same rows from the CSV and from the Parquet files."""
+    con = duckdb.connect()
+    a = f"read_csv('{csv}')"
+    b = f"read_parquet('{out}/*.parquet')"
+    assert con.sql(f"select count(*) from {a}").fetchall() == \
+        con.sql(f"select count(*) from {b}").fetchall()
+    assert con.sql(f"select * from {a} except all select * from {b}").fetchall() == []
+    assert con.sql(f"select * from {b} except all select * from {a}").fetchall() == []
+
+
+# --------------------------------------------------------------------------- CSV
+
+
+def test_csv_round_trip_and_layout(tmp_path: Path) -> None:
+    csv = write_csv(tmp_path / "in.csv", rows=60)
+    out = tmp_path / "out"
+    result = ok(import_(csv, out, "--files", "3", "--row-group-size", "7"))
+    assert result.stdout.strip() == \
+        f"wrote 60 rows of csv {csv} in 3 files (9 row groups) to {out}"
+    same_as_csv(csv, out)
+    # In order, too: the sample id (global row index) is the CSV's row.
+    expected = pacsv.read_csv(csv)
+    assert read(out).equals(expected)
+    assert layout(out) == {f"part-0000{i}.parquet": [7, 7, 6] for i in range(3)}
+    schema = pq.read_schema(out / "part-00000.parquet")
+    assert schema.names == ["f0", "f1", "count", "label"]
+    assert schema.types == [pa.float64(), pa.float64(), pa.int64(), pa.int64()]
+    md = pq.ParquetFile(out / "part-00000.parquet").metadata
+    assert md.row_group(0).column(0).compression == "ZSTD"
+    assert listing(tmp_path) == {"in.csv", "out", *(f"out/part-0000{i}.parquet" for i in range(3))}
+    ds = plan(DataSpec(str(out)))
+    assert ds.n_rows == 60 and ds.classify and ds.n_outputs == 3 and len(ds.blocks) == 9
+
+
+@pytest.mark.parametrize(("rows", "files", "group", "expected"), [
+    (10, 1, 65536, [[10]]),
+    (10, 4, 1000, [[2], [3], [2], [3]]),  # the split of `data synth`
+    (100, 2, 16, [[16, 16, 16, 2], [16, 16, 16, 2]]),
+    (5, 5, 1, [[1]] * 5),
+])
+def test_files_and_row_groups(tmp_path: Path, rows: int, files: int, group: int,
+                              expected: list[list[int]]) -> None:
+    csv = write_csv(tmp_path / "in.csv", rows=rows, classes=2)
+    ok(import_(csv, tmp_path / "out", "--files", str(files), "--row-group-size", str(group)))
+    assert list(layout(tmp_path / "out").values()) == expected
+    same_as_csv(csv, tmp_path / "out")
+
+
+def test_large_csv_streams_in_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CSV of several read blocks: row groups span batches, a later float widens a column."""
+    rows = 60_000
+    rng = np.random.default_rng(3)
+    count = rng.integers(0, 1000, size=rows).astype(str).astype(object)
+    count[rows - 5] = "2.5"  # an integer column until its last block: float64
+    table = pa.table({"x": rng.normal(size=rows), "count": pa.array(count, pa.string()),
+                      "label": rng.integers(0, 4, size=rows)})
+    csv = tmp_path / "big.csv"
+    pacsv.write_csv(table, csv)
+    # pyarrow reads 1 MiB blocks; inferring types from the first one alone fails on "2.5".
+    as_text = pacsv.ConvertOptions(column_types={"count": pa.string()})
+    assert sum(1 for _ in pacsv.open_csv(csv, convert_options=as_text)) >= 2
+    with pytest.raises(pa.ArrowInvalid, match="2.5"):
+        list(pacsv.open_csv(csv))
+
+    def whole_file(*args, **kwargs):
+        raise AssertionError("read_csv loads the whole file; import must stream")
+
+    monkeypatch.setattr(pacsv, "read_csv", whole_file)
+    ok(import_(csv, tmp_path / "out", "--files", "3", "--row-group-size", "7000"))
+    monkeypatch.undo()
+    assert list(layout(tmp_path / "out").values()) == [[7000, 7000, 6000]] * 3
+    written = read(tmp_path / "out")
+    assert written.schema.field("count").type == pa.float64()
+    np.testing.assert_array_equal(written["count"].to_numpy(),
+                                  np.array(count, dtype=np.float64))
+    np.testing.assert_array_equal(written["x"].to_numpy(), table["x"].to_numpy())
+    same_as_csv(csv, tmp_path / "out")
+
+
+def test_compressed_csv_and_blank_padded_values(tmp_path: Path) -> None:
+    src = tmp_path / "in.csv.gz"
+    with gzip.open(src, "wt") as f:
+        f.write("a,b,label\n1, 2 ,0\n4,5.5,1\n-3,16,1\n")
+    ok(import_(src, tmp_path / "out"))
+    table = read(tmp_path / "out")
+    assert table.schema.types == [pa.int64(), pa.float64(), pa.int64()]
+    assert table.to_pylist() == [{"a": 1, "b": 2.0, "label": 0}, {"a": 4, "b": 5.5, "label": 1},
+                                 {"a": -3, "b": 16.0, "label": 1}]
+
+
+def test_features_pick_columns_and_drop_the_rest(tmp_path: Path) -> None:
+    csv = tmp_path / "in.csv"
+    csv.write_text("name,x0,x1,y0,label\na,1,2,3,0\nb,4,5,6,1\nc,7,8,9,1\n")
+    ok(import_(csv, tmp_path / "out", "--features", "x*"))
+    assert read(tmp_path / "out").to_pylist() == [
+        {"x0": 1, "x1": 2, "label": 0}, {"x0": 4, "x1": 5, "label": 1},
+        {"x0": 7, "x1": 8, "label": 1}]
+
+
+def test_regression_targets(tmp_path: Path) -> None:
+    csv = tmp_path / "in.csv"
+    rng = np.random.default_rng(1)
+    pacsv.write_csv(pa.table({"x0": rng.normal(size=30), "x1": rng.normal(size=30),
+                              "t0": rng.normal(size=30), "t1": rng.normal(size=30)}), csv)
+    summary = json.loads(ok(import_(csv, tmp_path / "out", "--target", "t0,t1",
+                                    "--json")).stdout)
+    assert summary["task"] == "regression" and summary["columns"] == ["x0", "x1", "t0", "t1"]
+    ds = plan(DataSpec(str(tmp_path / "out"), target=("t0", "t1")))
+    assert ds.task == "regression" and ds.n_features == 2
+    same_as_csv(csv, tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- Parquet
+
+
+def test_parquet_reshard(tmp_path: Path) -> None:
+    src = make_classification(tmp_path / "src", rows=60, files=3, row_group_size=7)
+    summary = json.loads(ok(import_(src, tmp_path / "out", "--files", "2",
+                                    "--row-group-size", "16", "--json")).stdout)
+    assert summary == {"out": str(tmp_path / "out"), "source": str(src), "format": "parquet",
+                       "rows": 60, "files": 2, "row_groups": 4,
+                       "columns": ["x0", "x1", "x2", "x3", "x4", "label"], "target": ["label"],
+                       "task": "classification"}
+    assert layout(tmp_path / "out") == {"part-00000.parquet": [16, 14],
+                                        "part-00001.parquet": [16, 14]}
+    assert read(tmp_path / "out").equals(read(src))  # same rows, order and types
+    con = duckdb.connect()
+    assert con.sql(f"select * from read_parquet('{src}/*.parquet') except all "
+                   f"select * from read_parquet('{tmp_path}/out/*.parquet')").fetchall() == []
+
+
+def test_parquet_single_file_and_in_place_reshard(tmp_path: Path) -> None:
+    src = make_classification(tmp_path / "d", rows=40, files=1, row_group_size=40)
+    before = read(src)
+    ok(import_(src / "part-0.parquet", tmp_path / "one", "--row-group-size", "10"))
+    assert layout(tmp_path / "one") == {"part-00000.parquet": [10, 10, 10, 10]}
+    # OUT may be SRC: the new files are written and checked before the old ones go.
+    ok(import_(src, src, "--files", "4", "--overwrite"))
+    assert layout(src) == {f"part-0000{i}.parquet": [10] for i in range(4)}
+    assert read(src).equals(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "one"]
+
+
+def test_parquet_list_feature_column(tmp_path: Path) -> None:
+    values = np.arange(24, dtype=np.float32)
+    pixels = pa.FixedSizeListArray.from_arrays(pa.array(values), 4)
+    write_parquet(tmp_path / "src" / "a.parquet", {"pixels": pixels, "label": [0, 1, 0, 1, 0, 1]})
+    ok(import_(tmp_path / "src", tmp_path / "out", "--row-group-size", "4"))
+    table = read(tmp_path / "out")
+    assert table.schema.field("pixels").type == pa.list_(pa.float32(), 4)
+    assert table.equals(read(tmp_path / "src"))
+    assert plan(DataSpec(str(tmp_path / "out"))).n_features == 4
+
+
+def test_train_runs_on_imported_data(tmp_path: Path) -> None:
+    csv = write_csv(tmp_path / "in.csv", rows=90)
+    ok(import_(csv, tmp_path / "data", "--files", "2", "--row-group-size", "20"))
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "data"), "--workers", "0",
+                                      "--steps", "2", "--standardize", "--quiet",
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    metrics = pq.read_table(tmp_path / "run" / "metrics.parquet")
+    assert metrics.num_rows == 2 and metrics["samples"].to_pylist() == [90, 90]
+
+
+# --------------------------------------------------------------------------- refused
+
+
+@pytest.mark.parametrize(("text", "names"), [
+    ("a,b,label\n1,2.5,0\n2,abc,1\n", ["'b'", "not numeric", "'abc'", "row 1"]),
+    ("a,b,label\n1,2.5,0\n2,NaN,1\n3,1,1\n", ["'b'", "missing", "row 1"]),
+    ("a,b,label\n1,2.5,0\n2,,1\n", ["'b'", "missing", "row 1"]),
+    ("a,b,label\n1,2.5,0\n2,NAN,1\n", ["'b'", "NaN", "row 1"]),
+    ("a,b,label\n1,inf,0\n2,1,1\n", ["'b'", "infinite", "row 0"]),
+    ("a,b,label\n1,2,0\n2,3,-1\n", ["'label'", "negative", "row 1"]),
+    ("a,b,label\n1,2,0\n2,3,0\n", ["'label'", "single class"]),
+    ("a,b,label\n1,2,0\n2,3\n", ["Expected 3 columns"]),
+    ("a,b,label\n", ["zero rows"]),
+    ("a,b,y\n1,2,0\n", ["'label'", "--target"]),
+    ("a,a,label\n1,2,0\n3,4,1\n", ["'a'", "more than once"]),
+])
+def test_bad_csv_is_refused_and_nothing_is_written(tmp_path: Path, text: str,
+                                                   names: list[str]) -> None:
+    csv = tmp_path / "in.csv"
+    csv.write_text(text)
+    out = tmp_path / "new" / "deeper" / "out"  # parents that do not exist yet
+    one_line_error(import_(csv, out), str(csv), *names)
+    assert listing(tmp_path) == {"in.csv"}
+
+
+def test_bad_value_late_in_a_large_csv(tmp_path: Path) -> None:
+    """Files are already being written when the bad row comes: they all go."""
+    rows = 50_000
+    x = np.random.default_rng(0).normal(size=rows).astype(str).astype(object)
+    x[rows - 3] = "nan"
+    csv = tmp_path / "big.csv"
+    pacsv.write_csv(pa.table({"x": pa.array(x, pa.string()), "label": np.arange(rows) % 2}),
+                    csv)
+    one_line_error(import_(csv, tmp_path / "out", "--files", "2", "--row-group-size", "1000"),
+                   str(csv), "'x'", f"row {rows - 3}")
+    assert listing(tmp_path) == {"big.csv"}
+
+
+def test_parquet_null_and_nan_are_refused(tmp_path: Path) -> None:
+    src = make_classification(tmp_path / "src", rows=30, files=2, row_group_size=5)
+    bad = tmp_path / "src" / "part-1.parquet"
+    table = pq.read_table(bad)
+    x2 = table["x2"].to_numpy().copy()
+    x2[7] = np.nan
+    pq.write_table(table.set_column(2, "x2", pa.array(x2)), bad, row_group_size=5)
+    before = listing(tmp_path)
+    one_line_error(import_(src, tmp_path / "out"), str(bad), "'x2'", "NaN", "row 7")
+    x2[7] = 0
+    pq.write_table(table.set_column(2, "x2", pa.array(x2, mask=np.arange(15) == 4)), bad,
+                   row_group_size=5)
+    one_line_error(import_(src, tmp_path / "out"), str(bad), "'x2'", "null", "row 4")
+    assert listing(tmp_path) == before
+
+
+def test_parquet_schema_checks_name_the_file(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_parquet(src / "a.parquet", {"x": [1.0, 2.0], "name": ["p", "q"], "label": [0, 1]})
+    one_line_error(import_(src, tmp_path / "out"), "a.parquet", "'name'")
+    ok(import_(src, tmp_path / "out", "--features", "x"))  # the string column is dropped
+    assert read(tmp_path / "out").column_names == ["x", "label"]
+
+
+def test_neither_csv_nor_parquet(tmp_path: Path) -> None:
+    src = tmp_path / "data.txt"
+    src.write_text("a,b\n1,2\n")
+    one_line_error(import_(src, tmp_path / "out"), str(src), "CSV", "Parquet")
+    one_line_error(import_(tmp_path / "nope.csv", tmp_path / "out"), "nope.csv")
+    assert listing(tmp_path) == {"data.txt"}
+
+
+def test_out_rules(tmp_path: Path) -> None:
+    csv = write_csv(tmp_path / "in.csv", rows=20)
+    out = tmp_path / "out"
+    ok(import_(csv, out))
+    first = layout(out)
+    # An existing dataset: refused, then replaced with --overwrite.
+    one_line_error(import_(csv, out, "--files", "2"), str(out), "--overwrite")
+    assert layout(out) == first
+    ok(import_(csv, out, "--files", "2", "--overwrite"))
+    assert list(layout(out)) == ["part-00000.parquet", "part-00001.parquet"]
+    # A folder with other files is never deleted.
+    (out / "notes.txt").write_text("mine")
+    one_line_error(import_(csv, out, "--overwrite"), str(out), "notes.txt")
+    assert (out / "notes.txt").read_text() == "mine"
+    # A file as OUT, and an empty folder (fine).
+    one_line_error(import_(csv, csv), str(csv), "not a folder")
+    (tmp_path / "empty").mkdir()
+    ok(import_(csv, tmp_path / "empty"))
+    assert list(layout(tmp_path / "empty")) == ["part-00000.parquet"]
+    # A failed --overwrite keeps the old dataset.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,label\n1,0\nx,1\n")
+    one_line_error(import_(bad, tmp_path / "empty", "--overwrite"), "'a'")
+    assert list(layout(tmp_path / "empty")) == ["part-00000.parquet"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize(("args", "name"), [
+    (["--files", "0"], "--files"),
+    (["--files", "21"], "--files"),
+    (["--row-group-size", "0"], "--row-group-size"),
+])
+def test_bad_options(tmp_path: Path, args: list[str], name: str) -> None:
+    csv = write_csv(tmp_path / "in.csv", rows=20)
+    one_line_error(import_(csv, tmp_path / "out", *args), name)
+    assert listing(tmp_path) == {"in.csv"}
+
+
+def test_interrupted_import_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even a KeyboardInterrupt while writing removes the temporary folder."""
+    csv = write_csv(tmp_path / "in.csv", rows=20)
+    written = []
+
+    def interrupted(self, batch):
+        written.append(os.listdir(self.folder))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert.ShardWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert.import_dataset(str(csv), tmp_path / "a" / "out")
+    assert written and listing(tmp_path) == {"in.csv"}

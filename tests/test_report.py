@@ -67,7 +67,8 @@ def nan_to_none(row: dict) -> dict:
 
 def duckdb_top(run: Path, step: int, k: int) -> list[tuple]:
     return duckdb.sql(
-        f"select sample, loss, grad_norm from read_parquet('{run}/per_sample/step={step}/*.parquet') "
+        "select sample, loss, grad_norm from "
+        f"read_parquet('{run}/per_sample/step={step}/*.parquet') "
         f"order by grad_norm desc limit {k}").fetchall()
 
 
@@ -305,10 +306,9 @@ def test_weights_file(run: Path, name: str) -> None:
     value = table["value"].to_numpy()
     for row in w["layers"]:
         l = row["layer"]
-        np.testing.assert_allclose(row["w_norm"], np.linalg.norm(value[(layer == l) & (param == "w")]),
-                                   rtol=1e-12)
-        np.testing.assert_allclose(row["b_norm"], np.linalg.norm(value[(layer == l) & (param == "b")]),
-                                   rtol=1e-12)
+        w, b = value[(layer == l) & (param == "w")], value[(layer == l) & (param == "b")]
+        np.testing.assert_allclose(row["w_norm"], np.linalg.norm(w), rtol=1e-12)
+        np.testing.assert_allclose(row["b_norm"], np.linalg.norm(b), rtol=1e-12)
     assert "8x5" in ok(inspect(run / name)).stdout
 
 

@@ -326,7 +326,7 @@ def check(ctx: click.Context, data: str | None, **params: Any) -> None:
     report = finite_difference_check(config, samples=params["samples"],
                                      per_layer=params["per_layer"])
     worst = report["worst"]
-    ok = worst["relative_error"] <= params["tol_check"] or worst["abs_error"] <= 1e-10
+    ok = bool(worst["relative_error"] <= params["tol_check"] or worst["abs_error"] <= 1e-10)
     if params["as_json"]:
         click.echo(json.dumps({"ok": ok, "worst": worst, "compared": len(report["checks"])}))
     else:

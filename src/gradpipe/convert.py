@@ -221,19 +221,13 @@ def parquet_batches(source: str, columns: list[str], batch_rows: int
 
 def check_batch(batch: pa.RecordBatch, where: str, first_row: int, labels: tuple[str, ...],
                 nulls: str = "null") -> None:
-    """Refuse nulls, NaN and infinities in any column, and negative class labels, as training does."""
+    """Refuse nulls, NaN and infinities in any column and negative class labels, as training does."""
     last = first_row + batch.num_rows - 1
     for name in batch.schema.names:
         column = batch.column(name)
-        width = 1
-        if pa.types.is_fixed_size_list(column.type):
-            width = column.type.list_size
-            if column.null_count:
-                values = column  # a null list: report it as such
-            else:
-                values = column.flatten()
-        else:
-            values = column
+        values, width = column, 1  # width: values per row
+        if pa.types.is_fixed_size_list(column.type) and not column.null_count:
+            values, width = column.flatten(), column.type.list_size
         if values.null_count:
             i = int(np.argmax(values.is_null().to_numpy(zero_copy_only=False))) // width
             raise DataError(
@@ -283,6 +277,7 @@ class ShardWriter:
         self.rows = 0
 
     def write(self, batch: pa.RecordBatch) -> None:
+        """Add rows; full row groups are written, files closed when they hold their share."""
         if self.schema is None:
             self.schema = batch.schema.remove_metadata()
         batch = pa.RecordBatch.from_arrays(batch.columns, schema=self.schema)
@@ -315,6 +310,7 @@ class ShardWriter:
             self.in_file = 0
 
     def close_file(self) -> None:
+        """Close the file being written, if any (also after an error)."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -116,7 +116,7 @@ def _step_folders(folder: Path) -> dict[int | None, list[Path]]:
         match = _STEP_DIR.match(sub.name)
         if match and sub.is_dir() and (files := _part_files(sub)):
             out[int(match.group(1))] = files
-    return dict(sorted(out.items(), key=lambda kv: kv[0] if kv[0] is not None else -1))
+    return dict(sorted(out.items(), key=lambda item: item[0] or 0))
 
 
 def _step_of(folder: Path) -> int | None:
@@ -596,7 +596,8 @@ def parse_size(text: str) -> tuple[int, int]:
     """'1200x900' -> (1200, 900), each side 100..16384 pixels."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
     if not match:
-        raise ConfigError(f"--plot-size {text!r}: write it as WIDTHxHEIGHT in pixels, e.g. 1200x900")
+        raise ConfigError(
+            f"--plot-size {text!r}: write it as WIDTHxHEIGHT in pixels, e.g. 1200x900")
     size = int(match.group(1)), int(match.group(2))
     if not all(100 <= s <= 16384 for s in size):
         raise ConfigError(f"--plot-size {text}: each side must be 100..16384 pixels")

@@ -1,0 +1,134 @@
+"""The CLI wiring: each command runs, prints what it says, and exits as documented."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from gradpipe.cli import cli
+
+from conftest import DIGITS
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["grad"], ["check"], ["explain"],
+                                     ["data"], ["data", "synth"]])
+def test_help(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
+
+
+def test_check_passes_on_digits():
+    result = run("check", DIGITS, "--hidden", "16,8")
+    assert result.exit_code == 0, result.output
+    assert "worst relative error" in result.output and result.output.strip().endswith("ok")
+
+
+def test_check_json_and_failure_exit(cls_data):
+    ok = run("check", cls_data, "--json", "--activation", "tanh")
+    report = json.loads(ok.output)
+    assert ok.exit_code == 0 and report["ok"] and report["worst"]["relative_error"] < 1e-6
+    # An impossible tolerance makes the same comparison fail with exit 1.
+    bad = run("check", cls_data, "--tol", "0", "--activation", "tanh")
+    if json.loads(ok.output)["worst"]["abs_error"] > 1e-10:
+        assert bad.exit_code == 1 and "FAILED" in bad.output
+
+
+@pytest.mark.parametrize("layer,j,k", [(1, 3, 10), (2, 5, 7), (2, 4, None)])
+def test_explain_factors_multiply_to_the_per_sample_gradient(tmp_path, layer, j, k):
+    args = ["--hidden", "12", "--seed", "2"]
+    out = tmp_path / "g"
+    assert run("grad", DIGITS, *args, "--workers", "0", "--dtype", "float64",
+               "--per-sample", "full", "--out", out).exit_code == 0
+    extra = ["--k", str(k)] if k is not None else []
+    result = run("explain", DIGITS, *args, "--layer", layer, "--j", j, *extra,
+                 "--sample", 7, "--json")
+    assert result.exit_code == 0, result.output
+    e = json.loads(result.output)
+    assert e["dC_da"] * e["da_dz"] * e["dz_dw"] == pytest.approx(e["grad"], rel=1e-15)
+    assert e["grad"] == pytest.approx(e["finite_difference"], rel=1e-6)
+    if layer == 1:
+        assert sum(t["product"] for t in e["dC_da_terms"]) == pytest.approx(e["dC_da"], rel=1e-12)
+    rows = pq.read_table(out / "gradients.parquet").to_pylist()
+    index = next(i for i, r in enumerate(rows) if r["layer"] == layer and r["j"] == j
+                 and r["k"] == k and r["param"] == ("w" if k is not None else "b"))
+    per_sample = pq.read_table(out / "per_sample").sort_by("sample")
+    grad_7 = per_sample.column("grad")[7].as_py()
+    assert e["grad"] == pytest.approx(grad_7[index], rel=1e-9)
+
+
+def test_explain_text_names_the_factors():
+    result = run("explain", DIGITS, "--layer", "2", "--j", "1", "--k", "3")
+    assert result.exit_code == 0, result.output
+    for part in ("dC_0/da_j", "g'(z_j)", "a_k^(l-1)", "finite difference"):
+        assert part in result.output
+
+
+def test_explain_refuses_a_weight_outside_the_model():
+    result = run("explain", DIGITS, "--layer", "3", "--j", "0", "--k", "0")
+    assert result.exit_code == 2 and "--layer 3" in result.stderr
+
+
+def test_grad_writes_a_run_folder_with_step_0(tmp_path):
+    out = tmp_path / "g"
+    result = run("grad", DIGITS, "--workers", "0", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["step"] == 0 and summary["samples"] == 1797
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gradients.parquet", "metrics.parquet", "run.json", "weights.parquet"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["command"] == "grad" and info["status"] == "completed"
+    grads = pq.read_table(out / "gradients.parquet")
+    assert set(grads.column("step").to_pylist()) == {0}
+
+
+def test_same_flags_give_the_same_initial_weights_in_every_command(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("grad", DIGITS, "--workers", "0", "--seed", "5", "--hidden", "7", "--out", a)
+    run("train", DIGITS, "--workers", "0", "--seed", "5", "--hidden", "7", "--steps", "1",
+        "--record-every", "1", "--out", b, "--quiet")
+    va = pq.read_table(a / "gradients.parquet").column("value").to_numpy()
+    vb = pq.read_table(b / "gradients.parquet").filter(
+        pq.read_table(b / "gradients.parquet").column("step").to_numpy() == 0
+    ).column("value").to_numpy()
+    np.testing.assert_array_equal(va, vb)
+
+
+def test_grad_at_weights_of_a_run(tmp_path):
+    run_dir, g = tmp_path / "r", tmp_path / "g"
+    assert run("train", DIGITS, "--workers", "0", "--steps", "3", "--out", run_dir,
+               "--quiet").exit_code == 0
+    assert run("grad", DIGITS, "--workers", "0", "--weights", run_dir, "--out", g).exit_code == 0
+    np.testing.assert_array_equal(
+        pq.read_table(run_dir / "weights.parquet").column("value").to_numpy(),
+        pq.read_table(g / "gradients.parquet").column("value").to_numpy())
+
+
+def test_train_json_summary_and_job_file_with_flag_override(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text(f'data = "{DIGITS}"\nhidden = [8]\nsteps = 4\nlr = 1.0\nworkers = 0\n')
+    out = tmp_path / "r"
+    result = run("train", "--job", job, "--steps", "2", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["step"] == 1  # --steps 2 overrode the file's 4
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["hidden"] == [8] and info["config"]["lr"] == 1.0
+
+
+def test_diverging_run_exits_1_with_the_step(tmp_path):
+    result = run("train", DIGITS, "--workers", "0", "--lr", "1e300", "--activation",
+                 "identity", "--output-activation", "identity", "--steps", "5",
+                 "--out", tmp_path / "r", "--quiet")
+    assert result.exit_code == 1
+    assert "step " in result.stderr and "not finite" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -18,8 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import sysconfig
 import urllib.error
 import urllib.request
+import venv
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -33,7 +35,6 @@ from gradpipe.train import TrainConfig
 
 from conftest import REPO, make_classification
 
-RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
 GRADPIPE = shutil.which("gradpipe", path=os.path.dirname(sys.executable)) or "gradpipe"
 
 
@@ -152,26 +153,43 @@ def test_an_address_where_nothing_listens_is_one_line_in_seconds():
 # --- against a real head ------------------------------------------------------------------
 
 
+def python_without_gradpipe(folder: Path) -> Path:
+    """A virtual environment with this one's packages but not gradpipe: its .pth lists our
+    site-packages as plain paths, so the .pth of gradpipe's editable install is not read."""
+    venv.create(folder, with_pip=False, symlinks=True)
+    site = next(folder.glob("lib/python*/site-packages"))
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    (site / "this-env.pth").write_text("\n".join(paths) + "\n")
+    return folder / "bin" / "python"
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """`ray start --head` with its dashboard on 127.0.0.1, token auth on, in its own group."""
+    """`ray start --head` with its dashboard on 127.0.0.1, token auth on, in its own group.
+
+    The head runs from a Python that has Ray and numpy but cannot import gradpipe, and puts
+    it first on PATH (a job's `python`), so every job here runs the uploaded gradpipe."""
     tmp = tmp_path_factory.mktemp("head")
     token = tmp / "auth_token"
     token.write_text(secrets.token_hex(32))
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
-               # The cluster runs `python` from its PATH, as a Ray node set up in a venv would.
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    python = python_without_gradpipe(tmp / "cluster-venv")
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     env.pop("RAY_ADDRESS", None)
+    cluster_env = dict(env, PATH=f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    check = subprocess.run([python, "-c", "import ray, numpy, pyarrow, click, rich, gradpipe"],
+                           capture_output=True, text=True, env=cluster_env)
+    assert "No module named 'gradpipe'" in check.stderr, check.stderr
     temp = tempfile.mkdtemp(prefix="gp-ray-")  # short: Ray's socket paths have a length limit
     port, dashboard = free_port(), free_port()
     ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
              "--metrics-export-port", "--runtime-env-agent-port"]
     proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+        [python, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
          "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
          "--dashboard-port", str(dashboard), *[a for p in ports for a in (p, str(free_port()))],
          "--num-cpus", "2", "--temp-dir", temp, "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        env=cluster_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     request = urllib.request.Request(f"{url}/api/jobs/",
                                      headers={"Authorization": f"Bearer {token.read_text()}"})
@@ -331,3 +349,19 @@ def test_a_missing_token_is_one_clear_line_in_seconds(head, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("gradpipe: error:"), result.stderr
         assert "RAY_AUTH_MODE=token" in lines[0]
         assert time.time() - t0 < 15
+
+
+@pytest.mark.cluster
+def test_use_installed_runs_the_clusters_own_gradpipe(head, tmp_path):
+    """This cluster has none, so the job fails where the default (uploaded) one succeeds."""
+    url, env = head
+    make_classification(tmp_path / "data", rows=30, files=1)
+    (tmp_path / "j.toml").write_text(f'data = "data"\nworkers = 0\nsteps = 1\n'
+                                     f'out = "{tmp_path / "run"}"\n')
+    result = gradpipe(env, "submit", "j.toml", "--address", url, "--use-installed", "--wait",
+                      "--json", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    record = json.loads(result.stdout)
+    assert record["entrypoint"] == "gradpipe train --job j.toml"
+    logs = gradpipe(env, "jobs", "logs", record["id"], "--address", url)
+    assert "gradpipe: not found" in logs.stdout or "command not found" in logs.stdout

@@ -221,7 +221,7 @@ def parquet_batches(source: str, columns: list[str], batch_rows: int
 
 def check_batch(batch: pa.RecordBatch, where: str, first_row: int, labels: tuple[str, ...],
                 nulls: str = "null") -> None:
-    """Refuse nulls, NaN and infinities in any column and negative class labels, as training does."""
+    """Refuse nulls, NaN and infinities in any column, and negative labels, as training does."""
     last = first_row + batch.num_rows - 1
     for name in batch.schema.names:
         column = batch.column(name)

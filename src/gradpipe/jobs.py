@@ -377,7 +377,7 @@ class Jobs:
             raise JobError(f"{self.url}: the cluster uses token authentication and "
                            f"{what}. {AUTH_HINT}") from None
         except (ConnectionError, requests.RequestException, OSError) as e:
-            raise JobError(f"--address {self.url}: no Ray Jobs API answers there ({_first(e)}). "
+            raise JobError(f"--address {self.url}: no Ray Jobs API answers there ({_first(e).rstrip('.')}). "
                            "The Jobs API is the Ray dashboard, http://HEAD:8265 (not the "
                            "GCS port 6379).") from None
         except RuntimeError as e:

@@ -296,7 +296,7 @@ def _label_above_model(tmp: Path, w: dict):
     # Weights from a 3-class run; the data has labels 0..5.
     cols = good_columns(classes=6)
     write_parquet(tmp / "d" / "part-0.parquet", cols)
-    return str(tmp / "d"), ["--weights", str(w["run"])], [str(tmp / "d"), "3"]
+    return str(tmp / "d"), ["--weights", str(w["run"])], [str(tmp / "d"), "'label'", "0..2"]
 
 
 def _schema_type_differs(tmp: Path, w: dict):

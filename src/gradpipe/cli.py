@@ -7,12 +7,10 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -168,7 +166,12 @@ def build_config(ctx: click.Context, data: str | None, params: dict, **fixed: An
         raise click.UsageError("missing DATA (give it as an argument or as `data` in the job file)")
     if values.get("batch") == "full":
         values["batch"] = None
-    values.setdefault("address", ctx.obj["address"])
+    # --address on the command line beats the job file, which beats RAY_ADDRESS.
+    root = ctx.find_root()
+    if ctx.obj["address"] is not None and (
+            root.get_parameter_source("address") is click.core.ParameterSource.COMMANDLINE
+            or "address" not in values):
+        values["address"] = ctx.obj["address"]
     values["verbose"] = ctx.obj["verbose"]
     values.update(fixed)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -449,7 +452,8 @@ def _address_option(f: Callable) -> Callable:
 @click.option("--working-dir", default=".", type=click.Path(exists=True, file_okay=False),
               help="Folder uploaded as the job's working directory; the job file and the "
                    "relative paths in it must lie inside. runs/, build/, dist/, .git, caches, "
-                   "virtual environments and files over --max-file-mb stay behind.")
+                   "virtual environments, files over --max-file-mb and what .gitignore or "
+                   ".rayignore name stay behind.")
 @click.option("--max-file-mb", type=float, default=50.0,
               help="Files larger than this (MiB) are not uploaded.")
 @click.option("--use-installed", is_flag=True,
@@ -494,7 +498,8 @@ def submit(ctx: click.Context, job_file: str, args: tuple[str, ...], address: st
         click.echo(f"submitted to {jobs.url}: {plan.entrypoint}", err=True)
     if not (wait or follow):
         if as_json:
-            click.echo(json.dumps({**jobs.info(job_id), "address": jobs.url}))
+            click.echo(json.dumps({**jobs.info(job_id), "address": jobs.url,
+                                   "left_out": list(plan.skipped)}))
         else:
             click.echo(f"follow it with: gradpipe jobs logs {job_id} --follow --address "
                        f"{jobs.url}", err=True)
@@ -509,13 +514,18 @@ def submit(ctx: click.Context, job_file: str, args: tuple[str, ...], address: st
                    f"{job_id})", err=True)
         ctx.exit(130)
     if as_json:
-        click.echo(json.dumps({**record, "address": jobs.url}))
+        click.echo(json.dumps({**record, "address": jobs.url, "left_out": list(plan.skipped)}))
     _job_exit(ctx, record)
 
 
 @cli.group()
 def jobs() -> None:
-    """The Ray Jobs on a cluster: list, status, logs, stop (Jobs API, http://HEAD:8265)."""
+    """The Ray Jobs on a cluster: list, status, logs, stop (Jobs API, http://HEAD:8265).
+
+    \b
+    Example:
+      gradpipe jobs list --address http://127.0.0.1:8265
+    """
 
 
 @jobs.command("list")

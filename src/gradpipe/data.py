@@ -160,7 +160,8 @@ def _resolve_features(
                     f"{path}: no column matches feature {pattern!r} "
                     f"(found: {_describe(names)}). Check --features."
                 )
-            chosen += [h for h in hits if h not in chosen]
+            # A glob may sweep in the target or the id; they are never features.
+            chosen += [h for h in hits if h not in chosen and h not in excluded]
     else:
         chosen = [n for n in names if n not in excluded]
     if not chosen:

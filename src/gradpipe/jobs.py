@@ -277,13 +277,14 @@ def plan_submission(config: JobConfig, job: JobFile | None = None) -> Submission
                        f"({', '.join(s for s in skipped if _is_skipped(rel_job, [s]))}). "
                        "Move it.")
     notes = []
+    unless = " (unless the flags after -- say otherwise)" if config.args else ""
     for key in ("data", "weights"):
         value = job.values.get(key)
         if not isinstance(value, str) or "://" in value or Path(value).is_absolute():
             continue
         path = wd / value
         if not path.exists():
-            notes.append(f"{key} = {value!r} is not in {wd}: the job will not find it")
+            notes.append(f"{key} = {value!r} is not in {wd}: the job will not find it{unless}")
             continue
         files = [p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()]
         left = [p for p in files if _is_skipped(p.relative_to(wd), skipped)]
@@ -291,15 +292,14 @@ def plan_submission(config: JobConfig, job: JobFile | None = None) -> Submission
             notes.append(f"{key} = {value!r}: {len(left)} of its {len(files)} files are not "
                          f"uploaded (over --max-file-mb {config.max_file_mb:g} or in a skipped "
                          "folder); put the data where the cluster's nodes can read it "
-                         "(shared storage, s3://) and point the job file at it")
+                         f"(shared storage, s3://) and point the job file at it{unless}")
     out = job.values.get("out")
     if isinstance(out, str) and "://" not in out and not Path(out).is_absolute():
         notes.append(f"out = {out!r} is relative: the run folder is written inside the job's "
                      "copy of the working dir on the cluster; use an absolute path on shared "
                      "storage to keep it")
 
-    runner = "gradpipe" if config.use_installed else \
-        "python -c 'from gradpipe.cli import main; main()'"
+    runner = "gradpipe" if config.use_installed else "python -m gradpipe"
     entrypoint = " ".join([runner, job.command, "--job", shlex.quote(rel_job.as_posix()),
                            *map(shlex.quote, config.args)])
     # `excludes` applies to working_dir and py_modules alike; the anchored lines match
@@ -377,7 +377,8 @@ class Jobs:
             raise JobError(f"{self.url}: the cluster uses token authentication and "
                            f"{what}. {AUTH_HINT}") from None
         except (ConnectionError, requests.RequestException, OSError) as e:
-            raise JobError(f"--address {self.url}: no Ray Jobs API answers there ({_first(e).rstrip('.')}). "
+            found = _first(e).rstrip(".")
+            raise JobError(f"--address {self.url}: no Ray Jobs API answers there ({found}). "
                            "The Jobs API is the Ray dashboard, http://HEAD:8265 (not the "
                            "GCS port 6379).") from None
         except RuntimeError as e:

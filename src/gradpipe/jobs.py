@@ -294,6 +294,8 @@ def plan_submission(config: JobConfig, job: JobFile | None = None) -> Submission
                          "folder); put the data where the cluster's nodes can read it "
                          f"(shared storage, s3://) and point the job file at it{unless}")
     out = job.values.get("out")
+    if "--out" in config.args:  # the flag after -- overrides the file
+        out = config.args[config.args.index("--out") + 1] if config.args[-1] != "--out" else None
     if isinstance(out, str) and "://" not in out and not Path(out).is_absolute():
         notes.append(f"out = {out!r} is relative: the run folder is written inside the job's "
                      "copy of the working dir on the cluster; use an absolute path on shared "

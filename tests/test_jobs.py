@@ -175,7 +175,10 @@ def head(tmp_path_factory):
     python = python_without_gradpipe(tmp / "cluster-venv")
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     env.pop("RAY_ADDRESS", None)
-    cluster_env = dict(env, PATH=f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    # No `gradpipe` command on the cluster's PATH either (an activated venv has one).
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep)
+            if p and not (Path(p) / "gradpipe").exists()]
+    cluster_env = dict(env, PATH=os.pathsep.join([str(python.parent), *path]))
     check = subprocess.run([python, "-c", "import ray, numpy, pyarrow, click, rich, gradpipe"],
                            capture_output=True, text=True, env=cluster_env)
     # gradpipe installed into site-packages (not editable) cannot be hidden this way.

@@ -53,7 +53,8 @@ class Partial:
     correct: int  # samples whose arg-max output is the arg-max target (classification)
 
 
-# Sink for per-sample rows: (first row in block, losses (m,), sq_norms (m, L+1), grads (m, P) or None).
+# Sink for per-sample rows:
+# (first row in the block, losses (m,), sq_norms (m, L+1), grads (m, P) or None).
 Sink = Callable[[int, F64, F64, "F64 | None"], None]
 
 
@@ -65,8 +66,10 @@ def output_delta(arch: Architecture, a_L: Array, z_L: Array, y: Array) -> Array:
     """
     if arch.output_activation == "softmax":
         return a_L - y
+    prime_of_a = ACTIVATIONS[arch.output_activation].prime_of_a
+    assert prime_of_a is not None  # only softmax lacks one, handled above
     delta = LOSSES[arch.loss].grad(a_L, y)
-    delta *= ACTIVATIONS[arch.output_activation].prime_of_a(a_L)  # g'(z[L]), from a[L]
+    delta *= prime_of_a(a_L)  # g'(z[L]), from a[L]
     return delta
 
 
@@ -78,8 +81,10 @@ def deltas(
     delta: list[Array] = [np.empty((0, 0), a[0].dtype)] * (L + 1)
     delta[L] = output_delta(arch, a[L], z[L], y)
     for l in range(L - 1, 0, -1):
+        prime_of_a = ACTIVATIONS[arch.g(l)].prime_of_a
+        assert prime_of_a is not None  # hidden activations are elementwise
         delta[l] = delta[l + 1] @ params.w[l + 1]  # (n, n_l)
-        delta[l] *= ACTIVATIONS[arch.g(l)].prime_of_a(a[l])  # g'(z[l]), from a[l] = g(z[l])
+        delta[l] *= prime_of_a(a[l])  # g'(z[l]), from a[l] = g(z[l])
     return delta
 
 
@@ -147,7 +152,7 @@ def block_partial(
         xc, yc = x[start : start + chunk_rows], y[start : start + chunk_rows]
         a, z = forward(arch, params, xc)
         delta = deltas(arch, params, a, z, yc)
-        losses = loss_fn(a[L], yc)  # (m,) float64
+        losses: F64 = np.asarray(loss_fn(a[L], yc), dtype=np.float64)  # (m,), no copy
         sq = per_sample_sq_norms(delta, a)  # (m, L+1)
         for l in range(1, L + 1):
             sum_w[l] += delta[l].T @ a[l - 1]  # (n_l, n_{l-1}), BP4 summed

@@ -83,10 +83,13 @@ def finite_difference_check(
                     "k": None if index["k"][p] < 0 else int(index["k"][p]),
                     "backprop": float(backprop[i, p]), "finite_difference": float(fd[i]),
                     "relative_error": relative_error(backprop[i, p], fd[i]),
-                    # An error relative to tiny values says nothing: judge those absolutely.
                     "abs_error": abs(float(backprop[i, p] - fd[i])),
                 })
-    worst = max(checks, key=lambda c: min(c["relative_error"], c["abs_error"] / 1e-7))
+    def badness(c: dict) -> float:
+        # An error relative to a tiny value says nothing: judge those by their absolute error.
+        return min(c["relative_error"], c["abs_error"] / 1e-7)
+
+    worst = max(checks, key=badness)
     return {"checks": checks, "worst": worst, "samples": len(rows),
             "parameters": len(checks) // max(len(rows), 1), "eps": eps}
 
@@ -133,7 +136,9 @@ def explain(config: TrainConfig, *, layer: int, j: int, k: int | None, sample: i
                 for m in range(len(terms))
             ]
         out["dC_da"] = dC_da
-        out["da_dz"] = float(ACTIVATIONS[g].prime(z[layer])[0, j])
+        prime = ACTIVATIONS[g].prime
+        assert prime is not None  # softmax is handled above
+        out["da_dz"] = float(prime(z[layer])[0, j])
     out["a_j"] = float(a[layer][0, j])
     out["z_j"] = float(z[layer][0, j])
     out["dz_dw"] = 1.0 if k is None else float(a[layer - 1][0, k])

@@ -184,15 +184,15 @@ class Progress:
     def __init__(self, total: int, enabled: bool) -> None:
         self.enabled = enabled and sys.stderr.isatty()
         self.total = total
-        self.bar = None
+        self.bar: Any = None
         self.samples = 0
         self.t0 = time.perf_counter()
 
     def __enter__(self) -> "Progress":
         if self.enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar
-            from rich.progress import TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
 
             self.bar = Bar(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
@@ -548,7 +548,8 @@ def jobs_list(ctx: click.Context, address: str | None, as_json: bool) -> None:
     header = ("ID", "STATUS", "START", "ENTRYPOINT")
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(3)]
     for row in [header, *rows]:
-        click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + row[3])
+        cells = zip(row, widths, strict=False)
+        click.echo("  ".join(str(v).ljust(w) for v, w in cells) + "  " + row[3])
 
 
 @jobs.command("status")

@@ -341,7 +341,8 @@ def _check_finite(values: NDArray, name: str, block: Block) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
         n_nan = int(np.isnan(values).sum())
-        kind = "NaN" if n_nan == int(bad.sum()) else ("infinite" if n_nan == 0 else "NaN or infinite")
+        kind = ("NaN" if n_nan == int(bad.sum())
+                else "infinite" if n_nan == 0 else "NaN or infinite")
         row = int(np.argmax(bad.reshape(bad.shape[0], -1).any(axis=1)))
         raise DataError(
             f"{block.file}: column {name!r} has {int(bad.sum())} {kind} values in rows "
@@ -357,7 +358,7 @@ def read_block(
     if fs is None:
         fs, _ = filesystem(dataset.source)
     columns = list(dict.fromkeys(
-        list(dataset.features) + list(dataset.target) + ([dataset.id_column] if dataset.id_column else [])
+        [*dataset.features, *dataset.target, *([dataset.id_column] if dataset.id_column else [])]
     ))
     pf = _open(fs, block.file)
     try:
@@ -425,7 +426,8 @@ def read_rows(
     ids, xs, ys = [], [], []
     for r in rows:
         if not 0 <= r < dataset.n_rows:
-            raise DataError(f"--sample {r}: outside 0..{dataset.n_rows - 1}, the rows of {dataset.source}")
+            raise DataError(f"--sample {r}: outside 0..{dataset.n_rows - 1}, "
+                            f"the rows of {dataset.source}")
         b = int(np.searchsorted(starts, r, side="right")) - 1
         if b not in cache:
             cache[b] = read_block(dataset, dataset.blocks[b], dtype, fs)

@@ -174,7 +174,7 @@ def dashboard_url(address: str | None) -> str:
         raise ConfigError(f"--address {address}: expected http://HOST:PORT, the Ray "
                           "dashboard (port 8265 by default)")
     try:
-        parts.port
+        _ = parts.port  # urllib checks the port only when it is read
     except ValueError:
         raise ConfigError(f"--address {address}: the port is not a number") from None
     return address

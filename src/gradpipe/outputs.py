@@ -156,7 +156,8 @@ def params_from_flat(sizes: tuple[int, ...], flat: F64, dtype: str) -> Params:
 def read_weights(
     path: str | Path,
 ) -> tuple[Architecture, Params, tuple[F64, F64] | None, F64 | None]:
-    """Read weights.parquet (or RUN/weights.parquet): architecture, params, standardize, velocity."""
+    """Read weights.parquet (or RUN/weights.parquet): architecture, params, standardize,
+    velocity."""
     path = Path(path)
     if path.is_dir():
         path = path / "weights.parquet"

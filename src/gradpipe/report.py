@@ -234,7 +234,7 @@ def metrics_summary(table: pa.Table) -> dict:
         "steps": table.num_rows,
         "first_step": rows[0]["step"],
         "last_step": rows[-1]["step"],
-        "layers": [int(_LAYER_COL.match(c).group(1)) for c in _layer_columns(table.column_names)],
+        "layers": [int(c.removeprefix("grad_norm_l")) for c in _layer_columns(table.column_names)],
         "curve": [rows[i] for i in _spaced(len(rows))],
         "final": rows[-1],
         "best": None if best is None else {"step": rows[best]["step"], "loss": rows[best]["loss"]},
@@ -351,8 +351,8 @@ def gradient_norms(path: Path) -> tuple[dict, list[dict]]:
             grad = batch.column("grad")
             table = pa.table({"step": batch.column("step"), "layer": batch.column("layer"),
                               "sq": pc.multiply(grad, grad)})
-            for row in table.group_by(["step", "layer"]).aggregate([("sq", "sum")]).to_pylist():
-                sq[(row["step"], row["layer"])] += row["sq_sum"] or 0.0
+            for agg in table.group_by(["step", "layer"]).aggregate([("sq", "sum")]).to_pylist():
+                sq[(agg["step"], agg["layer"])] += agg["sq_sum"] or 0.0
     except (pa.ArrowInvalid, OSError, KeyError) as e:
         raise ConfigError(f"{path}: not a readable gradients file ({e})") from None
     steps = sorted({s for s, _ in sq})

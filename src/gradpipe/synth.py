@@ -1,4 +1,4 @@
-"""Synthetic datasets: `gradpipe data synth`, deterministic, learnable, written a row group at a time.
+"""Synthetic datasets for `gradpipe data synth`: deterministic, learnable, one row group at a time.
 
 Features are standard normal; the targets come from a fixed random "teacher" network
 (one tanh hidden layer) drawn from the seed, so a student MLP can learn them. Row group g

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
-from .data import BLOCK_ROWS, DataSpec, Dataset, plan
+from .data import BLOCK_ROWS, Dataset, DataSpec, plan
 from .errors import ConfigError, DataError, DivergenceError
 from .model import Architecture, Params, check_shapes, init_params
 from .outputs import (
@@ -153,7 +153,7 @@ def data_spec(config: TrainConfig) -> DataSpec:
 def build_model(
     config: TrainConfig, dataset: Dataset
 ) -> tuple[Architecture, Params, tuple[F64, F64] | None]:
-    """The architecture and initial weights: from --weights, or seeded init from the data's sizes."""
+    """The architecture and initial weights: --weights, or seeded init sized by the data."""
     if config.weights:
         arch, params, standardize, _ = read_weights(config.weights)
         arch = dataclasses.replace(arch, dtype=config.dtype)
@@ -269,7 +269,8 @@ class Run:
         if self.out is not None:
             if config.resume:
                 if not (self.out / "run.json").is_file():
-                    raise ConfigError(f"--resume {self.out}: not a gradpipe run folder (no run.json)")
+                    raise ConfigError(
+                        f"--resume {self.out}: not a gradpipe run folder (no run.json)")
             else:
                 prepare_run_dir(self.out, overwrite=config.overwrite)
         self.dataset = plan(data_spec(config))
@@ -410,7 +411,7 @@ class Run:
         lam = self.config.weight_decay
         if lam:
             mask = np.concatenate([np.r_[np.ones(w.size), np.zeros(b.size)]
-                                   for w, b in zip(params.w[1:], params.b[1:])])
+                                   for w, b in zip(params.w[1:], params.b[1:], strict=True)])
             flat = flat + lam * params.flat() * mask
         return flat
 

@@ -14,15 +14,15 @@ import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from numpy.typing import NDArray
 
 from .backprop import Partial, block_partial
 from .data import Block, BlockData, Dataset, filesystem, read_block
-from .model import Architecture, Params
 from .errors import JobError
+from .model import Architecture, Params
 from .outputs import PerSampleWriter, per_sample_path
 
 F64 = NDArray[np.float64]
@@ -251,10 +251,10 @@ def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool 
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before
-    quiet = dict(
-        logging_level=logging.INFO if verbose else logging.ERROR,
-        log_to_driver=verbose,
-    )
+    quiet: dict[str, Any] = {
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+        "log_to_driver": verbose,
+    }
     if local:
         ray.init(
             address="local",
@@ -264,6 +264,7 @@ def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool 
             **quiet,
         )
     else:
+        assert address is not None
         if address != "auto" and not address.startswith("ray://"):
             _probe(address)
         try:
@@ -300,16 +301,17 @@ def _probe(address: str) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
             pass
     except OSError as e:
-        raise JobError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
+        raise JobError(
+            f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
     try:
-        from ray._raylet import GcsClient  # private API: only a probe, so failures are ignored
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # private: a probe only
         from ray.exceptions import AuthenticationError
     except ImportError:
         return
     try:
         # The C++ client logs each refused attempt on fd 2 before Ray's logging is set up.
         with _stderr_to_devnull():
-            GcsClient(address=address).cluster_id
+            _ = GcsClient(address=address).cluster_id  # the call that asks for the token
     except AuthenticationError:
         raise JobError(
             f"--address {address}: the cluster uses token authentication and no valid token "

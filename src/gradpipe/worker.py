@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -118,16 +119,25 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
     return partial
 
 
+def one_blas_thread() -> contextlib.AbstractContextManager:
+    """Limit numpy's BLAS to one thread in this process for the duration."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 class BlockSet:
     """The blocks one worker holds, loaded once (or streamed), and the work on them."""
 
     def __init__(
-        self, dataset: Dataset, blocks: list[Block], dtype: str, stream: bool = False
+        self, dataset: Dataset, blocks: list[Block], dtype: str, stream: bool = False,
+        threads: int = 1,
     ) -> None:
         self.dataset = dataset
         self.blocks = blocks
         self.dtype = dtype
         self.stream = stream
+        self.threads = max(1, threads)  # blocks computed at once, one BLAS thread each
         self.fs, _ = filesystem(dataset.source)
         self._standardize: tuple[F64, F64] | None = None
         self.data: list[BlockData] | None = None
@@ -188,8 +198,23 @@ class BlockSet:
         return out
 
     def step(self, req: StepRequest) -> list[Partial]:
+        """One Partial per block. Each block is computed with one BLAS thread, and cores are
+        used by computing `threads` blocks at once (numpy releases the GIL): a block's bits
+        must not depend on how many threads its matrix products were split over, which
+        OpenBLAS does not promise."""
         classify = self.dataset.classify
-        return [block_step(d, req, classify) for d in self.iter_blocks(req.standardize)]
+        with one_blas_thread():
+            if self.threads == 1:
+                return [block_step(d, req, classify) for d in self.iter_blocks(req.standardize)]
+            partials: list[Partial] = []
+            with ThreadPoolExecutor(max_workers=self.threads) as pool:
+                running: deque = deque()
+                for d in self.iter_blocks(req.standardize):
+                    running.append(pool.submit(block_step, d, req, classify))
+                    if len(running) >= self.threads:  # bounds streamed blocks in memory
+                        partials.append(running.popleft().result())
+                partials += [f.result() for f in running]
+            return partials
 
     def nbytes(self) -> int:
         return sum(d.nbytes for d in self.data) if self.data is not None else 0
@@ -198,12 +223,12 @@ class BlockSet:
         return os.getpid()
 
     def blas_threads(self) -> int | None:
-        """BLAS threads numpy uses in this process (None when threadpoolctl is missing)."""
-        try:
-            from threadpoolctl import threadpool_info
-        except ImportError:
-            return None
-        return max((i["num_threads"] for i in threadpool_info()), default=None)
+        """BLAS threads numpy uses while this worker computes a step."""
+        from threadpoolctl import threadpool_info
+
+        with one_blas_thread():
+            return max((i["num_threads"] for i in threadpool_info()
+                        if i["user_api"] == "blas"), default=None)
 
     def node(self) -> str | None:
         """The Ray node this worker runs on (None in-process)."""
@@ -346,7 +371,8 @@ class Pool:
         self.local: BlockSet | None = None
         self.actors: list = []
         if workers == 0:
-            self.local = BlockSet(dataset, list(dataset.blocks), dtype, stream)
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            self.local = BlockSet(dataset, list(dataset.blocks), dtype, stream, threads=cpus)
             return
         import ray
 
@@ -354,13 +380,6 @@ class Pool:
         per_worker = cpus / workers  # Ray takes fractions below 1, whole numbers above
         num_cpus = per_worker if per_worker < 1 else int(per_worker)
         threads = max(1, int(per_worker))
-        options: dict = {}
-        if threads > 1:
-            # Ray's workers load numpy with one BLAS thread; more must be set before the
-            # process starts. (A runtime_env costs a fresh process, ~0.8 s: only when needed.)
-            env = {name: str(threads) for name in
-                   ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-            options["runtime_env"] = {"env_vars": env}
         actor_class = ray.remote(BlockSet)
         for group in assign_blocks(dataset.blocks, workers):
             self.actors.append(
@@ -371,8 +390,7 @@ class Pool:
                     max_restarts=-1,
                     max_task_retries=-1,
                     scheduling_strategy="SPREAD",
-                    **options,
-                ).remote(dataset, group, dtype, stream)
+                ).remote(dataset, group, dtype, stream, threads)
             )
 
     def _call(self, method: str, *args) -> list:

@@ -55,7 +55,7 @@ class Partial:
 
 # Sink for per-sample rows:
 # (first row in the block, losses (m,), sq_norms (m, L+1), grads (m, P) or None).
-Sink = Callable[[int, F64, F64, "F64 | None"], None]
+Sink = Callable[[int, F64, F64, "Array | None"], None]
 
 
 def output_delta(arch: Architecture, a_L: Array, z_L: Array, y: Array) -> Array:
@@ -104,19 +104,29 @@ def per_sample_sq_norms(delta: list[Array], a: list[Array]) -> F64:
     return out
 
 
-def per_sample_grads(delta: list[Array], a: list[Array]) -> F64:
+def per_sample_grads(delta: list[Array], a: list[Array]) -> Array:
     """BP3/BP4 materialized: row i is dC_i/dtheta, (n, P) in gradients.parquet order.
+
+    In the compute dtype: these are per-sample values, not sums, and writing them is
+    bound by memory bandwidth (float32 halves the bytes of float64).
 
     grad_w[l]_i = einsum("nj,nk->njk", delta[l], a[l-1]) flattened (j, k) row-major,
     followed by grad_b[l]_i = delta[l]_i, layer after layer.
     """
-    parts = []
+    n = a[0].shape[0]
+    sizes = [d.shape[1] * (a_l.shape[1] + 1) for d, a_l in zip(delta[1:], a[:-1], strict=True)]
+    out = np.empty((n, sum(sizes)), dtype=delta[-1].dtype)  # (n, P)
+    pos = 0
     for l in range(1, len(delta)):
-        d = delta[l].astype(np.float64)
-        gw = np.einsum("nj,nk->njk", d, a[l - 1].astype(np.float64))  # (n, j, k)
-        parts.append(gw.reshape(d.shape[0], -1))
-        parts.append(d)
-    return np.concatenate(parts, axis=1)
+        n_l, n_k = delta[l].shape[1], a[l - 1].shape[1]
+        # Written straight into its columns: no temporaries, no concatenation.
+        gw = out[:, pos : pos + n_l * n_k].reshape(n, n_l, n_k)  # (n, j, k), a view
+        assert np.shares_memory(gw, out), "reshape copied: the products would be lost"
+        np.multiply(delta[l][:, :, None], a[l - 1][:, None, :], out=gw)
+        pos += n_l * n_k
+        out[:, pos : pos + n_l] = delta[l]
+        pos += n_l
+    return out
 
 
 def block_partial(

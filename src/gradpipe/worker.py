@@ -86,9 +86,10 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
             req.arch.L,
             full=req.per_sample == "full",
             classify=classify,
+            dtype=req.arch.dtype,
         )
 
-    def sink(start: int, losses: F64, sq: F64, grads: F64 | None) -> None:
+    def sink(start: int, losses: F64, sq: F64, grads: NDArray[np.floating] | None) -> None:
         m = len(losses)
         assert writer is not None
         writer.write(
@@ -371,8 +372,8 @@ class Pool:
         self.local: BlockSet | None = None
         self.actors: list = []
         if workers == 0:
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-            self.local = BlockSet(dataset, list(dataset.blocks), dtype, stream, threads=cpus)
+            here = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            self.local = BlockSet(dataset, list(dataset.blocks), dtype, stream, threads=here)
             return
         import ray
 

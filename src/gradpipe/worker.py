@@ -120,6 +120,14 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
     return partial
 
 
+def _release_arrow_memory() -> None:
+    """Hand Arrow's freed read buffers back to the OS: blocks live on as numpy arrays, and
+    the pool would otherwise keep the Parquet tables' memory resident (about 100 MiB)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+
+
 def one_blas_thread() -> contextlib.AbstractContextManager:
     """Limit numpy's BLAS to one thread in this process for the duration."""
     from threadpoolctl import threadpool_limits
@@ -157,6 +165,7 @@ class BlockSet:
             else:
                 self.data = [self._read(b) for b in self.blocks]
             self.loaded = True
+            _release_arrow_memory()
         return self.nbytes()
 
     def _read(self, block: Block) -> BlockData:
@@ -185,6 +194,7 @@ class BlockSet:
             for i in range(len(self.blocks)):
                 assert pending is not None
                 data = pending.result()
+                _release_arrow_memory()
                 if i + 1 < len(self.blocks):
                     pending = pool.submit(self._read, self.blocks[i + 1])
                 yield self._apply(data, standardize)

@@ -97,3 +97,38 @@ def test_nothing_is_unpickled():
         assert not re.search(r"\bpickle\.loads?\(", text), path.name
         for call in re.findall(r"np\.load\([^)]*\)", text):
             assert "allow_pickle=False" in call, (path.name, call)
+
+
+@pytest.mark.ray
+def test_the_local_instance_refuses_clients_without_its_token(ray_local, tmp_path):
+    """Token authentication stays on: a client with auth disabled and no token is refused."""
+    import subprocess
+    import sys
+
+    address = ray_local.get_runtime_context().gcs_address
+    probe = (
+        "import sys\n"
+        "from ray._raylet import GcsClient\n"
+        "from ray.exceptions import AuthenticationError\n"
+        "try:\n"
+        f"    GcsClient(address={address!r}).cluster_id\n"
+        "except AuthenticationError:\n"
+        "    sys.exit(3)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(RAY_AUTH_MODE="disabled", HOME=str(tmp_path))  # no ~/.ray/auth_token either
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                            timeout=60)
+    assert result.returncode == 3, result.stderr.decode()[-2000:]
+
+
+def test_a_run_writes_only_inside_its_run_folder(cls_data, tmp_path, monkeypatch):
+    from gradpipe.train import TrainConfig, train
+
+    monkeypatch.chdir(tmp_path)
+    before = {p for p in tmp_path.rglob("*")}
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(3,), steps=3,
+                      per_sample="full", checkpoint_every=1))
+    new = {p for p in tmp_path.rglob("*")} - before
+    assert new and all(p == out or out in p.parents for p in new), sorted(new - {out})

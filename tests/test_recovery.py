@@ -3,6 +3,7 @@ writing per-sample rows for a million samples loses none and duplicates none."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradpipe.train import Run, TrainConfig
+from gradpipe.worker import assign_blocks
 
 from conftest import make_classification
 
@@ -36,7 +38,7 @@ def _all_parquet_readable(run: Path) -> None:
 def test_a_driver_killed_at_a_random_moment_resumes_bitwise(tmp_path, seed):
     data = make_classification(tmp_path / "data", rows=6000, features=16, classes=4, files=2,
                                row_group_size=1000)
-    args = [str(data), "--workers", "0", "--hidden", "64", "--steps", "60", "--momentum", "0.9",
+    args = [str(data), "--workers", "0", "--hidden", "64", "--steps", "250", "--momentum", "0.9",
             "--checkpoint-every", "7", "--record-every", "5", "--per-sample", "norms",
             "--per-sample-every", "10", "--quiet"]
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -46,9 +48,10 @@ def test_a_driver_killed_at_a_random_moment_resumes_bitwise(tmp_path, seed):
     while not (cut / "metrics.parquet").exists():  # training has begun
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.005)
-    time.sleep(random.Random(seed).uniform(0.0, 0.4))
+    time.sleep(random.Random(seed).uniform(0.0, 0.8))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert json.loads((cut / "run.json").read_text())["status"] == "running", "killed too late"
     _all_parquet_readable(cut)
 
     resumed = subprocess.run([GRADPIPE, "train", *args, "--out", str(cut), "--resume"],
@@ -74,14 +77,23 @@ def test_a_million_per_sample_rows_survive_a_worker_crash(ray_local, tmp_path):
     killed: list[int] = []
     try:
         victim = run.pool.pids()[1]
+        its_blocks = assign_blocks(run.dataset.blocks, 4)[1]
+        step_dir = out / "per_sample" / "step=0"
 
         def kill() -> None:
-            time.sleep(0.3)  # the step is under way: blocks are being written
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
+            # Wait until the victim is writing one of its blocks, then kill it mid-write.
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                if any(step_dir.glob(f".part-{b.index:05d}.parquet.tmp-*") for b in its_blocks):
+                    os.kill(victim, signal.SIGKILL)
+                    killed.append(victim)
+                    return
+                time.sleep(0.001)
 
-        threading.Thread(target=kill).start()
+        killer = threading.Thread(target=kill)
+        killer.start()
         run.execute()
+        killer.join()
         after = run.pool.pids()
     finally:
         run.close()

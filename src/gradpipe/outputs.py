@@ -204,6 +204,8 @@ class PerSampleWriter:
             # The compute dtype: float32 per-sample gradients unless --dtype float64.
             fields.append(pa.field("grad", pa.list_(pa.from_numpy_dtype(np.dtype(dtype)))))
         self.schema = pa.schema(fields)
+        self.full = full
+        self.pending: list[pa.Table] = []
         # Per-sample values are high-entropy floats: dictionary pages only cost time, and
         # lz4 writes 2-3x faster than zstd for about the same size on such data.
         # Statistics on the scalar columns only (sample ranges prune reads); on the grad
@@ -229,9 +231,16 @@ class PerSampleWriter:
             m, p = grads.shape  # a piece of at most FULL_CHUNK_BYTES: int32 offsets suffice
             offsets = pa.array(np.arange(0, (m + 1) * p, p, dtype=np.int32))
             cols.append(pa.ListArray.from_arrays(offsets, pa.array(grads.reshape(-1))))
-        self.writer.write_table(pa.Table.from_arrays(cols, schema=self.schema))
+        table = pa.Table.from_arrays(cols, schema=self.schema)
+        if self.full:
+            self.writer.write_table(table)  # pieces of at most FULL_CHUNK_BYTES each
+        else:
+            self.pending.append(table)  # norms are ~50 bytes a row: one row group per block
 
     def close(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending))
+            self.pending = []
         self.writer.close()
         os.replace(self.tmp, self.path)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +45,26 @@ def make_regression(folder: Path, *, rows: int = 40, features: int = 4, targets:
         cols[f"t{t}"] = np.tanh(x @ rng.normal(size=features))
     write_parquet(folder / "part-0.parquet", cols, row_group_size=9)
     return folder
+
+
+def ok(result):
+    """A CliRunner result that succeeded and printed nothing on stderr."""
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert result.stderr == ""
+    return result
+
+
+def one_line_error(result, *names: str) -> str:
+    """A refused command: exit 2, no traceback, one 'gradpipe: error:' line naming `names`."""
+    assert "Traceback" not in result.output
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradpipe: error: "), result.stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
 
 
 @pytest.fixture

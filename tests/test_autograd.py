@@ -8,11 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from test_train import load_xy
 
 from gradpipe.cli import cli
 from gradpipe.outputs import params_from_flat
-
-from test_train import load_xy
 
 torch = pytest.importorskip("torch")
 func = pytest.importorskip("torch.func")

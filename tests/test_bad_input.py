@@ -25,11 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
-
-from gradpipe.cli import cli
-
 from conftest import DIGITS, make_classification, make_regression, write_parquet
 
+from gradpipe.cli import cli
 
 # --------------------------------------------------------------------------- helpers
 

@@ -8,10 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from conftest import DIGITS
 
 from gradpipe.cli import cli
-
-from conftest import DIGITS
 
 
 def run(*args: str):

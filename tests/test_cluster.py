@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_classification
 
 from gradpipe.train import TrainConfig, train
-
-from conftest import make_classification
 
 pytestmark = pytest.mark.cluster
 RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"

@@ -19,34 +19,17 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
+from conftest import make_classification, ok, one_line_error, write_parquet
 
 from gradpipe import convert
 from gradpipe.cli import cli
 from gradpipe.data import DataSpec, plan
-
-from conftest import make_classification, write_parquet
 
 
 def import_(src: Path, out: Path, *args: str) -> Result:
     return CliRunner().invoke(cli, ["data", "import", str(src), str(out), *args])
 
 
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, (result.output, result.exception)
-    assert result.stderr == ""
-    return result
-
-
-def one_line_error(result: Result, *names: str) -> str:
-    assert "Traceback" not in result.output
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit)
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gradpipe: error: "), result.stderr
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def listing(root: Path) -> set[str]:

@@ -15,10 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from gradpipe.data import DataSpec, Dataset, list_files, plan, read_block, read_rows
-
 from conftest import DIGITS, make_classification, make_regression, write_parquet
+
+from gradpipe.data import Dataset, DataSpec, list_files, plan, read_block, read_rows
 
 DIGIT_FEATURES = [f"x{d}" for d in range(64)]
 

@@ -16,9 +16,9 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
-import sysconfig
 import urllib.error
 import urllib.request
 import venv
@@ -27,13 +27,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from conftest import REPO, make_classification
 
 from gradpipe.cli import cli
 from gradpipe.errors import ConfigError
 from gradpipe.jobs import JobConfig, dashboard_url, plan_submission, read_job_file
 from gradpipe.train import TrainConfig
-
-from conftest import REPO, make_classification
 
 GRADPIPE = shutil.which("gradpipe", path=os.path.dirname(sys.executable)) or "gradpipe"
 

@@ -19,7 +19,6 @@ from gradpipe.model import (
     zeros_like,
 )
 
-
 # ---------------------------------------------------------------------------- validation
 
 @pytest.mark.parametrize(

@@ -17,11 +17,10 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+from conftest import make_classification
 
 from gradpipe.train import Run, TrainConfig
 from gradpipe.worker import assign_blocks
-
-from conftest import make_classification
 
 GRADPIPE = shutil.which("gradpipe", path=os.path.dirname(sys.executable)) or "gradpipe"
 

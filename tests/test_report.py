@@ -18,14 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
+from conftest import make_classification, make_regression, ok, one_line_error, write_parquet
 
 from gradpipe import report
 from gradpipe.cli import cli
 from gradpipe.errors import ConfigError
 from gradpipe.synth import synth
 from gradpipe.train import TrainConfig, train
-
-from conftest import make_classification, make_regression, write_parquet
 
 STEPS = 30
 ROWS = 120
@@ -35,22 +34,6 @@ def inspect(*args: str) -> Result:
     return CliRunner().invoke(cli, ["inspect", *map(str, args)])
 
 
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, (result.output, result.exception)
-    assert result.stderr == ""
-    return result
-
-
-def one_line_error(result: Result, *names: str) -> str:
-    assert "Traceback" not in result.output
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit)
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gradpipe: error: "), result.stderr
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def strict_json(text: str) -> dict:

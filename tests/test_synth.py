@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
+from conftest import ok, one_line_error
 
 from gradpipe.cli import cli
 from gradpipe.data import DataSpec, plan
@@ -19,22 +20,6 @@ def synth(out: Path, *args: str) -> Result:
     return CliRunner().invoke(cli, ["data", "synth", str(out), *args])
 
 
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, (result.output, result.exception)
-    assert result.stderr == ""
-    return result
-
-
-def one_line_error(result: Result, *names: str) -> str:
-    assert "Traceback" not in result.output
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit)
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gradpipe: error: "), result.stderr
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def read(folder: Path) -> pa.Table:

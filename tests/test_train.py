@@ -9,13 +9,12 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import DIGITS
+from reference import naive_full_batch
 
 from gradpipe.errors import DivergenceError
 from gradpipe.outputs import params_from_flat
 from gradpipe.train import TrainConfig, train
-
-from conftest import DIGITS
-from reference import naive_full_batch
 
 
 def load_xy(folder: Path, classes: int | None = None, target=("label",)):

@@ -11,14 +11,13 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import DIGITS, make_classification
+from reference import naive_full_batch
+from test_train import gradients, load_xy
 
 from gradpipe.data import DataSpec, plan
 from gradpipe.train import Run, TrainConfig, train
 from gradpipe.worker import assign_blocks
-
-from conftest import DIGITS, make_classification
-from reference import naive_full_batch
-from test_train import gradients, load_xy
 
 pytestmark = pytest.mark.ray
 

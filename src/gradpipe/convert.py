@@ -10,7 +10,6 @@ like is data.py's; this module only converts and refuses.
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import shutil
@@ -25,17 +24,21 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .data import DataSpec, filesystem, list_files, plan, read_block
+from .data import (
+    DataSpec,
+    describe_columns,
+    filesystem,
+    list_files,
+    plan,
+    read_block,
+    select_features,
+)
 from .errors import ConfigError, DataError
 
 ROW_GROUP_SIZE = 65536  # default rows per row group: one block each, data.BLOCK_ROWS
 CSV_SUFFIXES = (".csv", ".tsv")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")  # pyarrow decompresses these by name
 CSV_NULLS = "empty, NA, NaN or null"  # what pyarrow.csv reads as null by default
-
-
-def _describe(names: list[str]) -> str:
-    return ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:6])}, ... ({len(names)})"
 
 
 def _one_line(error: Exception) -> str:
@@ -81,23 +84,10 @@ def select_columns(
     for t in target:
         if t not in names:
             raise DataError(
-                f"{where}: missing target column {t!r} (found: {_describe(names)}). "
+                f"{where}: missing target column {t!r} (found: {describe_columns(names)}). "
                 "Pass --target with the right name."
             )
-    if features:
-        chosen: list[str] = []
-        for pattern in features:
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                raise DataError(
-                    f"{where}: no column matches feature {pattern!r} "
-                    f"(found: {_describe(names)}). Check --features."
-                )
-            chosen += [h for h in hits if h not in chosen and h not in target]
-    else:
-        chosen = [n for n in names if n not in target]
-    if not chosen:
-        raise DataError(f"{where}: no feature columns left besides the target. Check --features.")
+    chosen = select_features(names, features, set(target), where)
     columns = chosen + list(target)
     duplicates = sorted({c for c in columns if names.count(c) > 1})
     if duplicates:

@@ -142,8 +142,31 @@ def _is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
 
-def _describe(names: list[str]) -> str:
+def describe_columns(names: list[str]) -> str:
+    """Column names for a message: all of them, or the first six and the count."""
     return ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:6])}, ... ({len(names)})"
+
+
+def select_features(
+    names: list[str], patterns: tuple[str, ...], excluded: set[str], where: str
+) -> list[str]:
+    """Feature columns: those matching the names or globs in order, or all but `excluded`."""
+    if not patterns:
+        chosen = [n for n in names if n not in excluded]
+    else:
+        chosen = []
+        for pattern in patterns:
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                raise DataError(
+                    f"{where}: no column matches feature {pattern!r} "
+                    f"(found: {describe_columns(names)}). Check --features."
+                )
+            # A glob may sweep in the target or the id; they are never features.
+            chosen += [h for h in hits if h not in chosen and h not in excluded]
+    if not chosen:
+        raise DataError(f"{where}: no feature columns left besides the target. Check --features.")
+    return chosen
 
 
 def _resolve_features(
@@ -151,28 +174,14 @@ def _resolve_features(
 ) -> tuple[tuple[str, ...], bool, int]:
     names = schema.names
     excluded = set(spec.target) | ({spec.id_column} if spec.id_column else set())
-    if spec.features:
-        chosen: list[str] = []
-        for pattern in spec.features:
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                raise DataError(
-                    f"{path}: no column matches feature {pattern!r} "
-                    f"(found: {_describe(names)}). Check --features."
-                )
-            # A glob may sweep in the target or the id; they are never features.
-            chosen += [h for h in hits if h not in chosen and h not in excluded]
-    else:
-        chosen = [n for n in names if n not in excluded]
-    if not chosen:
-        raise DataError(f"{path}: no feature columns left besides the target. Check --features.")
+    chosen = select_features(names, spec.features, excluded, path)
     types = {c: schema.field(c).type for c in chosen}
     lists = [c for c in chosen if pa.types.is_fixed_size_list(types[c])]
     if lists:
         if len(chosen) != 1:
             raise DataError(
                 f"{path}: list column {lists[0]!r} must be the only feature column "
-                f"(got {_describe(chosen)}). Pass --features {lists[0]}."
+                f"(got {describe_columns(chosen)}). Pass --features {lists[0]}."
             )
         t = types[lists[0]]
         if not _is_numeric(t.value_type):
@@ -194,7 +203,7 @@ def _resolve_target(schema: pa.Schema, spec: DataSpec, path: str) -> str:
     for t in spec.target:
         if t not in names:
             raise DataError(
-                f"{path}: missing target column {t!r} (found: {_describe(names)}). "
+                f"{path}: missing target column {t!r} (found: {describe_columns(names)}). "
                 "Pass --target with the right name."
             )
         if not _is_numeric(schema.field(t).type):

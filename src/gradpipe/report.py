@@ -28,6 +28,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
+from .data import describe_columns
 from .errors import ConfigError
 from .outputs import read_run_json, read_weights
 
@@ -81,10 +82,6 @@ class Inspection:
 # --------------------------------------------------------------------------- finding files
 
 
-def _describe(names: list[str]) -> str:
-    return ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:6])}, ... ({len(names)})"
-
-
 def _read_schema(path: Path) -> pa.Schema:
     try:
         return pq.read_schema(path)
@@ -100,7 +97,7 @@ def detect_kind(path: str | Path) -> str:
         if required <= set(names):
             return kind
     raise ConfigError(
-        f"{path}: not a gradpipe output: its columns ({_describe(names)}) match none of "
+        f"{path}: not a gradpipe output: its columns ({describe_columns(names)}) match none of "
         "metrics.parquet, gradients.parquet, weights.parquet or a per_sample part file"
     )
 

@@ -245,3 +245,22 @@ def test_divergence_stops_with_the_step_and_keeps_earlier_outputs(cls_data, tmp_
     assert ckpts, "the finite checkpoints stay"
     last = pq.read_table(ckpts[-1] / "weights.parquet").column("value").to_numpy()
     assert np.isfinite(last).all()
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(cls_data, tmp_path):
+    from gradpipe.errors import RunInterrupted
+
+    common = dict(data=str(cls_data), workers=0, hidden=(4,), steps=8, checkpoint_every=2)
+    out = tmp_path / "run"
+
+    def ctrl_c(done: int, metrics: dict) -> None:
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted, match="--resume"):
+        train(TrainConfig(out=str(out), **common), ctrl_c)
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    train(TrainConfig(out=str(out), resume=True, **common))
+    full = tmp_path / "full"
+    train(TrainConfig(out=str(full), **common))
+    assert pq.read_table(out / "weights.parquet").equals(pq.read_table(full / "weights.parquet"))

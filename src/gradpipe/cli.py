@@ -16,7 +16,7 @@ from typing import Any, Callable
 import click
 
 from .activations import ACTIVATIONS, HIDDEN_ACTIVATIONS
-from .errors import DivergenceError, GradpipeError
+from .errors import DivergenceError, GradpipeError, RunInterrupted
 from .losses import LOSSES
 
 
@@ -33,6 +33,10 @@ class RunFailed(UserError):
     exit_code = 1
 
 
+class Interrupted(UserError):
+    exit_code = 130  # the shell's status for a command stopped by SIGINT
+
+
 class Group(click.Group):
     """A click group that turns GradpipeError into UserError, in one place."""
 
@@ -41,6 +45,8 @@ class Group(click.Group):
             return super().invoke(ctx)
         except DivergenceError as e:
             raise RunFailed(str(e)) from None
+        except RunInterrupted as e:
+            raise Interrupted(str(e)) from None
         except GradpipeError as e:
             raise UserError(str(e)) from None
 

@@ -23,3 +23,7 @@ class JobError(GradpipeError):
 
 class DivergenceError(GradpipeError):
     """Training produced a non-finite loss or gradient."""
+
+
+class RunInterrupted(GradpipeError):
+    """The user stopped a run (Ctrl-C); its checkpoints remain for --resume."""

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from .data import BLOCK_ROWS, Dataset, DataSpec, plan
-from .errors import ConfigError, DataError, DivergenceError
+from .errors import ConfigError, DataError, DivergenceError, RunInterrupted
 from .model import Architecture, Params, check_shapes, init_params
 from .outputs import (
     gradient_table,
@@ -331,7 +331,23 @@ class Run:
         }
 
     def execute(self, progress: Progress | None = None) -> dict:
-        """Run every step; returns the summary of the last one."""
+        """Run every step; returns the summary of the last one.
+
+        Ctrl-C marks the run `interrupted` in run.json (its checkpoints stay, for --resume)
+        and raises a RunInterrupted naming the step.
+        """
+        try:
+            return self._execute(progress)
+        except KeyboardInterrupt:
+            step = self.state.step
+            if self.out is not None and (self.out / "run.json").is_file():
+                write_json(self.run_json("interrupted", steps_done=step), self.out / "run.json")
+            raise RunInterrupted(
+                f"interrupted after {step} steps; continue with --resume --out {self.out}"
+                if self.out is not None and self.config.update else
+                f"interrupted after {step} steps") from None
+
+    def _execute(self, progress: Progress | None = None) -> dict:
         config, arch, out = self.config, self.arch, self.out
         state = self.state
         started = datetime.now(timezone.utc).isoformat(timespec="seconds")

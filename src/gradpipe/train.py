@@ -9,6 +9,7 @@ run folder is written only after the data and the model have been checked.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -28,6 +29,7 @@ from .errors import ConfigError, DataError, DivergenceError, RunInterrupted
 from .model import Architecture, Params, check_shapes, init_params
 from .outputs import (
     gradient_table,
+    params_from_flat,
     prepare_run_dir,
     read_run_json,
     read_weights,
@@ -234,7 +236,7 @@ def _resume_state(config: TrainConfig, out: Path, arch: Architecture, dataset: D
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         raise ConfigError(f"--resume {out}: the run has no complete checkpoint to resume from")
-    step = int(read_json(ckpt / "state.json")["step"])
+    step = int(json.loads((ckpt / "state.json").read_text())["step"])
     _, params, _, velocity = read_weights(ckpt / "weights.parquet")
     state = State(step, params.astype(arch.dtype), velocity if velocity is not None else
                   np.zeros(arch.n_params))
@@ -245,12 +247,6 @@ def _resume_state(config: TrainConfig, out: Path, arch: Architecture, dataset: D
         table = pq.read_table(out / "gradients.parquet")
         state.gradients = [table.filter(pa.compute.less(table["step"], step))]
     return state
-
-
-def read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())
 
 
 Progress = Callable[[int, dict], None]
@@ -484,8 +480,6 @@ def metrics_table(rows: list[dict]) -> pa.Table:
 
 
 def _unflatten(arch: Architecture, flat: F64) -> Params:
-    from .outputs import params_from_flat
-
     return params_from_flat(arch.sizes, flat, arch.dtype)
 
 

@@ -185,11 +185,13 @@ def build_config(ctx: click.Context, data: str | None, params: dict, **fixed: An
 
 
 class Progress:
-    """A rich progress bar on stderr with the loss; silent unless stderr is a terminal."""
+    """A rich progress bar on stderr (steps with the loss, or rows); silent unless stderr is a
+    terminal."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
+    def __init__(self, total: int, enabled: bool, unit: str = "step") -> None:
         self.enabled = enabled and sys.stderr.isatty()
         self.total = total
+        self.unit = unit
         self.bar: Any = None
         self.samples = 0
         self.t0 = time.perf_counter()
@@ -200,7 +202,7 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
             from rich.progress import Progress as Bar
 
-            self.bar = Bar(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+            self.bar = Bar(TextColumn(self.unit), MofNCompleteColumn(), BarColumn(),
                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                            console=Console(stderr=True), transient=False)
             self.bar.__enter__()
@@ -215,6 +217,12 @@ class Progress:
             if "accuracy" in metrics:
                 info += f"  acc {metrics['accuracy']:.3f}"
             self.bar.update(self.task, completed=step, info=f"{info}  {rate:,.0f} samples/s")
+
+    def rows(self, done: int) -> None:
+        """Rows written so far (data synth)."""
+        if self.bar is not None:
+            rate = done / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, completed=done, info=f"{rate:,.0f} rows/s")
 
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
@@ -426,7 +434,8 @@ def data_synth(out: str, as_json: bool, **params: Any) -> None:
     """
     from .synth import synth
 
-    summary = synth(out, **params)
+    with Progress(params["rows"], True, unit="rows") as bar:
+        summary = synth(out, **params, progress=bar.rows)
     click.echo(json.dumps(summary) if as_json else
                f"wrote {summary['rows']} rows in {summary['files']} files "
                f"({summary['row_groups']} row groups) to {summary['out']}")

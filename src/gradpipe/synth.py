@@ -9,6 +9,7 @@ without the others and memory never holds more than one.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,11 @@ def synth_group(seed: int, group: int, rows: int, features: int, classes: int, t
 
 def synth(out: str | Path, *, rows: int, features: int, classes: int, files: int = 1,
           row_group_size: int = 65536, seed: int = 0, targets: int = 1,
-          overwrite: bool = False) -> dict:
-    """Write the dataset as `files` Parquet files part-00000.parquet...; returns a summary."""
+          overwrite: bool = False, progress: Callable[[int], None] | None = None) -> dict:
+    """Write the dataset as `files` Parquet files part-00000.parquet...; returns a summary.
+
+    `progress`, if given, is called with the rows written so far after each row group.
+    """
     for name, value, low in (("rows", rows, 1), ("features", features, 1), ("files", files, 1),
                              ("row-group-size", row_group_size, 1), ("classes", classes, 0),
                              ("targets", targets, 1)):
@@ -84,6 +88,8 @@ def synth(out: str | Path, *, rows: int, features: int, classes: int, files: int
                     writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
                 writer.write_table(table, row_group_size=row_group_size)
                 group += 1
+                if progress is not None:
+                    progress(start + n)
         finally:
             if writer is not None:
                 writer.close()

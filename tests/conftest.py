@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +49,24 @@ def make_regression(folder: Path, *, rows: int = 40, features: int = 4, targets:
         cols[f"t{t}"] = np.tanh(x @ rng.normal(size=features))
     write_parquet(folder / "part-0.parquet", cols, row_group_size=9)
     return folder
+
+
+def stop_head(proc: subprocess.Popen, temp: str) -> None:
+    """Stop a `ray start --head --block` started in its own process group, and its folder.
+
+    SIGTERM leaves gcs_server and raylet running (RAY-NOTES); SIGKILL the group after a grace.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=5)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def ok(result):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_classification
+from conftest import make_classification, stop_head
 
 from gradpipe.train import TrainConfig, train
 
@@ -64,18 +64,7 @@ def ray_head(token_env):
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail("ray start --head did not listen within 60 s")
     yield address, token_env
-    # SIGTERM leaves gcs_server and raylet running (RAY-NOTES); SIGKILL the group after a grace.
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-    shutil.rmtree(temp, ignore_errors=True)
+    stop_head(proc, temp)
 
 
 def _reference(data: Path, tmp_path: Path, **options) -> Path:

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, make_classification
+from conftest import REPO, make_classification, stop_head
 
 from gradpipe.cli import cli
 from gradpipe.errors import ConfigError
@@ -207,26 +206,11 @@ def head(tmp_path_factory):
         except (urllib.error.URLError, OSError):
             pass
         if time.time() > deadline or proc.poll() is not None:
-            _stop(proc, temp)
+            stop_head(proc, temp)
             pytest.fail("the dashboard of ray start --head did not answer within 60 s")
         time.sleep(0.5)
     yield url, env, has_gradpipe
-    _stop(proc, temp)
-
-
-def _stop(proc: subprocess.Popen, temp: str) -> None:
-    # SIGTERM leaves gcs_server and raylet running (RAY-NOTES); SIGKILL the group after a grace.
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=5)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-    shutil.rmtree(temp, ignore_errors=True)
+    stop_head(proc, temp)
 
 
 def gradpipe(env: dict, *args: str, cwd: Path | None = None, timeout: float = 120):

@@ -146,19 +146,35 @@ def test_plan_split_blocks_read_the_same_rows() -> None:
         assert b.file_row == sum(md.row_group(r).num_rows for r in range(b.row_group)) + b.start
 
 
-def test_plan_is_metadata_only_and_repeatable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plan_reads_metadata_and_the_target_column_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Changed with issue 10: the classes are the target's distinct values, so plan reads
+    # that one column (before, it read only metadata and took max label + 1).
     first = plan(DataSpec(str(DIGITS), block_rows=100))
+    regression = make_regression(tmp_path / "r")
+    iter_batches = pq.ParquetFile.iter_batches
+    read_columns = []
+
+    def target_only(self, *args, columns=None, **kwargs):
+        read_columns.append(columns)
+        return iter_batches(self, *args, columns=columns, **kwargs)
 
     def no_reads(*args, **kwargs):
-        raise AssertionError("plan() read data pages; it must use metadata only")
+        raise AssertionError("plan() read data pages beyond the target column")
 
-    for name in ("read", "read_row_group", "read_row_groups", "iter_batches"):
+    for name in ("read", "read_row_group", "read_row_groups"):
         monkeypatch.setattr(pq.ParquetFile, name, no_reads)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", target_only)
     monkeypatch.setattr(pq, "read_table", no_reads)
     second = plan(DataSpec(str(DIGITS), block_rows=100))
     assert second.blocks == first.blocks
     assert second.fingerprint == first.fingerprint
     assert second == first
+    assert read_columns == [["label"]] * 3  # one pass, file by file
+    # Regression on several targets needs no values at all.
+    read_columns.clear()
+    plan(DataSpec(str(regression), target=("t0", "t1")))
+    assert read_columns == []
 
 
 def test_fingerprint_stable_across_copies_of_same_bytes(tmp_path: Path) -> None:

@@ -1,18 +1,22 @@
-"""Datasets in: list Parquet files, number their blocks from metadata, read and validate a block.
+"""Datasets in: list Parquet files, number their blocks, settle the task, read and validate a block.
 
 A dataset is a Parquet file, a folder of them (read recursively, files sorted by path) or
 a URI that pyarrow.fs opens. A block is one row group of one file, or a fixed-size row
 range of a large row group; blocks are numbered once, from metadata alone, so the
 numbering does not depend on the number of workers. A sample's id is its global row index
-in block order, or the value of `id_column`. Every check raises a DataError that names the
-file and the column.
+in block order, or the value of `id_column`. The task and the class values come from the
+target column's type and values (read alone, file by file), never guessed in silence:
+`schema_line` says what was chosen. Every check raises a DataError naming file and column.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,10 +26,23 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 # Rows per block when a row group is larger: bounds the memory of one block's pass.
 BLOCK_ROWS = 65536
+TASKS = ("auto", "classification", "regression")
+# Rows of target values per read while settling the task and classes in `plan`.
+SCAN_ROWS = 65536
+# |sum - 1| allowed in a row of probability targets (DataSpec.probability_targets).
+PROBABILITY_TOLERANCE = 1e-6
+
+ClassValue = int | bool | str
+
+# Index columns: pandas writes a nameless index as __index_level_N__; a CSV export's
+# index has an empty header, which pyarrow and polars read as "" and pandas as "Unnamed: 0"
+# ("Unnamed: 0.1" when an already imported index is exported again).
+_PANDAS_INDEX = re.compile(r"__index_level_\d+__")
+_UNNAMED = re.compile(r"(Unnamed: \d+(\.\d+)*)?")
 
 
 @dataclass(frozen=True)
@@ -33,11 +50,22 @@ class DataSpec:
     """Which dataset, and which of its columns are features, target and id."""
 
     path: str  # file, folder or URI (file://, s3://, gs://, hdfs://)
-    features: tuple[str, ...] = ()  # names or globs; empty: all but target and id
-    target: tuple[str, ...] = ("label",)  # one integer column (classes) or float columns
+    # Names or globs; empty: all but target, id and index columns. A glob skips index
+    # columns; an exact name takes one on purpose.
+    features: tuple[str, ...] = ()
+    target: tuple[str, ...] = ("label",)  # one class column, or numeric columns (regression)
     id_column: str | None = None  # None: the global row index is the id
-    classes: int | None = None  # K for classification; None: max label + 1 from the data
+    # The class values of a model (from its weights): labels outside them are refused, a
+    # split lacking some is fine. An int K means the values 0..K-1. None: from the data.
+    classes: tuple[ClassValue, ...] | int | None = None
     block_rows: int = BLOCK_ROWS  # largest block, in rows
+    # "auto": an integer, bool, string or dictionary target is classification, a float
+    # target regression, a float target of whole numbers refused (ambiguous); several
+    # target columns are regression. Or "classification" / "regression" explicitly.
+    task: str = "auto"
+    # Regression targets must be rows of probabilities (each >= 0, summing to 1 within
+    # PROBABILITY_TOLERANCE): read_block refuses other rows. Set for softmax + cross_entropy.
+    probability_targets: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,7 +87,7 @@ class Block:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A planned dataset: the blocks and resolved columns, from metadata alone."""
+    """A planned dataset: the blocks, resolved columns, task and classes."""
 
     source: str  # what the user passed (a URI is reopened from it in each worker)
     blocks: tuple[Block, ...]
@@ -72,6 +100,11 @@ class Dataset:
     id_column: str | None
     n_rows: int
     fingerprint: str  # sha256 of the files' paths, sizes, modification times, row counts, schema
+    # Class values, sorted (Python int, bool or str); label i in BlockData.labels is classes[i].
+    classes: tuple[ClassValue, ...] = ()
+    class_type: str | None = None  # the target column's type: "int64", "bool", "string", ...
+    ignored_columns: tuple[str, ...] = ()  # index columns (pandas, CSV export) left out
+    probability_targets: bool = False  # see DataSpec.probability_targets
 
     @property
     def classify(self) -> bool:
@@ -85,7 +118,11 @@ class Dataset:
             "target": list(self.target),
             "task": self.task,
             "n_outputs": self.n_outputs,
+            "classes": list(self.classes),
+            "class_type": self.class_type,
             "id_column": self.id_column,
+            "ignored_columns": list(self.ignored_columns),
+            "probability_targets": self.probability_targets,
             "rows": self.n_rows,
             "files": len({b.file for b in self.blocks}),
             "blocks": len(self.blocks),
@@ -142,17 +179,91 @@ def _is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
 
 
+def _value_type(t: pa.DataType) -> pa.DataType:
+    """The type of the values: a dictionary-encoded column's dictionary type."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _is_class_type(t: pa.DataType) -> bool:
+    """Types whose values are class labels under task "auto": integer, bool, string."""
+    t = _value_type(t)
+    return (pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_string(t)
+            or pa.types.is_large_string(t))
+
+
+def type_name(t: pa.DataType) -> str:
+    """A short name of a column's value type: int64, float64, bool, string, ..."""
+    t = _value_type(t)
+    if pa.types.is_large_string(t):
+        return "string"
+    return {pa.float64(): "float64", pa.float32(): "float32",
+            pa.float16(): "float16"}.get(t, str(t))
+
+
 def describe_columns(names: list[str]) -> str:
     """Column names for a message: all of them, or the first six and the count."""
     return ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:6])}, ... ({len(names)})"
 
 
+def _show(name: str) -> str:
+    """A column name for a line of text: quoted when it is empty or padded."""
+    return name if name and name.strip() == name else repr(name)
+
+
+def describe_values(values: Iterable[ClassValue], limit: int = 12) -> str:
+    """Class values for a line of text: all of them, or the first and last few."""
+    shown = [repr(v) if isinstance(v, str) else str(v) for v in values]
+    if len(shown) <= limit:
+        return ", ".join(shown)
+    return f"{', '.join(shown[:limit - 3])}, ..., {', '.join(shown[-2:])}"
+
+
+def _describe_classes(values: tuple[ClassValue, ...]) -> str:
+    """Class values for a refusal: 0..K-1 when they are that range, else the values."""
+    ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    if len(values) > 2 and ints == list(range(ints[0], ints[0] + len(values))):
+        return f"{ints[0]}..{ints[-1]}"
+    return describe_values(values)
+
+
+def pandas_metadata(schema: pa.Schema) -> dict | None:
+    """The metadata pandas wrote into a Parquet schema, or None (also when unreadable)."""
+    try:
+        return schema.pandas_metadata
+    except (ValueError, json.JSONDecodeError):
+        return None
+
+
+def index_columns(names: list[str], metadata: dict | None = None) -> list[str]:
+    """Columns that hold a DataFrame index, not data: never features unless named.
+
+    Those pandas wrote (`__index_level_N__`, or named in the pandas metadata's
+    `index_columns`; a RangeIndex is stored there as a dict and has no column), and the
+    leading unnamed columns of a CSV export ("" for pyarrow and polars, "Unnamed: 0" for
+    pandas).
+    """
+    found = {n for n in names if _PANDAS_INDEX.fullmatch(n)}
+    if metadata:
+        listed = metadata.get("index_columns", [])
+        found |= {c for c in listed if isinstance(c, str)} if isinstance(listed, list) else set()
+    for n in names:
+        if not _UNNAMED.fullmatch(n):
+            break
+        found.add(n)
+    return [n for n in names if n in found]
+
+
 def select_features(
-    names: list[str], patterns: tuple[str, ...], excluded: set[str], where: str
+    names: list[str], patterns: tuple[str, ...], excluded: set[str], where: str,
+    index: Iterable[str] = (),
 ) -> list[str]:
-    """Feature columns: those matching the names or globs in order, or all but `excluded`."""
+    """Feature columns: those matching the names or globs in order, or all but `excluded`.
+
+    Index columns (`index`) are left out, unless a pattern is exactly their name.
+    """
+    index = set(index)
     if not patterns:
-        chosen = [n for n in names if n not in excluded]
+        chosen = [n for n in names if n not in excluded and n not in index]
     else:
         chosen = []
         for pattern in patterns:
@@ -162,8 +273,9 @@ def select_features(
                     f"{where}: no column matches feature {pattern!r} "
                     f"(found: {describe_columns(names)}). Check --features."
                 )
-            # A glob may sweep in the target or the id; they are never features.
-            chosen += [h for h in hits if h not in chosen and h not in excluded]
+            # A glob may sweep in the target, the id or an index; they are never features.
+            chosen += [h for h in hits if h not in chosen and h not in excluded
+                       and (h == pattern or h not in index)]
     if not chosen:
         raise DataError(f"{where}: no feature columns left besides the target. Check --features.")
     return chosen
@@ -171,10 +283,13 @@ def select_features(
 
 def _resolve_features(
     schema: pa.Schema, spec: DataSpec, path: str
-) -> tuple[tuple[str, ...], bool, int]:
+) -> tuple[tuple[str, ...], bool, int, tuple[str, ...]]:
+    """(features, one list column?, n_features, index columns left out)."""
     names = schema.names
     excluded = set(spec.target) | ({spec.id_column} if spec.id_column else set())
-    chosen = select_features(names, spec.features, excluded, path)
+    index = index_columns(names, pandas_metadata(schema))
+    chosen = select_features(names, spec.features, excluded, path, index)
+    ignored = tuple(c for c in index if c not in chosen and c not in excluded)
     types = {c: schema.field(c).type for c in chosen}
     lists = [c for c in chosen if pa.types.is_fixed_size_list(types[c])]
     if lists:
@@ -188,17 +303,18 @@ def _resolve_features(
             raise DataError(
                 f"{path}: column {lists[0]!r} is a list of {t.value_type}, not of numbers"
             )
-        return tuple(chosen), True, t.list_size
+        return tuple(chosen), True, t.list_size, ignored
     for c in chosen:
         if not _is_numeric(types[c]):
             raise DataError(
                 f"{path}: column {c!r} is {types[c]}, not numeric. Drop it or pass --features "
                 "with the numeric columns."
             )
-    return tuple(chosen), False, len(chosen)
+    return tuple(chosen), False, len(chosen), ignored
 
 
-def _resolve_target(schema: pa.Schema, spec: DataSpec, path: str) -> str:
+def _check_columns(schema: pa.Schema, spec: DataSpec, path: str) -> None:
+    """The target and id columns exist, and the id is an integer column."""
     names = schema.names
     for t in spec.target:
         if t not in names:
@@ -206,48 +322,174 @@ def _resolve_target(schema: pa.Schema, spec: DataSpec, path: str) -> str:
                 f"{path}: missing target column {t!r} (found: {describe_columns(names)}). "
                 "Pass --target with the right name."
             )
-        if not _is_numeric(schema.field(t).type):
-            raise DataError(f"{path}: target column {t!r} is {schema.field(t).type}, not numeric")
     if spec.id_column is not None:
         if spec.id_column not in names:
             raise DataError(f"{path}: missing id column {spec.id_column!r}")
         if not pa.types.is_integer(schema.field(spec.id_column).type):
             raise DataError(f"{path}: id column {spec.id_column!r} is not an integer column")
-    if len(spec.target) == 1 and pa.types.is_integer(schema.field(spec.target[0]).type):
-        return "classification"
-    return "regression"
 
 
-def _label_range(fs: pafs.FileSystem, files: list[str], column: str) -> tuple[int, int, str]:
-    """(min, max, file of the min) of an integer column, from statistics where they exist."""
-    lo, hi, lo_file = None, None, files[0]
+def _target_batches(
+    fs: pafs.FileSystem, files: list[str], column: str
+) -> Iterable[tuple[str, int, pa.Array]]:
+    """(file, first row in the file, values) of one column, SCAN_ROWS at a time, decoded."""
     for path in files:
         pf = _open(fs, path)
-        md = pf.metadata
-        col = pf.schema_arrow.get_field_index(column)
-        stats = [md.row_group(r).column(col).statistics for r in range(md.num_row_groups)]
-        if all(s is not None and s.has_min_max for s in stats):
-            mins, maxs = [int(s.min) for s in stats], [int(s.max) for s in stats]
-        else:  # no statistics: read just this column of this file
-            values = pf.read(columns=[column]).column(0)
-            mm = pc.min_max(values)
-            mins, maxs = [mm["min"].as_py()], [mm["max"].as_py()]
-        if mins and (lo is None or min(mins) < lo):
-            lo, lo_file = min(mins), path
-        if maxs:
-            hi = max(maxs) if hi is None else max(hi, max(maxs))
-    return int(lo or 0), int(hi or 0), lo_file
+        row = 0
+        try:
+            for batch in pf.iter_batches(batch_size=SCAN_ROWS, columns=[column]):
+                values = batch.column(0)
+                if pa.types.is_dictionary(values.type):
+                    values = values.dictionary_decode()
+                yield path, row, values
+                row += batch.num_rows
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+            raise DataError(f"{path}: cannot read column {column!r} ({e})") from None
+
+
+def _whole_numbers(fs: pafs.FileSystem, files: list[str], column: str) -> bool:
+    """True if every finite value of a float column is a whole number (stops at the first not)."""
+    for _, _, values in _target_batches(fs, files, column):
+        a = values.to_numpy(zero_copy_only=False)
+        a = a[np.isfinite(a)]
+        if (a != np.floor(a)).any():
+            return False
+    return True
+
+
+def _key(value: ClassValue) -> tuple[bool, ClassValue]:
+    # True == 1 in Python; a bool class and an int class are different values here.
+    return isinstance(value, bool), value
+
+
+def _class_values(
+    fs: pafs.FileSystem, files: list[str], column: str, allowed: tuple[ClassValue, ...] | None
+) -> set[ClassValue]:
+    """The distinct values of a class column, file by file; memory grows with their number.
+
+    Floats must be whole numbers and are kept as ints; nulls and NaN are left to read_block,
+    which names their row. With `allowed` (a model's classes), other values are refused.
+    """
+    allowed_keys = None if allowed is None else {_key(v) for v in allowed}
+    found: set[ClassValue] = set()
+    for path, row, values in _target_batches(fs, files, column):
+        if pa.types.is_floating(values.type):
+            a = values.to_numpy(zero_copy_only=False)
+            bad = np.isfinite(a) & (a != np.floor(a))
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise DataError(
+                    f"{path}: column {column!r} has {a[i]!r} at row {row + i}, not a whole "
+                    "number; class labels must be whole numbers. Pass --task regression if "
+                    "it is a numeric target."
+                )
+            values = pc.unique(values).to_numpy(zero_copy_only=False)
+            new = {int(v) for v in values if np.isfinite(v)}
+        else:
+            new = {v for v in pc.unique(values).to_pylist() if v is not None}
+        if allowed_keys is not None:
+            outside = sorted(v for v in new if _key(v) not in allowed_keys)
+            if outside:
+                assert allowed is not None
+                raise DataError(
+                    f"{path}: column {column!r} has labels {describe_values(outside, 6)}, "
+                    f"not among the model's {len(allowed)} classes "
+                    f"({_describe_classes(allowed)}). Check --target or --weights."
+                )
+        found |= new
+    return found
+
+
+def _model_classes(classes: tuple[ClassValue, ...] | int | None) -> tuple[ClassValue, ...] | None:
+    if classes is None or isinstance(classes, tuple):
+        return classes
+    if isinstance(classes, int) and not isinstance(classes, bool):
+        return tuple(range(classes))  # the older form: K classes 0..K-1
+    return tuple(classes)
+
+
+def _resolve_task(
+    fs: pafs.FileSystem, files: list[str], schema: pa.Schema, spec: DataSpec
+) -> tuple[str, tuple[ClassValue, ...], str | None]:
+    """(task, class values, class type) from the target's type, and its values if needed."""
+    names = spec.target
+    if len(names) > 1:
+        if spec.task == "classification":
+            raise DataError(
+                f"{files[0]}: classification takes one target column, got "
+                f"{', '.join(map(repr, names))}. Pass one --target, or --task regression."
+            )
+        for t in names:
+            if not _is_numeric(schema.field(t).type):
+                raise DataError(
+                    f"{files[0]}: target column {t!r} is {schema.field(t).type}, not numeric; "
+                    "several target columns are regression targets."
+                )
+        return "regression", (), None
+    name = names[0]
+    t = schema.field(name).type
+    value_type = _value_type(t)
+    if spec.task == "regression":
+        if not _is_numeric(value_type):
+            raise DataError(
+                f"{files[0]}: target column {name!r} is {t}, not numeric; regression needs "
+                "numbers. Pass --task classification for class labels."
+            )
+        return "regression", (), None
+    if spec.task == "auto":
+        if pa.types.is_floating(value_type):
+            if _whole_numbers(fs, files, name):
+                raise DataError(
+                    f"{spec.path}: target column {name!r} is {type_name(t)} and all its values "
+                    "are whole numbers: class labels or numbers? Pass --task classification "
+                    "or --task regression."
+                )
+            return "regression", (), None
+        if not _is_class_type(t):
+            raise DataError(
+                f"{files[0]}: target column {name!r} is {t}: neither class labels (integer, "
+                "bool, string) nor numbers (float). Pass --target with the right column."
+            )
+    elif not (_is_class_type(t) or pa.types.is_floating(value_type)):
+        raise DataError(
+            f"{files[0]}: target column {name!r} is {t}, not class labels (integer, bool, "
+            "string, or float whole numbers)."
+        )
+    model = _model_classes(spec.classes)
+    found = _class_values(fs, files, name, model)
+    if model is not None:
+        try:
+            pa.array(list(model), type=value_type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+            raise DataError(
+                f"{files[0]}: target column {name!r} is {type_name(t)} but the model's "
+                f"classes are {describe_values(model, 6)}. Check --target or --weights."
+            ) from None
+        return "classification", model, type_name(t)
+    classes = tuple(sorted(found))
+    if len(classes) < 2:
+        what = f"one class only ({describe_values(classes)})" if classes else "no labels"
+        raise DataError(
+            f"{spec.path}: column {name!r} has {what}; classification needs two or more."
+        )
+    return "classification", classes, type_name(t)
 
 
 def plan(spec: DataSpec) -> Dataset:
-    """Read the files' metadata, check the columns, and number the blocks."""
+    """Check the files' metadata and columns, number the blocks, settle task and classes.
+
+    Only metadata is read, and then the target column alone, file by file, when the
+    classes (or whether a float target holds only whole numbers) must be known.
+    """
     if spec.block_rows < 1:
         raise DataError(f"block size must be >= 1 row, got {spec.block_rows}")
+    if spec.task not in TASKS:
+        raise ConfigError(f"--task {spec.task!r}: choose one of {', '.join(TASKS)}")
     fs, files = list_files(spec.path)
     first = _open(fs, files[0])
     schema = first.schema_arrow
-    features, feature_list, n_features = _resolve_features(schema, spec, files[0])
-    task = _resolve_target(schema, spec, files[0])
+    features, feature_list, n_features, ignored = _resolve_features(schema, spec, files[0])
+    _check_columns(schema, spec, files[0])
 
     blocks: list[Block] = []
     digest = hashlib.sha256(str(schema).encode())
@@ -276,22 +518,7 @@ def plan(spec: DataSpec) -> Dataset:
     if row == 0:
         raise DataError(f"{spec.path}: the dataset has zero rows")
 
-    if task == "classification":
-        lo, hi, where = _label_range(fs, files, spec.target[0])
-        n_outputs = spec.classes if spec.classes is not None else hi + 1
-        if lo < 0 or hi >= n_outputs:
-            raise DataError(
-                f"{where if lo < 0 else spec.path}: column {spec.target[0]!r} has labels "
-                f"outside 0..{n_outputs - 1} (min {lo}, max {hi}). Labels must be class "
-                "indices 0..K-1."
-            )
-        if n_outputs < 2:
-            raise DataError(
-                f"{spec.path}: column {spec.target[0]!r} has a single class (0); "
-                "classification needs at least two."
-            )
-    else:
-        n_outputs = len(spec.target)
+    task, classes, class_type = _resolve_task(fs, files, schema, spec)
     return Dataset(
         source=spec.path,
         blocks=tuple(blocks),
@@ -300,11 +527,51 @@ def plan(spec: DataSpec) -> Dataset:
         n_features=n_features,
         target=spec.target,
         task=task,
-        n_outputs=n_outputs,
+        n_outputs=len(classes) if task == "classification" else len(spec.target),
         id_column=spec.id_column,
         n_rows=row,
         fingerprint=digest.hexdigest(),
+        classes=classes,
+        class_type=class_type,
+        ignored_columns=ignored,
+        probability_targets=spec.probability_targets and task == "regression",
     )
+
+
+def schema_line(dataset: Dataset) -> str:
+    """One line that says what a dataset means before any work starts.
+
+    e.g. "classification on 'label': 3 classes (0, 1, 2); 13 features (alcohol, malic_acid,
+    ash, ..., proline); 124 rows in 1 block; ignored index column __index_level_0__"
+    """
+    targets = ", ".join(repr(t) for t in dataset.target)
+    if dataset.classify:
+        head = (f"classification on {targets}: {len(dataset.classes)} classes "
+                f"({describe_values(dataset.classes)})")
+    else:
+        head = f"regression on {targets}"
+        if dataset.probability_targets:
+            head += " (probability rows)"
+    n = dataset.n_features
+    if dataset.feature_list:
+        features = f"{n} features (list column {_show(dataset.features[0])})"
+    else:
+        names = [_show(f) for f in dataset.features]
+        shown = (", ".join(names) if len(names) <= 8
+                 else f"{', '.join(names[:3])}, ..., {names[-1]}")
+        features = f"{n} feature{'s' * (n != 1)} ({shown})"
+    n_blocks = len(dataset.blocks)
+    n_files = len({b.file for b in dataset.blocks})
+    rows = (f"{dataset.n_rows} row{'s' * (dataset.n_rows != 1)} in {n_blocks} "
+            f"block{'s' * (n_blocks != 1)}" + (f" of {n_files} files" if n_files > 1 else ""))
+    parts = [head, features, rows]
+    if dataset.id_column:
+        parts.append(f"id column {_show(dataset.id_column)}")
+    if dataset.ignored_columns:
+        plural = "s" * (len(dataset.ignored_columns) != 1)
+        parts.append(f"ignored index column{plural} "
+                     f"{', '.join(_show(c) for c in dataset.ignored_columns)}")
+    return "; ".join(parts)
 
 
 def _schema_difference(a: pa.Schema, b: pa.Schema) -> str:
@@ -360,6 +627,54 @@ def _check_finite(values: NDArray, name: str, block: Block) -> None:
         )
 
 
+def _decoded(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A dictionary-encoded column as plain values."""
+    return col.cast(col.type.value_type) if pa.types.is_dictionary(col.type) else col
+
+
+def class_indices(dataset: Dataset, col: pa.ChunkedArray, block: Block) -> NDArray[np.int64]:
+    """Each label's index in dataset.classes, (n,); a label outside them is refused by row."""
+    values = _decoded(col)
+    try:
+        value_set = pa.array(list(dataset.classes), type=values.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+        raise DataError(
+            f"{block.file}: column {dataset.target[0]!r} is {type_name(values.type)}, but the "
+            f"classes are {describe_values(dataset.classes, 6)}."
+        ) from None
+    index = pc.index_in(values, value_set=value_set)
+    if index.null_count:
+        i = int(np.argmax(pc.is_null(index).to_numpy(zero_copy_only=False)))
+        raise DataError(
+            f"{block.file}: column {dataset.target[0]!r} has label {values[i].as_py()!r} at row "
+            f"{block.file_row + i}, not one of the {len(dataset.classes)} classes "
+            f"({_describe_classes(dataset.classes)}). Check --target or --weights."
+        )
+    return index.to_numpy().astype(np.int64)
+
+
+def check_probability_rows(y: NDArray, columns: tuple[str, ...], block: Block) -> None:
+    """Refuse target rows that are not probabilities: each value >= 0, |row sum - 1| <= 1e-6.
+
+    y is (n, T) in float64, the targets of `block` in `columns` order. softmax +
+    cross_entropy compares a^(L) with y as distributions; other targets make its loss
+    and gradient meaningless, so the caller sets DataSpec.probability_targets for it.
+    """
+    sums = y.sum(axis=1)
+    bad = (np.abs(sums - 1) > PROBABILITY_TOLERANCE) | (y < 0).any(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        found = f"they sum to {sums[i]:.9g}"
+        negative = [(c, v) for c, v in zip(columns, y[i], strict=True) if v < 0]
+        if negative:
+            found += f" and column {negative[0][0]!r} is {negative[0][1]:.9g}"
+        raise DataError(
+            f"{block.file}: target columns {', '.join(map(repr, columns))} at row "
+            f"{block.file_row + i} are not probabilities: {found}. softmax + cross_entropy "
+            "needs rows of values >= 0 that sum to 1; normalize them or use --loss squared."
+        )
+
+
 def read_block(
     dataset: Dataset, block: Block, dtype: str, fs: pafs.FileSystem | None = None
 ) -> BlockData:
@@ -399,24 +714,23 @@ def read_block(
 
     labels = None
     if dataset.classify:
-        name = dataset.target[0]
-        labels = _column(table, name, block).to_numpy().astype(np.int64)
-        bad = (labels < 0) | (labels >= dataset.n_outputs)
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise DataError(
-                f"{block.file}: column {name!r} has labels outside 0..{dataset.n_outputs - 1} "
-                f"({int(labels[i])} at row {block.file_row + i})."
-            )
+        labels = class_indices(dataset, _column(table, dataset.target[0], block), block)
         y = np.zeros((n, dataset.n_outputs), dtype=dtype)  # one-hot, (n, K)
         y[np.arange(n), labels] = 1
     else:
-        y = np.empty((n, len(dataset.target)), dtype=dtype)
+        y64 = np.empty((n, len(dataset.target)), dtype=np.float64)  # (n, T)
         for j, name in enumerate(dataset.target):
-            values = _column(table, name, block).to_numpy()
+            values = _decoded(_column(table, name, block)).to_numpy()
             if values.dtype.kind == "f":
                 _check_finite(values, name, block)
-            y[:, j] = values
+            y64[:, j] = values
+        if dataset.probability_targets:
+            check_probability_rows(y64, dataset.target, block)
+        with np.errstate(over="ignore"):  # too large for float32: inf, refused below
+            y = y64.astype(dtype, copy=False)
+        if not np.isfinite(y).all():
+            j = int(np.argmax(~np.isfinite(y).all(axis=0)))
+            _check_finite(y[:, j], dataset.target[j], block)
 
     if dataset.id_column:
         ids = _column(table, dataset.id_column, block).to_numpy().astype(np.int64)

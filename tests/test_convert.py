@@ -23,7 +23,8 @@ from conftest import make_classification, ok, one_line_error, write_parquet
 
 from gradpipe import convert
 from gradpipe.cli import cli
-from gradpipe.data import DataSpec, plan
+from gradpipe.data import DataSpec, plan, read_block
+from gradpipe.errors import DataError
 
 
 def import_(src: Path, out: Path, *args: str) -> Result:
@@ -185,7 +186,10 @@ def test_parquet_reshard(tmp_path: Path) -> None:
     assert summary == {"out": str(tmp_path / "out"), "source": str(src), "format": "parquet",
                        "rows": 60, "files": 2, "row_groups": 4,
                        "columns": ["x0", "x1", "x2", "x3", "x4", "label"], "target": ["label"],
-                       "task": "classification"}
+                       "task": "classification", "classes": [0, 1, 2], "class_type": "int64",
+                       "ignored_columns": [],
+                       "schema": "classification on 'label': 3 classes (0, 1, 2); 5 features "
+                                 "(x0, x1, x2, x3, x4); 60 rows in 4 blocks of 2 files"}
     assert layout(tmp_path / "out") == {"part-00000.parquet": [16, 14],
                                         "part-00001.parquet": [16, 14]}
     assert read(tmp_path / "out").equals(read(src))  # same rows, order and types
@@ -194,16 +198,28 @@ def test_parquet_reshard(tmp_path: Path) -> None:
                    f"select * from read_parquet('{tmp_path}/out/*.parquet')").fetchall() == []
 
 
-def test_parquet_single_file_and_in_place_reshard(tmp_path: Path) -> None:
+def test_parquet_single_file(tmp_path: Path) -> None:
     src = make_classification(tmp_path / "d", rows=40, files=1, row_group_size=40)
-    before = read(src)
     ok(import_(src / "part-0.parquet", tmp_path / "one", "--row-group-size", "10"))
     assert layout(tmp_path / "one") == {"part-00000.parquet": [10, 10, 10, 10]}
-    # OUT may be SRC: the new files are written and checked before the old ones go.
-    ok(import_(src, src, "--files", "4", "--overwrite"))
-    assert layout(src) == {f"part-0000{i}.parquet": [10] for i in range(4)}
-    assert read(src).equals(before)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "one"]
+    assert read(tmp_path / "one").equals(read(src))
+
+
+def test_writing_into_the_source_is_refused(tmp_path: Path) -> None:
+    # Changed with issue 10: OUT == SRC was an in-place reshard; OUT inside SRC would make
+    # the source take in the new files, SRC inside OUT be deleted by --overwrite.
+    src = make_classification(tmp_path / "d", rows=40, files=1, row_group_size=40)
+    csv = write_csv(tmp_path / "d" / "in.csv", rows=20)
+    before = listing(tmp_path)
+    for source, out, name in [
+        (src, src, "is the source"),
+        (src, src / "out", "inside the source"),
+        (src / "part-0.parquet", src, "holds the source"),
+        (csv, tmp_path / "d", "holds the source"),
+        (csv, tmp_path, "holds the source"),
+    ]:
+        one_line_error(import_(source, out, "--overwrite"), str(out), name, "outside")
+    assert listing(tmp_path) == before
 
 
 def test_parquet_list_feature_column(tmp_path: Path) -> None:
@@ -224,7 +240,7 @@ def test_train_runs_on_imported_data(tmp_path: Path) -> None:
                                       "--steps", "2", "--standardize", "--quiet",
                                       "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    metrics = pq.read_table(tmp_path / "run" / "metrics.parquet")
+    metrics = pq.read_table(tmp_path / "run" / "metrics")
     assert metrics.num_rows == 2 and metrics["samples"].to_pylist() == [90, 90]
 
 
@@ -237,8 +253,9 @@ def test_train_runs_on_imported_data(tmp_path: Path) -> None:
     ("a,b,label\n1,2.5,0\n2,,1\n", ["'b'", "missing", "row 1"]),
     ("a,b,label\n1,2.5,0\n2,NAN,1\n", ["'b'", "NaN", "row 1"]),
     ("a,b,label\n1,inf,0\n2,1,1\n", ["'b'", "infinite", "row 0"]),
-    ("a,b,label\n1,2,0\n2,3,-1\n", ["'label'", "negative", "row 1"]),
-    ("a,b,label\n1,2,0\n2,3,0\n", ["'label'", "single class"]),
+    ("a,b,label\n1,2,0\n2,3,0\n", ["'label'", "one class only (0)"]),
+    ("a,b,label\n1,2,x\n2,3,x\n", ["'label'", "one class only ('x')"]),
+    ("a,b,label\n1,2,0.0\n2,3,1.0\n", ["'label'", "whole numbers", "--task classification"]),
     ("a,b,label\n1,2,0\n2,3\n", ["Expected 3 columns"]),
     ("a,b,label\n", ["zero rows"]),
     ("a,b,y\n1,2,0\n", ["'label'", "--target"]),
@@ -313,7 +330,8 @@ def test_out_rules(tmp_path: Path) -> None:
     one_line_error(import_(csv, out, "--overwrite"), str(out), "notes.txt")
     assert (out / "notes.txt").read_text() == "mine"
     # A file as OUT, and an empty folder (fine).
-    one_line_error(import_(csv, csv), str(csv), "not a folder")
+    (tmp_path / "other.csv").write_text("")
+    one_line_error(import_(csv, tmp_path / "other.csv"), "other.csv", "not a folder")
     (tmp_path / "empty").mkdir()
     ok(import_(csv, tmp_path / "empty"))
     assert list(layout(tmp_path / "empty")) == ["part-00000.parquet"]
@@ -349,3 +367,104 @@ def test_interrupted_import_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(KeyboardInterrupt):
         convert.import_dataset(str(csv), tmp_path / "a" / "out")
     assert written and listing(tmp_path) == {"in.csv"}
+
+
+# --------------------------------------------------------------------------- issue 10
+
+
+def test_pandas_csv_export_index_is_left_out(tmp_path: Path) -> None:
+    """df.to_csv writes the index as a first column with an empty header: not a feature."""
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"a": [0.5, 1.5, 2.5, 3.5], "b": [1, 2, 3, 4], "label": [0, 1, 1, 0]},
+                      index=[7, 3, 9, 1])  # as after train_test_split
+    df.to_csv(tmp_path / "in.csv")
+    summary = convert.import_dataset(str(tmp_path / "in.csv"), tmp_path / "out")
+    assert summary["columns"] == ["a", "b", "label"]
+    assert summary["ignored_columns"] == [""]
+    assert summary["schema"] == ("classification on 'label': 2 classes (0, 1); 2 features (a, b); "
+                                 "4 rows in 1 block; ignored index column ''")
+    assert read(tmp_path / "out").column_names == ["a", "b", "label"]
+    # Read back by pandas and exported again: "Unnamed: 0" and a new unnamed index.
+    pd.read_csv(tmp_path / "in.csv").to_csv(tmp_path / "again.csv")
+    summary = convert.import_dataset(str(tmp_path / "again.csv"), tmp_path / "again")
+    assert summary["columns"] == ["a", "b", "label"]
+    assert summary["ignored_columns"] == ["", "Unnamed: 0"]
+    # --features may take an index column on purpose.
+    summary = convert.import_dataset(str(tmp_path / "in.csv"), tmp_path / "kept",
+                                     features=("", "a"))
+    assert summary["columns"] == ["", "a", "label"] and summary["ignored_columns"] == []
+
+
+def test_csv_string_and_bool_labels(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"x": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+                       "species": ["b", "a", "c", "a", "b", "c"],
+                       "flag": [True, False, True, True, False, False]})
+    df.to_csv(tmp_path / "in.csv", index=False)
+    summary = convert.import_dataset(str(tmp_path / "in.csv"), tmp_path / "s",
+                                     target=("species",), features=("x",))
+    assert summary["task"] == "classification" and summary["classes"] == ["a", "b", "c"]
+    assert summary["class_type"] == "string"
+    assert read(tmp_path / "s").schema.field("species").type == pa.string()
+    ds = plan(DataSpec(str(tmp_path / "s"), target=("species",)))
+    labels = read_block(ds, ds.blocks[0], "float64").labels
+    assert [ds.classes[i] for i in labels] == ["b", "a", "c", "a", "b", "c"]
+
+    # pandas writes bools as True/False: kept as bool, and as a feature too.
+    summary = convert.import_dataset(str(tmp_path / "in.csv"), tmp_path / "f",
+                                     target=("flag",), features=("x",))
+    assert summary["classes"] == [False, True] and summary["class_type"] == "bool"
+    assert read(tmp_path / "f").schema.field("flag").type == pa.bool_()
+    convert.import_dataset(str(tmp_path / "in.csv"), tmp_path / "g", target=("x",),
+                           features=("flag",), task="regression")
+    assert read(tmp_path / "g").column("flag").to_pylist() == df["flag"].tolist()
+
+
+def test_csv_float_labels_need_a_task(tmp_path: Path) -> None:
+    csv = tmp_path / "in.csv"
+    csv.write_text("a,label\n1,0.0\n2,1.0\n3,1.0\n")
+    with pytest.raises(DataError, match=r"'label'.*whole numbers.*--task classification"):
+        convert.import_dataset(str(csv), tmp_path / "out")
+    assert listing(tmp_path) == {"in.csv"}
+    summary = convert.import_dataset(str(csv), tmp_path / "out", task="classification")
+    assert summary["classes"] == [0, 1] and summary["class_type"] == "float64"
+    summary = convert.import_dataset(str(csv), tmp_path / "reg", task="regression")
+    assert summary["task"] == "regression" and "classes" not in summary
+
+
+def test_csv_regression_targets_must_be_numbers(tmp_path: Path) -> None:
+    csv = tmp_path / "in.csv"
+    csv.write_text("a,t0,t1\n1,0.5,x\n2,1.5,y\n")
+    one_line_error(import_(csv, tmp_path / "out", "--target", "t0,t1"), str(csv), "'t1'",
+                   "not numeric", "row 0")
+    assert listing(tmp_path) == {"in.csv"}
+
+
+def test_parquet_pandas_index_is_left_out(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"a": [0.5, 1.5, 2.5], "label": [2, 0, 2]}, index=[10, 4, 8])
+    (tmp_path / "src").mkdir()
+    df.to_parquet(tmp_path / "src" / "a.parquet")
+    assert "__index_level_0__" in pq.read_schema(tmp_path / "src" / "a.parquet").names
+    summary = convert.import_dataset(str(tmp_path / "src"), tmp_path / "out")
+    assert summary["columns"] == ["a", "label"]
+    assert summary["ignored_columns"] == ["__index_level_0__"]
+    assert summary["classes"] == [0, 2]
+    table = read(tmp_path / "out")
+    assert table.column_names == ["a", "label"] and table.schema.metadata is None
+
+
+def test_interrupted_overwrite_keeps_the_old_dataset(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    csv = write_csv(tmp_path / "in.csv", rows=20)
+    ok(import_(csv, tmp_path / "out"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+
+    def interrupted(self, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert.ShardWriter, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert.import_dataset(str(csv), tmp_path / "out", files=2, overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert listing(tmp_path) == {"in.csv", "out", "out/part-00000.parquet"}

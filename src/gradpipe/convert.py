@@ -2,18 +2,20 @@
 
 The source is read batch by batch (a CSV with pyarrow.csv.open_csv, Parquet as record
 batches), never whole, and re-written as part-00000.parquet.. with row groups of a fixed
-size, zstd. Every batch gets the checks training makes, naming the source file, column and
-row; the result goes to a hidden folder next to OUT, is planned and read again with
-`data.plan` and `data.read_block`, and only then renamed to OUT. What a dataset must look
-like is data.py's; this module only converts and refuses.
+size, zstd. Index columns (pandas, a CSV export's unnamed first column) are left out. Every
+batch gets the checks training makes, naming the source file, column and row; the result
+goes to a hidden temporary folder next to OUT (atomic.atomic_dir), is planned and read
+again with `data.plan` and `data.read_block`, and only then renamed to OUT. What a dataset
+must look like is data.py's; this module only converts and refuses.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -24,13 +26,17 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .atomic import atomic_dir
 from .data import (
+    Dataset,
     DataSpec,
     describe_columns,
     filesystem,
+    index_columns,
     list_files,
     plan,
     read_block,
+    schema_line,
     select_features,
 )
 from .errors import ConfigError, DataError
@@ -39,6 +45,8 @@ ROW_GROUP_SIZE = 65536  # default rows per row group: one block each, data.BLOCK
 CSV_SUFFIXES = (".csv", ".tsv")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")  # pyarrow decompresses these by name
 CSV_NULLS = "empty, NA, NaN or null"  # what pyarrow.csv reads as null by default
+# What pyarrow.csv reads as bool besides 0 and 1 (its default true_values / false_values).
+CSV_BOOLS = ("True", "TRUE", "true", "False", "FALSE", "false")
 
 
 def _one_line(error: Exception) -> str:
@@ -79,21 +87,26 @@ def source_format(source: str) -> str:
 
 def select_columns(
     names: list[str], features: tuple[str, ...], target: tuple[str, ...], where: str
-) -> list[str]:
-    """The columns to write, features then targets; features are names or globs, as in data.py."""
+) -> tuple[list[str], list[str]]:
+    """(columns to write, features then targets; index columns left out), as in data.py.
+
+    Features are names or globs; a CSV export's unnamed first column is an index, not a
+    feature, unless --features names it.
+    """
     for t in target:
         if t not in names:
             raise DataError(
                 f"{where}: missing target column {t!r} (found: {describe_columns(names)}). "
                 "Pass --target with the right name."
             )
-    chosen = select_features(names, features, set(target), where)
+    index = index_columns(names)
+    chosen = select_features(names, features, set(target), where, index)
     columns = chosen + list(target)
     duplicates = sorted({c for c in columns if names.count(c) > 1})
     if duplicates:
         raise DataError(f"{where}: column name {duplicates[0]!r} appears more than once. "
                         "Rename the columns so that each name is unique.")
-    return columns
+    return columns, [c for c in index if c not in columns]
 
 
 class CsvSource:
@@ -137,29 +150,34 @@ class CsvSource:
         with stream:
             return reader.schema.names
 
-    def scan(self, columns: list[str]) -> tuple[int, dict[str, pa.DataType]]:
-        """First pass: count the rows and type each column, int64 if every value is an integer.
+    def scan(self, columns: list[str], labels: tuple[str, ...] = ()
+             ) -> tuple[int, dict[str, pa.DataType]]:
+        """First pass: count the rows and type each column: the first of int64, float64,
+        bool (True/False) that every value parses as; else string for a class column in
+        `labels`, and a refusal for any other.
 
         Values are read as text and cast as pyarrow.csv itself would convert them (it trims
         blanks first), so the second pass, with these types, parses the same way.
         """
-        types = {c: pa.int64() for c in columns}
+        possible = {c: [pa.int64(), pa.float64(), pa.bool_()] for c in columns}
         rows = 0
         for batch in self._batches(columns, {c: pa.string() for c in columns}):
             for name in columns:
                 values = pc.utf8_trim_whitespace(batch.column(name))
-                if types[name] == pa.int64() and _parses(values, pa.int64()):
+                before = possible[name]
+                possible[name] = [t for t in before if _parses(values, t)]
+                if possible[name] or name in labels:
                     continue
-                if _parses(values, pa.float64()):
-                    types[name] = pa.float64()
-                    continue
-                i = _first_unparsable(values, pa.float64())
+                # The row of the first value that is no number (or, in a bool column,
+                # no bool): an int column's first float is not the culprit.
+                i = _first_unparsable(values, pa.float64() if pa.float64() in before
+                                      else before[0] if before else pa.float64())
                 raise DataError(
                     f"{self.source}: column {name!r} is not numeric ({values[i].as_py()!r} at "
                     f"row {rows + i}). Drop it, or pass --features with the numeric columns."
                 )
             rows += batch.num_rows
-        return rows, types
+        return rows, {c: possible[c][0] if possible[c] else pa.string() for c in columns}
 
     def batches(self, columns: list[str], types: dict[str, pa.DataType]
                 ) -> Iterator[tuple[str, int, pa.RecordBatch]]:
@@ -171,6 +189,10 @@ class CsvSource:
 
 
 def _parses(values: pa.Array, to: pa.DataType) -> bool:
+    if to == pa.bool_():  # what pyarrow.csv reads as bool, not all that a cast accepts
+        text = values.drop_null()
+        return bool(pc.all(pc.is_in(text, value_set=pa.array(["0", "1", *CSV_BOOLS]))).as_py()
+                    if len(text) else True)
     try:
         pc.cast(values, to)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -209,9 +231,11 @@ def parquet_batches(source: str, columns: list[str], batch_rows: int
 # --------------------------------------------------------------------------- checks
 
 
-def check_batch(batch: pa.RecordBatch, where: str, first_row: int, labels: tuple[str, ...],
-                nulls: str = "null") -> None:
-    """Refuse nulls, NaN and infinities in any column, and negative labels, as training does."""
+def check_batch(batch: pa.RecordBatch, where: str, first_row: int, nulls: str = "null") -> None:
+    """Refuse nulls, NaN and infinities in any column, as training does.
+
+    Labels are class values of any sign or type; which classes there are is data.plan's.
+    """
     last = first_row + batch.num_rows - 1
     for name in batch.schema.names:
         column = batch.column(name)
@@ -235,14 +259,6 @@ def check_batch(batch: pa.RecordBatch, where: str, first_row: int, labels: tuple
                     f"{where}: column {name!r} has {int(bad.sum())} {kind} values in rows "
                     f"{first_row}..{last} (first at row {first_row + int(np.argmax(bad)) // width})"
                     ". Drop or impute them first."
-                )
-        if name in labels:
-            array = values.to_numpy(zero_copy_only=False)
-            if (array < 0).any():
-                i = int(np.argmax(array < 0))
-                raise DataError(
-                    f"{where}: column {name!r} has negative labels ({int(array[i])} at row "
-                    f"{first_row + i}). Labels must be class indices 0..K-1."
                 )
 
 
@@ -329,24 +345,44 @@ def check_out(out: Path, overwrite: bool) -> None:
                 )
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
+def refuse_own_source(source: str, out: Path) -> None:
+    """Refuse an OUT that is the source, inside it, or holds it: replacing OUT would lose the
+    source, or the source would take in the new files as its own."""
+    fs, path = filesystem(source)
+    if not isinstance(fs, pafs.LocalFileSystem):
         return
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(out, old)
+    src, dst = os.path.realpath(path), os.path.realpath(out)
+    if src == dst:
+        where = "is the source"
+    elif dst.startswith(src.rstrip(os.sep) + os.sep):
+        where = f"is inside the source {source}"
+    elif src.startswith(dst.rstrip(os.sep) + os.sep):
+        where = f"holds the source {source}"
+    else:
+        return
+    raise ConfigError(f"{out}: {where}; write the dataset to a folder outside it.")
+
+
+@contextlib.contextmanager
+def new_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder to fill that replaces OUT on success (atomic.atomic_dir); on any
+    error or Ctrl-C it goes, and so do the parent folders made for it."""
+    out = out.absolute()
+    created = next((p for p in reversed(out.parents) if not p.exists()), None)
     try:
-        os.rename(tmp, out)
-    except OSError:
-        os.rename(old, out)
+        with atomic_dir(out) as tmp:
+            yield tmp
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
-    shutil.rmtree(old)
 
 
-def _verify(source: str, tmp: Path, out: Path, target: tuple[str, ...], rows: int) -> None:
+def _verify(source: str, tmp: Path, out: Path, target: tuple[str, ...], task: str,
+            rows: int) -> Dataset:
     """Plan and read every block of the written dataset, as `gradpipe train OUT` will."""
     try:
-        dataset = plan(DataSpec(str(tmp), target=target))
+        dataset = plan(DataSpec(str(tmp), target=target, task=task))
         fs = pafs.LocalFileSystem()
         for block in dataset.blocks:
             read_block(dataset, block, "float64", fs)
@@ -357,6 +393,7 @@ def _verify(source: str, tmp: Path, out: Path, target: tuple[str, ...], rows: in
     if dataset.n_rows != rows:
         raise DataError(f"{out}: wrote {dataset.n_rows} rows but the source had {rows}. "
                         "Did it change while importing?")
+    return dataset
 
 
 # --------------------------------------------------------------------------- import
@@ -371,6 +408,7 @@ def import_dataset(
     target: tuple[str, ...] = ("label",),
     features: tuple[str, ...] = (),
     overwrite: bool = False,
+    task: str = "auto",
 ) -> dict:
     """Re-write a CSV or Parquet dataset as checked Parquet shards in OUT; returns a summary.
 
@@ -378,9 +416,12 @@ def import_dataset(
     and are split evenly over `files` contiguous files, as `data synth` does; each file is
     cut into row groups of `row_group_size` rows, the last one shorter. Splitting needs the
     row count up front: Parquet has it in its metadata; a CSV is streamed twice, a first
-    pass counting rows and settling each column's type (int64 when every value is an
-    integer, else float64; a single int64 target means class labels), a second writing.
-    Only the features and the target are written. On any error nothing is left behind.
+    pass counting rows and settling each column's type (int64, float64 or bool, whichever
+    every value parses as; a single target may also be string class labels), a second
+    writing. Only the features and the target are written: index columns are left out and
+    listed in the summary's `ignored_columns`. The written data is planned with `task`, as
+    `gradpipe train --task` would; the summary's `schema` is data.schema_line of it.
+    On any error or Ctrl-C nothing is left behind.
     """
     for name, value in (("row-group-size", row_group_size), ("files", files)):
         if value < 1:
@@ -388,55 +429,48 @@ def import_dataset(
     if not target:
         raise ConfigError("--target: give at least one target column")
     out = Path(out)
+    refuse_own_source(source, out)
     check_out(out, overwrite)
     fmt = source_format(source)
 
-    labels: tuple[str, ...] = ()
     batches: Iterator[tuple[str, int, pa.RecordBatch]]
     if fmt == "csv":
         csv = CsvSource(source)
-        columns = select_columns(csv.names(), features, target, source)
-        rows, types = csv.scan(columns)
+        columns, ignored = select_columns(csv.names(), features, target, source)
+        rows, types = csv.scan(columns, labels=target if len(target) == 1 else ())
         if rows == 0:
             raise DataError(f"{source}: the CSV file has a header but zero rows")
-        if len(target) == 1 and types[target[0]] == pa.int64():
-            labels = target
         nulls = f"missing ({CSV_NULLS})"
         batches = csv.batches(columns, types)  # a generator: nothing is read yet
     else:
-        # plan checks the schemas, column types and label range from metadata, naming files.
-        dataset = plan(DataSpec(source, features=features, target=target))
+        # plan checks the schemas, column types and classes, naming files.
+        dataset = plan(DataSpec(source, features=features, target=target, task=task))
         columns = [f for f in dataset.features if f not in target] + list(target)
+        ignored = list(dataset.ignored_columns)
         rows = dataset.n_rows
-        labels = target if dataset.classify else ()
         nulls = "null"
         batches = parquet_batches(source, columns, min(row_group_size, ROW_GROUP_SIZE))
     if files > rows:
         raise ConfigError(f"--files {files}: more files than the {rows} rows of {source}")
 
-    # Write to a hidden folder next to OUT, so that the final rename stays on one filesystem.
-    out_abs = out.absolute()
-    created = next((p for p in reversed(out_abs.parents) if not p.exists()), None)
-    tmp = out_abs.with_name(f".{out_abs.name}.import-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir(parents=True)
+    # The temporary folder is next to OUT, so that the final rename stays on one filesystem.
+    with new_folder(out) as tmp:
         writer = ShardWriter(tmp, rows, files, row_group_size)
         try:
             for where, first_row, batch in batches:
-                check_batch(batch, where, first_row, labels, nulls)
+                check_batch(batch, where, first_row, nulls)
                 writer.write(batch)
         finally:
             writer.close_file()
         if writer.rows != rows:
             raise DataError(f"{source}: read {writer.rows} rows but counted {rows} before. "
                             "Did it change while importing?")
-        _verify(source, tmp, out, target, rows)
-        _move_into_place(tmp, out_abs)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    return {"out": str(out), "source": source, "format": fmt, "rows": rows, "files": files,
-            "row_groups": writer.row_groups, "columns": columns, "target": list(target),
-            "task": "classification" if labels else "regression"}
+        written = _verify(source, tmp, out, target, task, rows)
+    summary = {"out": str(out), "source": source, "format": fmt, "rows": rows, "files": files,
+               "row_groups": writer.row_groups, "columns": columns, "target": list(target),
+               "task": written.task}
+    if written.classify:
+        summary |= {"classes": list(written.classes), "class_type": written.class_type}
+    summary["ignored_columns"] = ignored
+    summary["schema"] = schema_line(dataclasses.replace(written, ignored_columns=tuple(ignored)))
+    return summary

@@ -175,7 +175,7 @@ def _train(data: Path, out: Path, *args: str) -> pa.Table:
     result = CliRunner().invoke(cli, ["train", str(data), "--workers", "0", "--quiet",
                                       "--out", str(out), *args])
     assert result.exit_code == 0, (result.output, result.exception)
-    return pq.read_table(out / "metrics.parquet")
+    return pq.read_table(out / "metrics")
 
 
 def test_classification_is_learnable(tmp_path: Path) -> None:
@@ -200,3 +200,34 @@ def test_regression_is_learnable(tmp_path: Path) -> None:
     loss = metrics.column("loss").to_numpy()
     assert np.isfinite(loss).all()
     assert loss[-1] < 0.5 * loss[0], loss
+
+
+def test_interrupt_leaves_nothing_and_keeps_the_old_dataset(tmp_path: Path) -> None:
+    """Ctrl-C while writing: a new OUT (and its new parents) never appears; with --overwrite
+    the old files stay whole, since they are replaced only once the new ones are complete."""
+    from gradpipe.synth import synth as synth_fn
+
+    def stop_after_first_group(rows: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synth_fn(tmp_path / "new" / "s", rows=100, features=2, classes=2, files=2,
+                 row_group_size=10, progress=stop_after_first_group)
+    assert list(tmp_path.iterdir()) == []
+
+    out = tmp_path / "s"
+    ok(synth(out, "--rows", "300", "--files", "3", "--features", "2", "--classes", "2"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(KeyboardInterrupt):
+        synth_fn(out, rows=50, features=2, classes=2, overwrite=True,
+                 progress=stop_after_first_group)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary folder left
+
+
+def test_overwrite_refuses_a_folder_with_other_files(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    ok(synth(out, "--rows", "30", "--features", "2", "--classes", "2"))
+    (out / "notes.txt").write_text("mine")
+    one_line_error(synth(out, "--rows", "30", "--overwrite"), str(out), "notes.txt")
+    assert (out / "notes.txt").read_text() == "mine"

@@ -3,12 +3,12 @@
 Features are standard normal; the targets come from a fixed random "teacher" network
 (one tanh hidden layer) drawn from the seed, so a student MLP can learn them. Row group g
 is drawn from its own generator seeded with (seed, g), so any row group can be made
-without the others and memory never holds more than one.
+without the others and memory never holds more than one. The files are written into a
+hidden temporary folder that replaces OUT only when all are written (convert.new_folder).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .convert import check_out, new_folder
 from .errors import ConfigError
 
 TEACHER_HIDDEN = 32
@@ -52,6 +53,8 @@ def synth(out: str | Path, *, rows: int, features: int, classes: int, files: int
           overwrite: bool = False, progress: Callable[[int], None] | None = None) -> dict:
     """Write the dataset as `files` Parquet files part-00000.parquet...; returns a summary.
 
+    OUT must be new or empty, or with `overwrite` hold only Parquet files: it is replaced
+    as a whole once the new files are complete, and left as it was on an error or Ctrl-C.
     `progress`, if given, is called with the rows written so far after each row group.
     """
     for name, value, low in (("rows", rows, 1), ("features", features, 1), ("files", files, 1),
@@ -64,35 +67,26 @@ def synth(out: str | Path, *, rows: int, features: int, classes: int, files: int
     if files > rows:
         raise ConfigError(f"--files {files}: more files than --rows {rows}")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder. Choose a folder for the dataset.")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{out}: folder exists and is not empty. Pass --overwrite or "
-                              "choose another folder.")
-        for old in out.glob("part-*.parquet"):
-            old.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out, overwrite)
     teacher = _teacher(seed, features, classes or targets)
     bounds = np.linspace(0, rows, files + 1).astype(int)
     group = 0
-    for f in range(files):
-        path = out / f"part-{f:05d}.parquet"
-        tmp = out / f".part-{f:05d}.parquet.tmp"
-        writer = None
-        try:
-            for start in range(bounds[f], bounds[f + 1], row_group_size):
-                n = min(row_group_size, bounds[f + 1] - start)
-                table = synth_group(seed, group, n, features, classes, targets, teacher)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-                writer.write_table(table, row_group_size=row_group_size)
-                group += 1
-                if progress is not None:
-                    progress(start + n)
-        finally:
-            if writer is not None:
-                writer.close()
-        os.replace(tmp, path)
+    with new_folder(out) as tmp:
+        for f in range(files):
+            writer = None
+            try:
+                for start in range(bounds[f], bounds[f + 1], row_group_size):
+                    n = min(row_group_size, bounds[f + 1] - start)
+                    table = synth_group(seed, group, n, features, classes, targets, teacher)
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp / f"part-{f:05d}.parquet", table.schema,
+                                                  compression="zstd")
+                    writer.write_table(table, row_group_size=row_group_size)
+                    group += 1
+                    if progress is not None:
+                        progress(start + n)
+            finally:
+                if writer is not None:
+                    writer.close()
     return {"out": str(out), "rows": rows, "features": features, "classes": classes,
             "files": files, "row_groups": group}

@@ -379,7 +379,7 @@ def _class_values(
             if bad.any():
                 i = int(np.argmax(bad))
                 raise DataError(
-                    f"{path}: column {column!r} has {a[i]!r} at row {row + i}, not a whole "
+                    f"{path}: column {column!r} has {float(a[i])!r} at row {row + i}, not a whole "
                     "number; class labels must be whole numbers. Pass --task regression if "
                     "it is a numeric target."
                 )
@@ -401,11 +401,9 @@ def _class_values(
 
 
 def _model_classes(classes: tuple[ClassValue, ...] | int | None) -> tuple[ClassValue, ...] | None:
-    if classes is None or isinstance(classes, tuple):
-        return classes
-    if isinstance(classes, int) and not isinstance(classes, bool):
+    if isinstance(classes, int):
         return tuple(range(classes))  # the older form: K classes 0..K-1
-    return tuple(classes)
+    return None if classes is None else tuple(classes)  # a list from JSON, too
 
 
 def _resolve_task(

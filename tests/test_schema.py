@@ -1,0 +1,367 @@
+"""What a dataset means (issue 10): index columns, the task, class values, the schema line.
+
+Datasets are written as a new user writes them: with pandas (after a split, so with an
+index), polars, pyarrow, or exported as CSV. pandas and polars are not test dependencies:
+their tests skip without them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import write_parquet
+
+from gradpipe.data import (
+    DataSpec,
+    check_probability_rows,
+    index_columns,
+    plan,
+    read_block,
+    read_rows,
+    schema_line,
+)
+from gradpipe.errors import ConfigError, DataError
+
+
+def labels_of(ds) -> list:
+    """Every row's class value, read back through read_block's class indices."""
+    out = []
+    for b in ds.blocks:
+        d = read_block(ds, b, "float64")
+        assert d.labels is not None
+        np.testing.assert_array_equal(d.y.argmax(axis=1), d.labels)
+        out += [ds.classes[i] for i in d.labels]
+    return out
+
+
+def one_file(tmp_path: Path, columns: dict, **kwargs) -> Path:
+    return write_parquet(tmp_path / "d" / "part-0.parquet", columns, **kwargs).parent
+
+
+# --------------------------------------------------------------------------- index columns
+
+
+def test_pandas_index_after_a_split_is_not_a_feature(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    # Sorted by class, as sklearn's wine is: the index would leak the label.
+    df = pd.DataFrame({"a": np.arange(12.0), "b": np.arange(12.0) ** 2,
+                       "label": np.repeat([0, 1, 2], 4)})
+    train = df.sample(frac=0.75, random_state=0)  # what train_test_split leaves: a shuffled index
+    (tmp_path / "d").mkdir()
+    train.to_parquet(tmp_path / "d" / "train.parquet")
+    assert "__index_level_0__" in pq.read_schema(tmp_path / "d" / "train.parquet").names
+    ds = plan(DataSpec(str(tmp_path / "d")))
+    assert ds.features == ("a", "b") and ds.ignored_columns == ("__index_level_0__",)
+    assert ds.to_dict()["ignored_columns"] == ["__index_level_0__"]
+    assert schema_line(ds).endswith("; ignored index column __index_level_0__")
+    _, x, _ = read_rows(ds, list(range(ds.n_rows)), "float64")
+    np.testing.assert_array_equal(x, train[["a", "b"]].to_numpy())
+    assert labels_of(ds) == train["label"].tolist()
+    # An explicit feature list may take the index on purpose; a glob does not.
+    ds = plan(DataSpec(str(tmp_path / "d"), features=("a", "__index_level_0__")))
+    assert ds.features == ("a", "__index_level_0__") and ds.ignored_columns == ()
+    assert plan(DataSpec(str(tmp_path / "d"), features=("*",))).features == ("a", "b")
+
+
+def test_pandas_named_multi_and_range_index(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"a": [1.0, 2.0, 3.0], "k": [5, 9, 7], "label": [0, 1, 0]})
+    # A named index is a column named in the pandas metadata (pandas stores 5, 6, 7 as a
+    # range, so the values skip).
+    write = {
+        "named": df.set_index("k"),
+        "multi": df.set_index("k", append=True).iloc[[2, 1]],  # __index_level_0__ and k
+        "range": df.drop(columns="k"),  # a RangeIndex is metadata only: no column
+    }
+    for name, frame in write.items():
+        (tmp_path / name).mkdir()
+        frame.to_parquet(tmp_path / name / "part-0.parquet")
+    assert plan(DataSpec(str(tmp_path / "named"))).ignored_columns == ("k",)
+    ds = plan(DataSpec(str(tmp_path / "multi")))
+    assert ds.features == ("a",) and set(ds.ignored_columns) == {"__index_level_0__", "k"}
+    ds = plan(DataSpec(str(tmp_path / "range")))
+    assert ds.features == ("a",) and ds.ignored_columns == ()
+    # An index may serve as the sample id.
+    ds = plan(DataSpec(str(tmp_path / "named"), id_column="k"))
+    assert ds.ignored_columns == () and read_block(ds, ds.blocks[0], "float64").ids.tolist() == \
+        [5, 9, 7]
+
+
+def test_csv_export_index_columns(tmp_path: Path) -> None:
+    # What a CSV export's index column becomes: "" (pyarrow, polars), "Unnamed: 0" (pandas),
+    # "Unnamed: 0.1" once more when exported again; only leading ones are an index.
+    assert index_columns(["", "a", "label"]) == [""]
+    assert index_columns(["Unnamed: 0", "a"]) == ["Unnamed: 0"]
+    assert index_columns(["Unnamed: 0.1", "Unnamed: 0", "a"]) == ["Unnamed: 0.1", "Unnamed: 0"]
+    assert index_columns(["a", "Unnamed: 2", "__index_level_0__"]) == ["__index_level_0__"]
+    assert index_columns(["a", "b"], {"index_columns": [{"kind": "range"}]}) == []
+    assert index_columns(["a", "idx"], {"index_columns": ["idx"]}) == ["idx"]
+    x = np.linspace(0, 1, 6)
+    for first in ("", "Unnamed: 0"):
+        d = one_file(tmp_path / first.replace(":", "").replace(" ", "_") / "x",
+                     {first: np.arange(6), "x": x, "label": np.arange(6) % 2})
+        ds = plan(DataSpec(str(d)))
+        assert ds.features == ("x",) and ds.ignored_columns == (first,)
+
+
+def test_pandas_csv_through_polars_and_pandas(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"a": [0.5, 1.5, 2.5, 3.5], "label": [1, 0, 1, 0]}, index=[9, 2, 5, 0])
+    df.to_csv(tmp_path / "x.csv")
+    (tmp_path / "pd").mkdir()
+    pd.read_csv(tmp_path / "x.csv").to_parquet(tmp_path / "pd" / "a.parquet")
+    ds = plan(DataSpec(str(tmp_path / "pd")))
+    assert ds.features == ("a",) and ds.ignored_columns == ("Unnamed: 0",)
+    pl = pytest.importorskip("polars")
+    (tmp_path / "pl").mkdir()
+    pl.read_csv(tmp_path / "x.csv").write_parquet(tmp_path / "pl" / "a.parquet")
+    ds = plan(DataSpec(str(tmp_path / "pl")))
+    assert ds.features == ("a",) and ds.ignored_columns == ("",)
+    assert schema_line(ds).endswith("ignored index column ''")
+
+
+# --------------------------------------------------------------------------- the task
+
+
+def test_label_kinds_under_auto(tmp_path: Path) -> None:
+    x = np.linspace(-1, 1, 6)
+    cases = [  # (label column, classes, class_type)
+        (pa.array([0, 1000, 0, 1000, 1000, 0]), (0, 1000), "int64"),
+        (pa.array([3, -1, 3, 7, -1, 3], pa.int8()), (-1, 3, 7), "int8"),
+        (pa.array([True, False, True, True, False, True]), (False, True), "bool"),
+        (pa.array(["b", "a", "c", "a", "b", "c"]), ("a", "b", "c"), "string"),
+        (pa.array(["b", "a", "c", "a", "b", "c"], pa.large_string()), ("a", "b", "c"), "string"),
+        (pa.array(["dog", "cat", "dog", "cat", "cat", "dog"]).dictionary_encode(),
+         ("cat", "dog"), "string"),
+    ]
+    for i, (label, classes, class_type) in enumerate(cases):
+        ds = plan(DataSpec(str(one_file(tmp_path / str(i), {"x": x, "label": label}))))
+        assert ds.task == "classification", label.type
+        assert ds.classes == classes and ds.class_type == class_type
+        assert ds.n_outputs == len(classes)
+        assert labels_of(ds) == label.to_pylist()
+        assert ds.to_dict()["classes"] == list(classes)
+        assert ds.to_dict()["class_type"] == class_type
+
+
+def test_pandas_bool_and_categorical_labels(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"x": [0.1, 0.2, 0.3, 0.4], "flag": [True, False, False, True],
+                       "kind": pd.Categorical(["b", "a", "b", "a"], categories=["a", "b", "z"])})
+    (tmp_path / "d").mkdir()
+    df.to_parquet(tmp_path / "d" / "a.parquet")
+    ds = plan(DataSpec(str(tmp_path / "d"), features=("x",), target=("flag",)))
+    assert ds.classes == (False, True) and labels_of(ds) == [True, False, False, True]
+    ds = plan(DataSpec(str(tmp_path / "d"), features=("x",), target=("kind",)))
+    # The values present, not the declared categories: "z" has no row.
+    assert ds.classes == ("a", "b") and labels_of(ds) == ["b", "a", "b", "a"]
+
+
+def test_float_whole_number_labels_are_ambiguous(tmp_path: Path) -> None:
+    d = one_file(tmp_path, {"x": np.arange(4.0), "label": [0.0, 1.0, 1.0, 0.0]})
+    with pytest.raises(DataError) as e:
+        plan(DataSpec(str(d)))
+    message = str(e.value)
+    assert "\n" not in message
+    for part in (str(d), "'label'", "float64", "whole numbers", "--task classification",
+                 "--task regression"):
+        assert part in message
+    ds = plan(DataSpec(str(d), task="classification"))
+    assert ds.classes == (0, 1) and ds.class_type == "float64"
+    assert labels_of(ds) == [0, 1, 1, 0]
+    ds = plan(DataSpec(str(d), task="regression"))
+    assert ds.task == "regression" and ds.n_outputs == 1 and ds.classes == ()
+    # A float target with any fraction is regression under auto, refused as classes.
+    d = one_file(tmp_path / "f", {"x": np.arange(4.0), "label": [0.0, 1.0, 1.5, 0.0]})
+    assert plan(DataSpec(str(d))).task == "regression"
+    with pytest.raises(DataError, match=r"'label' has 1\.5 at row 2, not a whole number"):
+        plan(DataSpec(str(d), task="classification"))
+
+
+def test_task_choices_and_refusals(tmp_path: Path) -> None:
+    d = one_file(tmp_path, {"x": np.arange(4.0), "t0": np.arange(4.0) / 3, "t1": [1, 2, 3, 4],
+                            "name": ["a", "b", "a", "b"], "when": pa.array([1, 2, 3, 4],
+                                                                          pa.timestamp("ms"))})
+    with pytest.raises(ConfigError, match="--task 'guess'"):
+        plan(DataSpec(str(d), features=("x",), target=("t0",), task="guess"))
+    # Several targets: regression; classification needs one.
+    ds = plan(DataSpec(str(d), features=("x",), target=("t0", "t1")))
+    assert ds.task == "regression" and ds.n_outputs == 2
+    with pytest.raises(DataError, match="classification takes one target column"):
+        plan(DataSpec(str(d), features=("x",), target=("t0", "t1"), task="classification"))
+    with pytest.raises(DataError, match=r"target column 'name' is string, not numeric"):
+        plan(DataSpec(str(d), features=("x",), target=("t0", "name")))
+    with pytest.raises(DataError, match=r"'name' is string, not numeric; regression"):
+        plan(DataSpec(str(d), features=("x",), target=("name",), task="regression"))
+    with pytest.raises(DataError, match=r"'when' is timestamp\[ms\]: neither class labels"):
+        plan(DataSpec(str(d), features=("x",), target=("when",)))
+    # An integer target read as numbers, when asked.
+    ds = plan(DataSpec(str(d), features=("x",), target=("t1",), task="regression"))
+    assert ds.task == "regression"
+    np.testing.assert_array_equal(read_block(ds, ds.blocks[0], "float64").y[:, 0], [1, 2, 3, 4])
+
+
+def test_one_class_is_refused_by_value(tmp_path: Path) -> None:
+    for label, shown in (([1, 1, 1], "(1)"), (["x", "x", "x"], "('x')"),
+                         ([True, True, True], "(True)")):
+        d = one_file(tmp_path / shown, {"x": [0.0, 1.0, 2.0], "label": label})
+        with pytest.raises(DataError) as e:
+            plan(DataSpec(str(d)))
+        assert str(e.value) == (f"{d}: column 'label' has one class only {shown}; "
+                                "classification needs two or more.")
+
+
+# --------------------------------------------------------------------------- a model's classes
+
+
+def test_model_classes_accept_a_split_lacking_some(tmp_path: Path) -> None:
+    d = one_file(tmp_path, {"x": np.arange(4.0), "label": ["b", "c", "b", "c"]})
+    ds = plan(DataSpec(str(d), classes=("a", "b", "c")))
+    assert ds.classes == ("a", "b", "c") and ds.n_outputs == 3
+    assert labels_of(ds) == ["b", "c", "b", "c"]
+    np.testing.assert_array_equal(read_block(ds, ds.blocks[0], "float64").labels, [1, 2, 1, 2])
+    # One class in the split is fine when the model has more.
+    d = one_file(tmp_path / "one", {"x": np.arange(3.0), "label": [1000, 1000, 1000]})
+    assert plan(DataSpec(str(d), classes=(0, 1000))).n_outputs == 2
+    # The older form: an int K is the classes 0..K-1 (train.py passes it until it saves values).
+    d = one_file(tmp_path / "k", {"x": np.arange(3.0), "label": [0, 2, 2]})
+    assert plan(DataSpec(str(d), classes=5)).classes == (0, 1, 2, 3, 4)
+
+
+def test_labels_outside_the_model_are_refused_by_name_and_value(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    write_parquet(d / "a.parquet", {"x": np.arange(3.0), "label": [0, 1, 2]})
+    f = write_parquet(d / "b.parquet", {"x": np.arange(3.0), "label": [5, 1, 4]})
+    with pytest.raises(DataError) as e:
+        plan(DataSpec(str(d), classes=(0, 1, 2)))
+    assert str(e.value) == (f"{f}: column 'label' has labels 4, 5, not among the model's 3 "
+                            "classes (0..2). Check --target or --weights.")
+    # Bools are not the ints 0 and 1 here, nor strings ints.
+    b = one_file(tmp_path / "b", {"x": np.arange(2.0), "label": [True, False]})
+    with pytest.raises(DataError, match=r"has labels False, True, not among the model's"):
+        plan(DataSpec(str(b), classes=(0, 1)))
+    with pytest.raises(DataError, match=r"has labels False, True, not among .* \('a', 'b'\)"):
+        plan(DataSpec(str(b), classes=("a", "b")))
+
+
+def test_read_block_refuses_a_label_outside_the_classes(tmp_path: Path) -> None:
+    """Files changed after plan: read_block still maps each value, and names the row."""
+    d = one_file(tmp_path, {"x": np.arange(4.0), "label": ["a", "b", "a", "b"]})
+    ds = plan(DataSpec(str(d)))
+    f = write_parquet(d / "part-0.parquet", {"x": np.arange(4.0), "label": ["a", "b", "q", "b"]})
+    with pytest.raises(DataError) as e:
+        read_block(ds, ds.blocks[0], "float64")
+    assert str(e.value) == (f"{f}: column 'label' has label 'q' at row 2, not one of the 2 "
+                            "classes ('a', 'b'). Check --target or --weights.")
+
+
+def test_class_scan_is_file_by_file_and_bounded(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradpipe.data as data
+
+    monkeypatch.setattr(data, "SCAN_ROWS", 7)
+    rng = np.random.default_rng(0)
+    d = tmp_path / "d"
+    labels = []
+    for i in range(3):
+        part = rng.choice([3, 10, 42], size=20)
+        labels += part.tolist()
+        write_parquet(d / f"p{i}.parquet", {"x": rng.normal(size=20), "label": part},
+                      row_group_size=6)
+    batches = []
+    original = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        for batch in original(self, *args, **kwargs):
+            batches.append((kwargs["columns"], batch.num_rows))
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    ds = plan(DataSpec(str(d)))
+    assert ds.classes == (3, 10, 42)
+    assert all(cols == ["label"] and n <= 7 for cols, n in batches)
+    assert sum(n for _, n in batches) == 60
+    monkeypatch.undo()
+    assert labels_of(ds) == labels
+
+
+# --------------------------------------------------------------------------- probabilities
+
+
+def test_probability_targets(tmp_path: Path) -> None:
+    good = {"x": np.arange(3.0), "p0": [0.2, 1.0, 0.0], "p1": [0.8, 0.0, 1.0 - 1e-7]}
+    d = one_file(tmp_path, good)
+    spec = DataSpec(str(d), target=("p0", "p1"), probability_targets=True)
+    ds = plan(spec)
+    assert ds.probability_targets and ds.to_dict()["probability_targets"]
+    assert "regression on 'p0', 'p1' (probability rows)" in schema_line(ds)
+    read_block(ds, ds.blocks[0], "float32")
+    # Without the flag anything finite goes; with it, a row off by more than 1e-6 is refused.
+    f = write_parquet(d / "part-0.parquet", {**good, "p1": [0.8, 0.1, 1.0]})
+    read_block(plan(DataSpec(str(d), target=("p0", "p1"))), ds.blocks[0], "float64")
+    with pytest.raises(DataError) as e:
+        read_block(plan(spec), ds.blocks[0], "float64")
+    assert str(e.value).startswith(
+        f"{f}: target columns 'p0', 'p1' at row 1 are not probabilities: they sum to 1.1. ")
+    write_parquet(d / "part-0.parquet", {**good, "p0": [0.2, 1.5, 0.0], "p1": [0.8, -0.5, 1.0]})
+    with pytest.raises(DataError, match=r"row 1 .* sum to 1 and column 'p1' is -0\.5"):
+        read_block(plan(spec), ds.blocks[0], "float64")
+    # The flag means nothing for classes.
+    c = one_file(tmp_path / "c", {"x": np.arange(2.0), "label": [0, 1]})
+    assert not plan(DataSpec(str(c), probability_targets=True)).probability_targets
+
+
+def test_check_probability_rows_alone(tmp_path: Path) -> None:
+    from gradpipe.data import Block
+
+    block = Block(0, "f.parquet", 0, 0, 3, 10, 0)
+    check_probability_rows(np.array([[0.5, 0.5], [1.0, 0.0], [0.3, 0.7 + 9e-7]]), ("a", "b"),
+                           block)
+    with pytest.raises(DataError, match=r"f\.parquet: .* at row 12 .* sum to 1\.00000201"):
+        check_probability_rows(np.array([[0.5, 0.5], [1.0, 0.0], [0.3, 0.7 + 2.01e-6]]),
+                               ("a", "b"), block)
+
+
+# --------------------------------------------------------------------------- the schema line
+
+
+def test_schema_line_and_to_dict(tmp_path: Path) -> None:
+    names = ["alcohol", "malic_acid", "ash", "alcalinity", "magnesium", "phenols", "flavanoids",
+             "nonflavanoid", "proanthocyanins", "color", "hue", "od280", "proline"]
+    rng = np.random.default_rng(0)
+    cols = {n: rng.normal(size=124) for n in names}
+    cols["label"] = np.arange(124) % 3
+    cols["__index_level_0__"] = rng.permutation(178)[:124]
+    ds = plan(DataSpec(str(one_file(tmp_path, cols))))
+    assert schema_line(ds) == (
+        "classification on 'label': 3 classes (0, 1, 2); 13 features (alcohol, malic_acid, "
+        "ash, ..., proline); 124 rows in 1 block; ignored index column __index_level_0__")
+    info = ds.to_dict()
+    assert info["task"] == "classification" and info["classes"] == [0, 1, 2]
+    assert info["features"] == names and info["ignored_columns"] == ["__index_level_0__"]
+    assert info["n_outputs"] == 3 and info["class_type"] == "int64"
+
+    # Many classes are abbreviated; regression names its targets; an id column is said.
+    write_parquet(tmp_path / "m" / "a.parquet", {"x": np.arange(40.0), "id": np.arange(40),
+                                                 "label": np.arange(40) * 10}, row_group_size=15)
+    ds = plan(DataSpec(str(tmp_path / "m"), id_column="id"))
+    assert schema_line(ds) == ("classification on 'label': 40 classes (0, 10, 20, 30, 40, 50, "
+                               "60, 70, 80, ..., 380, 390); 1 feature (x); 40 rows in 3 blocks; "
+                               "id column id")
+    write_parquet(tmp_path / "r" / "a.parquet", {"x": [1.0, 2.0], "y": [0.5, 0.25]})
+    write_parquet(tmp_path / "r" / "b.parquet", {"x": [1.0, 2.0], "y": [0.5, 0.75]})
+    ds = plan(DataSpec(str(tmp_path / "r"), target=("y",)))
+    assert schema_line(ds) == "regression on 'y'; 1 feature (x); 4 rows in 2 blocks of 2 files"
+    assert ds.to_dict()["classes"] == [] and ds.to_dict()["class_type"] is None
+
+
+def test_dataspec_stays_keyword_and_position_compatible(tmp_path: Path) -> None:
+    d = one_file(tmp_path, {"x": np.arange(4.0), "label": [0, 1, 2, 1]})
+    spec = DataSpec(str(d), (), ("label",), None, classes=None, block_rows=2)
+    assert spec.task == "auto" and not spec.probability_targets
+    ds = plan(spec)
+    assert len(ds.blocks) == 2 and ds.classes == (0, 1, 2)

@@ -1,0 +1,126 @@
+"""TrainConfig: every option of `train`, `grad`, `check` and `explain`, declared once.
+
+Each field carries its help, type, choices, range, the commands that take it and how
+--resume treats it (options.py derives the click options, the job-file keys and the checks
+from these declarations). The config is saved in run.json; `gradpipe train --resume`
+reads it back from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from . import options
+from .activations import ACTIVATIONS, HIDDEN_ACTIVATIONS
+from .errors import ConfigError
+from .losses import LOSSES
+from .options import ALL, RUNS, TRAIN, opt
+
+BLOCK_ROWS = 65536  # largest block, in rows (data.py splits larger row groups)
+PER_SAMPLE = ("none", "norms", "full")
+SCHEDULES = ("constant", "cosine", "linear")
+TASKS = ("auto", "classification", "regression")
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs; flags, job files and run.json map onto these fields one to one."""
+
+    # data
+    data: str = opt("", "Parquet file, folder or URI.", as_flag=False, resume="free")
+    features: tuple[str, ...] = opt(
+        (), "Feature columns: comma-separated names or globs (x*), or one fixed-size list "
+        "column. Default: all but the target, the id and index columns.", kind="names",
+        metavar="NAMES")
+    target: tuple[str, ...] = opt(
+        ("label",), "Target: one class column, or comma-separated float columns for "
+        "regression.", kind="names", metavar="NAMES")
+    id_column: str | None = opt(None, "Integer column to use as the sample id. Default: the "
+                                "global row index.", optional=True, metavar="NAME")
+    task: str = opt("auto", "What the target is: auto takes integer, bool and string columns "
+                    "as classes and float columns as regression targets.", kind="choice",
+                    choices=TASKS)
+    standardize: bool = opt(False, "Scale features to mean 0, std 1 (statistics computed by "
+                            "the workers).", kind="bool", commands=RUNS)
+    block_rows: int = opt(BLOCK_ROWS, "Largest block, in rows (row groups are split to this "
+                          "size).", kind="int", low=1, commands=RUNS)
+    # model
+    hidden: tuple[int, ...] = opt((32,), "Hidden layer sizes, e.g. 64,32 (none: no hidden "
+                                  "layer).", kind="sizes", low=1, metavar="N,N,..")
+    activation: str = opt("sigmoid", "Activation of the hidden layers.", kind="choice",
+                          choices=HIDDEN_ACTIVATIONS)
+    output_activation: str = opt("sigmoid", "Activation of the output layer.", kind="choice",
+                                 choices=tuple(sorted(ACTIVATIONS)))
+    loss: str = opt("squared", "Per-sample loss (squared: C = sum_j (a_j - y_j)^2).",
+                    kind="choice", choices=tuple(sorted(LOSSES)))
+    seed: int = opt(0, "Seed of the initial weights and of the mini-batch draws.", kind="int",
+                    low=0)
+    dtype: str = opt("float32", "Compute dtype (sums across samples are float64 either way).",
+                     kind="choice", choices=DTYPES)
+    weights: str | None = opt(None, "Start from these weights (a run folder or "
+                              "weights.parquet) instead of the seeded initialisation.",
+                              optional=True, metavar="RUN|FILE")
+    # optimizer
+    lr: float = opt(2.0, "Learning rate eta (per step, on the mean gradient).", kind="float",
+                    low=0, low_open=True, commands=TRAIN)
+    steps: int = opt(300, "SGD steps; on --resume it may grow to extend the run.", kind="int",
+                     low=1, commands=TRAIN, resume="grow")
+    momentum: float = opt(0.0, "Momentum (0: plain SGD).", kind="float", low=0, high=1,
+                          high_open=True, commands=TRAIN)
+    weight_decay: float = opt(0.0, "L2 weight decay lambda, on the weights only.",
+                              kind="float", low=0, commands=TRAIN)
+    schedule: str = opt("constant", "Learning-rate schedule (cosine and linear decay to 0 at "
+                        "the last step).", kind="choice", choices=SCHEDULES, commands=TRAIN)
+    batch: int | None = opt(None, "full, or N rows per step drawn by a seeded generator.",
+                            kind="batch", low=1, optional=True, metavar="full|N",
+                            commands=TRAIN)
+    tol: float = opt(0.0, "Stop when the gradient norm falls below this (0: never).",
+                     kind="float", low=0, commands=TRAIN)
+    # execution
+    workers: int | None = opt(None, "Ray workers (actors). Default: the CPUs Ray offers; 0 "
+                              "computes in this process.", kind="int", low=0, optional=True,
+                              commands=RUNS, resume="free")
+    address: str | None = opt(None, "Ray cluster: HOST:PORT, ray://HOST:PORT or auto "
+                              "(default: the group's --address, RAY_ADDRESS, else a private "
+                              "local instance).", optional=True, commands=RUNS,
+                              resume="free", metavar="ADDR")
+    memory_budget: int | None = opt(None, "Bytes of data per worker above which it streams "
+                                    "its blocks from Parquet each step. Default: half the "
+                                    "machine's memory over the workers.", kind="int", low=1,
+                                    optional=True, commands=RUNS, resume="free",
+                                    metavar="BYTES")
+    # outputs
+    out: str | None = opt(None, "Run folder. Default (train): runs/train-YYYYmmdd-HHMMSS.",
+                          optional=True, commands=RUNS, resume="free", metavar="RUN")
+    record_every: int = opt(10, "Record the whole gradient every K steps (and at the last).",
+                            kind="int", low=0, commands=TRAIN)
+    per_sample: str = opt("none", "Per-sample rows to write: norms (losses and gradient "
+                          "norms) or full (also each sample's whole gradient).",
+                          kind="choice", choices=PER_SAMPLE, commands=RUNS)
+    per_sample_every: int = opt(0, "Per-sample rows every K steps (and at the last); 0: "
+                                "only at the last.", kind="int", low=0, commands=TRAIN)
+    checkpoint_every: int = opt(50, "Checkpoint every K steps (and at the last).", kind="int",
+                                low=0, commands=TRAIN, resume="free")
+    overwrite: bool = opt(False, "Replace an existing run folder.", kind="bool",
+                          commands=RUNS, resume="free", in_job=True)
+    resume: bool = opt(False, "Continue the run in --out from its last checkpoint, with the "
+                       "options it was started with.", kind="bool", commands=TRAIN,
+                       resume="free")
+    # set by the command, never by a flag or a job file
+    update: bool = opt(True, "False: compute gradients only (gradpipe grad).", kind="bool",
+                       as_flag=False, in_job=False, resume="free")
+    verbose: bool = opt(False, "Show Ray's own logs.", kind="bool", as_flag=False,
+                        in_job=False, resume="free")
+
+    def __post_init__(self) -> None:
+        options.check(self)
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite cannot be used together")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+__all__ = ["ALL", "BLOCK_ROWS", "TrainConfig"]

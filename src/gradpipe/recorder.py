@@ -1,0 +1,208 @@
+"""The run folder's one owner: writes every record append-only, and reads them back.
+
+    RUN/run.json                        configuration, dataset, model, status (rewritten)
+    RUN/metrics/step-SSSSSSSS.parquet   one row per step
+    RUN/gradients/step-SSSSSSSS.parquet the recorded steps: step, layer, param, j, k, value, grad
+    RUN/per_sample/step=S/part-BLOCK.parquet   written by the workers
+    RUN/checkpoints/step-SSSSSS/        weights.parquet (+ velocity), state.json written last
+    RUN/weights.parquet                 the final weights
+
+A step's records are new files, written once through atomic.py and never rewritten, so the
+driver holds no record in memory and writing one costs the same at any step. Only
+run.json (the status) and weights.parquet are replaced. A resumed run starts from its last
+complete checkpoint and first removes the records of the steps after it, so that nothing
+is duplicated; everything that reads a run (inspect, resume, tests) goes through here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from numpy.typing import NDArray
+
+from .atomic import sweep
+from .errors import ConfigError
+from .model import Architecture, Params
+from .outputs import (
+    gradient_table,
+    read_run_json,
+    read_weights,
+    weights_table,
+    write_json,
+    write_table,
+)
+
+F64 = NDArray[np.float64]
+_STEP_FILE = re.compile(r"^step-(\d+)\.parquet$")
+_STEP_DIR = re.compile(r"^step[-=](\d+)$")
+
+
+def metrics_table(rows: list[dict]) -> pa.Table:
+    """Metrics rows: every column float64 but step and samples, even when all null."""
+    types = {"step": pa.int64(), "samples": pa.int64()}
+    schema = pa.schema([(k, types.get(k, pa.float64())) for k in rows[0]])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _steps(folder: Path, pattern: re.Pattern[str]) -> dict[int, Path]:
+    if not folder.is_dir():
+        return {}
+    found = {}
+    for p in folder.iterdir():
+        m = pattern.match(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def prepare_run_dir(out: str | Path, *, overwrite: bool) -> Path:
+    """Check that `out` may be written: new, empty, or an old run with `overwrite`."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out}: exists and is not a folder")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise ConfigError(
+                    f"--out {out}: folder exists and is not empty. Pass --overwrite to replace "
+                    "it, --resume to continue it, or choose another --out."
+                )
+            if not (out / "run.json").is_file():
+                raise ConfigError(
+                    f"--out {out}: is not a gradpipe run folder (no run.json); refusing to "
+                    "delete it with --overwrite."
+                )
+    return out
+
+
+def check_apart(out: str | Path, **inputs: str | None) -> None:
+    """Refuse a run folder inside an input (the next run would read it as data) or an input
+    inside the run folder (--overwrite would delete it). Inputs are named by their flag."""
+    here = Path(out).resolve()
+    for name, path in inputs.items():
+        if not path or "://" in path:
+            continue
+        there = Path(path).resolve()
+        if here == there or there in here.parents:
+            raise ConfigError(f"--out {out} is inside {name} {path}: the run's files would "
+                              f"become part of the data. Choose a folder outside it.")
+        if here in there.parents:
+            raise ConfigError(f"{name} {path} is inside --out {out}: choose a run folder that "
+                              "does not hold the data.")
+
+
+class Recorder:
+    """Writes one run folder. `start` creates it (or, resuming, trims it to a checkpoint)."""
+
+    def __init__(self, out: str | Path) -> None:
+        self.out = Path(out)
+
+    # --- the folder ----------------------------------------------------------------------
+    def start(self, info: dict, *, overwrite: bool = False, resume_step: int | None = None) -> None:
+        """Create the folder (replacing an old run with `overwrite`), or resume it at
+        `resume_step`: temporaries and the records of steps >= resume_step are removed."""
+        if resume_step is None:
+            prepare_run_dir(self.out, overwrite=overwrite)
+            if overwrite and self.out.exists():
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+        else:
+            sweep(self.out)
+            self.drop_records_from(resume_step)
+        self.status(info)
+
+    def status(self, info: dict) -> None:
+        """Replace run.json (configuration, status, summary)."""
+        write_json(info, self.out / "run.json")
+
+    def drop_records_from(self, step: int) -> None:
+        """Remove the records of steps >= step (written after the checkpoint resumed from)."""
+        for kind in ("metrics", "gradients"):
+            for s, path in _steps(self.out / kind, _STEP_FILE).items():
+                if s >= step:
+                    path.unlink()
+        for s, path in _steps(self.out / "per_sample", _STEP_DIR).items():
+            if s >= step:
+                shutil.rmtree(path)
+        for s, path in _steps(self.out / "checkpoints", _STEP_DIR).items():
+            if s > step:
+                shutil.rmtree(path)
+
+    # --- records, one file per step --------------------------------------------------------
+    def metrics(self, row: dict) -> None:
+        write_table(metrics_table([row]), self.out / "metrics" / f"step-{row['step']:08d}.parquet")
+
+    def gradients(self, step: int, sizes: tuple[int, ...], value: F64, grad: F64) -> None:
+        write_table(gradient_table(step, sizes, value, grad),
+                    self.out / "gradients" / f"step-{step:08d}.parquet")
+
+    def per_sample_dir(self) -> str:
+        """Where the workers write per_sample/step=S/ (an absolute path: they may run
+        elsewhere on this machine's file system)."""
+        return str(self.out.resolve())
+
+    def checkpoint(self, step: int, arch: Architecture, params: Params, velocity: F64,
+                   standardize: Any = None, meta: dict | None = None) -> None:
+        """checkpoints/step-S/: the weights w_S and the momentum buffer before step S."""
+        d = self.out / "checkpoints" / f"step-{step:06d}"
+        write_table(weights_table(arch, params, standardize=standardize, velocity=velocity,
+                                  meta=meta), d / "weights.parquet")
+        write_json({"step": step}, d / "state.json")  # last: marks it complete
+
+    def weights(self, arch: Architecture, params: Params, standardize: Any = None,
+                meta: dict | None = None) -> None:
+        write_table(weights_table(arch, params, standardize=standardize, meta=meta),
+                    self.out / "weights.parquet")
+
+
+# --- reading a run ---------------------------------------------------------------------------
+
+
+def latest_checkpoint(out: str | Path) -> tuple[int, Path] | None:
+    """The newest complete checkpoint (its state.json is written last): (step, folder)."""
+    done = [(s, p) for s, p in _steps(Path(out) / "checkpoints", _STEP_DIR).items()
+            if (p / "state.json").is_file()]
+    return done[-1] if done else None
+
+
+def read_checkpoint(out: str | Path) -> tuple[int, Params, F64 | None]:
+    """(step, weights, velocity) of the last complete checkpoint."""
+    found = latest_checkpoint(out)
+    if found is None:
+        raise ConfigError(f"--resume {out}: the run has no complete checkpoint to resume from")
+    step, folder = found
+    assert int(json.loads((folder / "state.json").read_text())["step"]) == step
+    _, params, _, velocity = read_weights(folder / "weights.parquet")
+    return step, params, velocity
+
+
+def _concat(files: list[Path]) -> pa.Table | None:
+    return pa.concat_tables([pq.read_table(p) for p in files]) if files else None
+
+
+def read_metrics(run: str | Path) -> pa.Table | None:
+    """Every step's metrics row, in step order (None if none was written)."""
+    return _concat(list(_steps(Path(run) / "metrics", _STEP_FILE).values()))
+
+
+def read_gradients(run: str | Path) -> pa.Table | None:
+    """The recorded gradients, in step order (None if none was recorded)."""
+    return _concat(list(_steps(Path(run) / "gradients", _STEP_FILE).values()))
+
+
+def recorded_steps(run: str | Path, kind: str) -> list[int]:
+    """The steps of `kind` (metrics | gradients | per_sample | checkpoints) in a run."""
+    pattern = _STEP_FILE if kind in ("metrics", "gradients") else _STEP_DIR
+    return list(_steps(Path(run) / kind, pattern))
+
+
+__all__ = ["Recorder", "latest_checkpoint", "metrics_table", "prepare_run_dir",
+           "read_checkpoint", "read_gradients", "read_metrics", "read_run_json",
+           "recorded_steps", "write_table"]

@@ -54,7 +54,7 @@ def test_grad_matches_torch_autograd(case, cls_data, reg_data, tmp_path):
     target = tuple(case["target"].split(",")) if case["target"] else ("label",)
     x, y = load_xy(data, None if case["target"] else 3, target)
     sizes = (x.shape[1], *map(int, case["hidden"].split(",")), y.shape[1])
-    grads = pq.read_table(out / "gradients.parquet")
+    grads = pq.read_table(out / "gradients")
     p = params_from_flat(sizes, grads.column("value").to_numpy(), "float64")
     params = [torch.tensor(t, requires_grad=True) for l in range(1, len(sizes))
               for t in (p.w[l], p.b[l])]

@@ -56,7 +56,7 @@ def test_explain_factors_multiply_to_the_per_sample_gradient(tmp_path, layer, j,
     assert e["grad"] == pytest.approx(e["finite_difference"], rel=1e-6)
     if layer == 1:
         assert sum(t["product"] for t in e["dC_da_terms"]) == pytest.approx(e["dC_da"], rel=1e-12)
-    rows = pq.read_table(out / "gradients.parquet").to_pylist()
+    rows = pq.read_table(out / "gradients").to_pylist()
     index = next(i for i, r in enumerate(rows) if r["layer"] == layer and r["j"] == j
                  and r["k"] == k and r["param"] == ("w" if k is not None else "b"))
     per_sample = pq.read_table(out / "per_sample").sort_by("sample")
@@ -83,10 +83,10 @@ def test_grad_writes_a_run_folder_with_step_0(tmp_path):
     summary = json.loads(result.output)
     assert summary["step"] == 0 and summary["samples"] == 1797
     assert sorted(p.name for p in out.iterdir()) == [
-        "gradients.parquet", "metrics.parquet", "run.json", "weights.parquet"]
+        "gradients", "metrics", "run.json", "weights.parquet"]
     info = json.loads((out / "run.json").read_text())
     assert info["command"] == "grad" and info["status"] == "completed"
-    grads = pq.read_table(out / "gradients.parquet")
+    grads = pq.read_table(out / "gradients")
     assert set(grads.column("step").to_pylist()) == {0}
 
 
@@ -95,9 +95,9 @@ def test_same_flags_give_the_same_initial_weights_in_every_command(tmp_path):
     run("grad", DIGITS, "--workers", "0", "--seed", "5", "--hidden", "7", "--out", a)
     run("train", DIGITS, "--workers", "0", "--seed", "5", "--hidden", "7", "--steps", "1",
         "--record-every", "1", "--out", b, "--quiet")
-    va = pq.read_table(a / "gradients.parquet").column("value").to_numpy()
-    vb = pq.read_table(b / "gradients.parquet").filter(
-        pq.read_table(b / "gradients.parquet").column("step").to_numpy() == 0
+    va = pq.read_table(a / "gradients").column("value").to_numpy()
+    vb = pq.read_table(b / "gradients").filter(
+        pq.read_table(b / "gradients").column("step").to_numpy() == 0
     ).column("value").to_numpy()
     np.testing.assert_array_equal(va, vb)
 
@@ -109,7 +109,7 @@ def test_grad_at_weights_of_a_run(tmp_path):
     assert run("grad", DIGITS, "--workers", "0", "--weights", run_dir, "--out", g).exit_code == 0
     np.testing.assert_array_equal(
         pq.read_table(run_dir / "weights.parquet").column("value").to_numpy(),
-        pq.read_table(g / "gradients.parquet").column("value").to_numpy())
+        pq.read_table(g / "gradients").column("value").to_numpy())
 
 
 def test_train_json_summary_and_job_file_with_flag_override(tmp_path):

@@ -83,7 +83,7 @@ def test_train_on_a_ray_start_cluster_gives_the_local_bits(ray_head, tmp_path):
          "--record-every", "1", "--workers", "2", "--out", str(out), "--quiet", "--json"],
         env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr
-    for name in ("gradients.parquet", "weights.parquet"):
+    for name in ("gradients", "weights.parquet"):
         assert pq.read_table(local / name).equals(pq.read_table(out / name)), name
 
 
@@ -138,5 +138,5 @@ def test_a_simulated_two_node_cluster_spreads_blocks_and_gives_the_local_bits(
 
     nodes = json.loads(result.stdout.strip().splitlines()[-1])["nodes"]
     assert len(set(nodes)) == 2, f"both workers on one node: {nodes}"
-    for name in ("gradients.parquet", "weights.parquet"):
+    for name in ("gradients", "weights.parquet"):
         assert pq.read_table(local / name).equals(pq.read_table(out / name)), name

@@ -250,7 +250,7 @@ def test_submit_wait_runs_the_job_file_on_the_cluster_and_exits_0(submitted):
     assert record["status"] == "SUCCEEDED" and record["address"] == url
     assert record["entrypoint"].endswith("train --job ok.toml")
     assert (out / "weights.parquet").is_file()
-    assert pq.read_table(out / "metrics.parquet").num_rows == 3
+    assert pq.read_table(out / "metrics").num_rows == 3
 
 
 @pytest.mark.cluster

@@ -14,24 +14,31 @@ from gradpipe.outputs import read_weights, weights_table, write_table
 from gradpipe.train import TrainConfig, train
 
 
-def test_duckdb_reads_every_output_file(cls_data, tmp_path):
+def readme_queries() -> list[str]:
+    """The DuckDB queries of the README's outputs section, with RUN as the run folder."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = text.split("<!-- duckdb-queries -->", 1)[1].split("```sql", 1)[1].split("```")[0]
+    return [q.strip() for q in block.split(";") if q.strip()]
+
+
+def test_duckdb_reads_every_output_with_the_readme_queries(cls_data, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=3,
                       per_sample="full", per_sample_every=1, checkpoint_every=1,
-                      standardize=True))
-    parquet = sorted(out.rglob("*.parquet"))
-    assert {p.name for p in parquet} >= {"metrics.parquet", "gradients.parquet",
-                                         "weights.parquet", "part-00000.parquet"}
-    for path in parquet:
-        rows = duckdb.sql(f"select count(*) from read_parquet('{path}')").fetchall()[0][0]
-        assert rows > 0, path
-    per_sample = duckdb.sql(
-        f"select step, count(*), count(distinct sample), min(len(grad)) from "
-        f"read_parquet('{out}/per_sample/*/*.parquet', hive_partitioning = true) "
-        f"group by step order by step").fetchall()
-    assert per_sample == [(s, 60, 60, 4 * 6 + 3 * 5) for s in range(3)]
-    status = duckdb.sql(f"select status from read_json_auto('{out}/run.json')").fetchall()
-    assert status == [("completed",)]
+                      record_every=2, standardize=True))
+    results = [duckdb.sql(q.replace("RUN", str(out))).fetchall() for q in readme_queries()]
+    assert len(results) == 7 and all(results)
+    metrics, gradients, per_sample, weights, checkpoints, status, top = results
+    assert [r[0] for r in metrics] == [0, 1, 2]
+    assert sorted({r[0] for r in gradients}) == [0, 2]
+    assert len(gradients) == 2 * (4 * 6 + 3 * 5)
+    assert sorted({r[0] for r in per_sample}) == [0, 1, 2] and len(per_sample) == 3 * 60
+    assert len(weights) == 4 * 6 + 3 * 5 and len(checkpoints) == 4 * len(weights)
+    assert status == [("completed", 3, 2.0)]
+    assert len(top) == 10 and [r[3] for r in top] == sorted((r[3] for r in top), reverse=True)
+    # Every Parquet file of the run is readable on its own too.
+    for path in sorted(out.rglob("*.parquet")):
+        assert duckdb.sql(f"select count(*) from read_parquet('{path}')").fetchall()[0][0] > 0
 
 
 def test_weights_round_trip_with_model_and_standardization(tmp_path):

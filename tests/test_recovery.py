@@ -44,7 +44,7 @@ def test_a_driver_killed_at_a_random_moment_resumes_bitwise(tmp_path, seed):
     subprocess.run([GRADPIPE, "train", *args, "--out", str(full)], check=True, timeout=120)
 
     proc = subprocess.Popen([GRADPIPE, "train", *args, "--out", str(cut)])
-    while not (cut / "metrics.parquet").exists():  # training has begun
+    while not (cut / "metrics").exists():  # training has begun
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.005)
     time.sleep(random.Random(seed).uniform(0.0, 0.8))
@@ -53,14 +53,61 @@ def test_a_driver_killed_at_a_random_moment_resumes_bitwise(tmp_path, seed):
     assert json.loads((cut / "run.json").read_text())["status"] == "running", "killed too late"
     _all_parquet_readable(cut)
 
-    resumed = subprocess.run([GRADPIPE, "train", *args, "--out", str(cut), "--resume"],
+    # The hint printed on Ctrl-C, followed literally: no other flag is needed.
+    resumed = subprocess.run([GRADPIPE, "train", "--resume", "--out", str(cut), "--quiet"],
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
-    for name in ("weights.parquet", "gradients.parquet"):
+    for name in ("weights.parquet", "gradients"):
         assert pq.read_table(full / name).equals(pq.read_table(cut / name)), name
-    assert pq.read_table(full / "metrics.parquet").drop(["seconds"]).equals(
-        pq.read_table(cut / "metrics.parquet").drop(["seconds"]))
+    assert pq.read_table(full / "metrics").drop(["seconds"]).equals(
+        pq.read_table(cut / "metrics").drop(["seconds"]))
     assert not list(cut.rglob(".*.tmp-*"))
+
+
+# Runs the CLI with the recorder's writes wrapped: the KILL_AT-th write leaves a half-written
+# temporary file and the driver SIGKILLs itself in the middle of it.
+DIE_WHILE_WRITING = """
+import os, signal, sys
+import gradpipe.recorder as recorder
+from gradpipe.atomic import atomic_file
+real, count = recorder.write_table, 0
+def dying(table, path):
+    global count
+    count += 1
+    if count == int(os.environ["KILL_AT"]):
+        with atomic_file(path) as tmp:
+            tmp.write_bytes(b"PAR1 half a record")
+            os.kill(os.getpid(), signal.SIGKILL)
+    real(table, path)
+recorder.write_table = dying
+from gradpipe.cli import main
+sys.argv[0] = "gradpipe"
+main()
+"""
+
+
+@pytest.mark.parametrize("kill_at", [9, 26])
+def test_a_driver_killed_while_writing_a_record_resumes_bitwise(tmp_path, kill_at):
+    data = make_classification(tmp_path / "data", rows=300, features=5, classes=3,
+                               row_group_size=100)
+    args = [str(data), "--workers", "0", "--hidden", "6", "--steps", "20", "--momentum", "0.9",
+            "--checkpoint-every", "4", "--record-every", "3", "--quiet"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run([GRADPIPE, "train", *args, "--out", str(full)], check=True, timeout=120)
+    killed = subprocess.run([sys.executable, "-c", DIE_WHILE_WRITING, "train", *args, "--out",
+                             str(cut)], env={**os.environ, "KILL_AT": str(kill_at)}, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    assert list(cut.rglob(".*.tmp-*")), "the kill left its half-written temporary"
+    resumed = subprocess.run([GRADPIPE, "train", "--resume", "--out", str(cut), "--quiet"],
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(cut.rglob(".*.tmp-*"))
+    for name in ("weights.parquet", "gradients"):
+        assert pq.read_table(full / name).equals(pq.read_table(cut / name)), name
+    m_full = pq.read_table(full / "metrics").drop(["seconds"])
+    m_cut = pq.read_table(cut / "metrics").drop(["seconds"])
+    assert m_cut["step"].to_pylist() == list(range(20))  # nothing duplicated, nothing lost
+    assert m_full.equals(m_cut)
 
 
 @pytest.mark.ray

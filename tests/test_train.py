@@ -37,7 +37,7 @@ def gradients(out: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     rows = duckdb.sql(
         f"select step, list(value order by layer, param desc, j, k nulls first) v, "
         f"list(grad order by layer, param desc, j, k nulls first) g "
-        f"from '{out}/gradients.parquet' group by step order by step").fetchall()
+        f"from '{out}/gradients/*.parquet' group by step order by step").fetchall()
     return {s: (np.array(v), np.array(g)) for s, v, g in rows}
 
 
@@ -45,7 +45,7 @@ def test_gradients_file_is_in_documented_order(cls_data, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=2,
                       record_every=1))
-    table = pq.read_table(out / "gradients.parquet").to_pylist()
+    table = pq.read_table(out / "gradients").to_pylist()
     step0 = [r for r in table if r["step"] == 0]
     keys = [(r["layer"], r["param"] == "b", r["j"], -1 if r["k"] is None else r["k"])
             for r in step0]
@@ -69,7 +69,7 @@ def test_every_recorded_step_matches_the_naive_chain_rule(
                       target=target, dtype="float64", lr=0.1, record_every=1, seed=3))
     x, y = load_xy(data, classes, target)
     sizes = (x.shape[1], *hidden, y.shape[1])
-    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    metrics = pq.read_table(out / "metrics").to_pylist()
     recorded = gradients(out)
     assert sorted(recorded) == [0, 1, 2, 3]
     for step, (value, grad) in recorded.items():
@@ -99,8 +99,8 @@ def test_momentum_weight_decay_and_schedule(cls_data, tmp_path):
                       dtype="float64", lr=lr, momentum=mu, weight_decay=lam,
                       schedule="cosine", record_every=1))
     rec = gradients(out)
-    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
-    is_weight = duckdb.sql(f"select param = 'w' from '{out}/gradients.parquet' where step = 0 "
+    metrics = pq.read_table(out / "metrics").to_pylist()
+    is_weight = duckdb.sql(f"select param = 'w' from '{out}/gradients/*.parquet' where step = 0 "
                            "order by layer, param desc, j, k nulls first").fetchnumpy()
     mask = list(is_weight.values())[0].astype(float)
     v = np.zeros_like(rec[0][0])
@@ -122,7 +122,7 @@ def test_momentum_weight_decay_and_schedule(cls_data, tmp_path):
 def test_loss_falls_and_accuracy_is_high_on_digits(tmp_path):
     out = tmp_path / "run"
     summary = train(TrainConfig(data=str(DIGITS), out=str(out), workers=0, steps=120))
-    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    metrics = pq.read_table(out / "metrics").to_pylist()
     losses = [m["loss"] for m in metrics]
     assert losses[-1] < 0.5 * losses[0]
     assert summary["accuracy"] > 0.85
@@ -164,7 +164,7 @@ def test_noise_scale_matches_its_definition(cls_data, tmp_path):
     n = len(g)
     trace = ((g - G) ** 2).sum() / (n - 1)
     expected = trace / ((G ** 2).sum() - trace / n)
-    got = pq.read_table(out / "metrics.parquet").column("noise_scale")[0].as_py()
+    got = pq.read_table(out / "metrics").column("noise_scale")[0].as_py()
     assert got == pytest.approx(expected, rel=1e-9)
 
 
@@ -191,10 +191,10 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(cls_data, tmp_path,
     with pytest.raises(Stop):
         train(TrainConfig(out=str(cut), **common), _interrupt_at(7))
     train(TrainConfig(out=str(cut), resume=True, **common))
-    for name in ("weights.parquet", "gradients.parquet"):
+    for name in ("weights.parquet", "gradients"):
         assert pq.read_table(full / name).equals(pq.read_table(cut / name)), name
-    m_full = pq.read_table(full / "metrics.parquet").drop(["seconds"])
-    m_cut = pq.read_table(cut / "metrics.parquet").drop(["seconds"])
+    m_full = pq.read_table(full / "metrics").drop(["seconds"])
+    m_cut = pq.read_table(cut / "metrics").drop(["seconds"])
     assert m_full.equals(m_cut)
     for step_dir in (full / "per_sample").iterdir():
         for part in step_dir.iterdir():
@@ -216,7 +216,7 @@ def test_minibatch_draws_the_asked_rows(cls_data, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=3,
                       batch=11, per_sample="norms", per_sample_every=1))
-    samples = pq.read_table(out / "metrics.parquet").column("samples").to_pylist()
+    samples = pq.read_table(out / "metrics").column("samples").to_pylist()
     assert samples == [11, 11, 11]
     ids = [duckdb.sql(f"select list(sample order by sample) from "
                       f"'{out}/per_sample/step={s}/*.parquet'").fetchall()[0][0] for s in range(3)]

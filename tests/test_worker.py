@@ -41,8 +41,8 @@ def test_gradients_are_bitwise_identical_for_any_worker_count(ray_local, tmp_pat
                           hidden=(8, 5), steps=4, record_every=1, momentum=0.5,
                           per_sample="norms"))
         tables[workers] = {name: pq.read_table(out / name) for name in
-                           ("gradients.parquet", "weights.parquet")}
-        tables[workers]["metrics"] = pq.read_table(out / "metrics.parquet").drop(["seconds"])
+                           ("gradients", "weights.parquet")}
+        tables[workers]["metrics"] = pq.read_table(out / "metrics").drop(["seconds"])
     for workers in (1, 2, 3, 4):
         for name, table in tables[workers].items():
             assert table.equals(tables[0][name]), (workers, name)
@@ -117,7 +117,7 @@ def test_a_killed_worker_restarts_and_the_run_is_bitwise_unchanged(ray_local, tm
     finally:
         run.close()
     assert len(kills) == 2 and not set(kills) & set(new_pids), "workers were restarted"
-    for name in ("gradients.parquet", "weights.parquet"):
+    for name in ("gradients", "weights.parquet"):
         assert pq.read_table(clean / name).equals(pq.read_table(crashed / name)), name
     for step in range(6):
         a = pq.read_table(clean / "per_sample" / f"step={step}").sort_by("sample")
@@ -138,7 +138,7 @@ def test_streaming_blocks_gives_the_in_memory_bits(ray_local, tmp_path, workers)
                           per_sample="norms"))
         info = __import__("json").loads((out / "run.json").read_text())
         assert info["streaming"] is (budget == 1)
-        tables[budget] = [pq.read_table(out / n) for n in ("gradients.parquet", "weights.parquet")]
+        tables[budget] = [pq.read_table(out / n) for n in ("gradients", "weights.parquet")]
         tables[budget].append(pq.read_table(out / "per_sample").sort_by("sample"))
     for a, b in zip(tables[None], tables[1]):
         assert a.equals(b)
@@ -157,6 +157,6 @@ def test_bitwise_identity_holds_at_realistic_block_sizes(ray_local, tmp_path):
         out = tmp_path / f"w{workers}"
         train(TrainConfig(data=str(tmp_path / "data"), out=str(out), workers=workers,
                           hidden=(256, 64), steps=2, record_every=1))
-        grads[workers] = pq.read_table(out / "gradients.parquet")
+        grads[workers] = pq.read_table(out / "gradients")
     for workers in (1, 2, 3):
         assert grads[workers].equals(grads[0]), workers

@@ -115,13 +115,6 @@ class Params:
         return np.concatenate(parts).astype(np.float64)
 
 
-def zeros_like(params: Params, dtype: str | np.dtype = "float64") -> Params:
-    """Parameters of the same shapes, all zero."""
-    return Params(
-        [np.zeros(w.shape, dtype) for w in params.w], [np.zeros(b.shape, dtype) for b in params.b]
-    )
-
-
 def init_params(arch: Architecture, seed: int) -> Params:
     """Seeded initial weights: Glorot-uniform, He-uniform for relu layers; biases zero.
 

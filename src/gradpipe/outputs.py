@@ -5,19 +5,17 @@ a crash leaves the old file or the new one, never a mix. Nothing here pickles: w
 checkpoints are Parquet with the model description as JSON metadata.
 
     RUN/run.json            resolved configuration, versions, dataset fingerprint, status
-    RUN/metrics.parquet     one row per step
-    RUN/gradients.parquet   step, layer, param, j, k, value, grad
+    RUN/gradients/...       step, layer, param, j, k, value, grad
     RUN/per_sample/step=S/part-BLOCK.parquet
     RUN/weights.parquet     layer, param, j, k, value
-    RUN/checkpoints/step-S/ weights.parquet (+ velocity) and state.json
+
+recorder.py decides where each record goes and when; this module says what a file holds.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
+from .atomic import atomic_file, tmp_name
 from .errors import ConfigError
 from .model import Architecture, Params
 
@@ -33,32 +32,16 @@ F64 = NDArray[np.float64]
 META_KEY = b"gradpipe"
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-
-
 def write_table(table: pa.Table, path: str | Path) -> None:
-    """Write a Parquet file atomically: a temporary name in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
+    """Write a Parquet file atomically (atomic.py: a temporary name, then rename)."""
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(obj: Any, path: str | Path) -> None:
     """Write JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _jsonable(o: Any) -> Any:
@@ -124,6 +107,7 @@ def weights_table(
     *,
     standardize: tuple[F64, F64] | None = None,
     velocity: F64 | None = None,
+    meta: dict | None = None,
 ) -> pa.Table:
     """weights.parquet: layer, param, j, k, value (+ velocity in checkpoints); model in metadata.
 
@@ -133,7 +117,7 @@ def weights_table(
     cols: dict[str, pa.Array] = {**_index_columns(arch.sizes), "value": pa.array(params.flat())}
     if velocity is not None:
         cols["velocity"] = pa.array(np.asarray(velocity, dtype=np.float64))
-    extra = {}
+    extra = dict(meta or {})
     if standardize is not None:
         extra["standardize"] = {"mean": standardize[0].tolist(), "std": standardize[1].tolist()}
     return pa.table(cols).replace_schema_metadata(model_metadata(arch, extra))
@@ -194,7 +178,7 @@ class PerSampleWriter:
                  dtype: str = "float64") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = _tmp(self.path)
+        self.tmp = tmp_name(self.path)
         fields = [pa.field("sample", pa.int64())]
         if classify:
             fields.append(pa.field("label", pa.int64()))
@@ -261,30 +245,3 @@ def read_run_json(run_dir: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-
-
-def prepare_run_dir(out: str | Path, *, overwrite: bool, remove: bool = False) -> Path:
-    """Check that `out` may be written (an old run only with `overwrite`); `remove` deletes it.
-
-    Called once to check, before any data is read, and once with remove=True when the run
-    is about to write, so that a refused run never deletes the old one.
-    """
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--out {out}: exists and is not a folder")
-        if any(out.iterdir()):
-            if not overwrite:
-                raise ConfigError(
-                    f"--out {out}: folder exists and is not empty. Pass --overwrite to replace "
-                    "it, --resume to continue it, or choose another --out."
-                )
-            if not (out / "run.json").is_file():
-                raise ConfigError(
-                    f"--out {out}: is not a gradpipe run folder (no run.json); refusing to "
-                    "delete it with --overwrite."
-                )
-            if remove:
-                shutil.rmtree(out)
-    return out
-

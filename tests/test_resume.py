@@ -1,0 +1,117 @@
+"""--resume as users expect: no flag needed, a finished run left alone, --steps may grow,
+other flags refused, relative DATA resumable from anywhere, SIGTERM handled like Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from click.testing import CliRunner
+from conftest import make_classification
+
+from gradpipe.cli import cli
+from gradpipe.recorder import read_metrics
+
+GRADPIPE = shutil.which("gradpipe", path=os.path.dirname(sys.executable)) or "gradpipe"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def snapshot(run: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(run)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_has_nothing_to_do(cls_data, tmp_path):
+    out = tmp_path / "run"
+    assert invoke("train", cls_data, "--workers", "0", "--hidden", "4", "--steps", "3",
+                  "--out", out, "--quiet").exit_code == 0
+    before = snapshot(out)
+    r = invoke("train", "--resume", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.count("\n") == 1 and "nothing to do" in r.stdout
+    assert snapshot(out) == before
+
+
+def test_steps_may_grow_and_the_steps_done_keep_their_learning_rates(cls_data, tmp_path):
+    out, longer = tmp_path / "run", tmp_path / "longer"
+    common = ["--workers", "0", "--hidden", "4", "--schedule", "cosine", "--quiet"]
+    assert invoke("train", cls_data, *common, "--steps", "6", "--out", out).exit_code == 0
+    first = read_metrics(out).drop(["seconds"])
+    r = invoke("train", "--resume", "--out", out, "--steps", "10", "--quiet")
+    assert r.exit_code == 0, r.output
+    extended = read_metrics(out).drop(["seconds"])
+    assert extended["step"].to_pylist() == list(range(10))
+    assert extended.slice(0, 6).equals(first)
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["steps"] == 10 and info["steps_done"] == 10
+    # From step 6 on, the schedule is that of a 10-step run.
+    assert invoke("train", cls_data, *common, "--steps", "10", "--out", longer).exit_code == 0
+    lr_10 = read_metrics(longer)["lr"].to_pylist()
+    assert extended["lr"].to_pylist()[6:] == lr_10[6:]
+
+
+def test_a_flag_that_differs_from_the_run_is_refused(cls_data, tmp_path):
+    out = tmp_path / "run"
+    assert invoke("train", cls_data, "--workers", "0", "--hidden", "4", "--steps", "3",
+                  "--out", out, "--quiet").exit_code == 0
+    before = snapshot(out)
+    for args in (["--lr", "0.5"], ["--hidden", "5"], ["--steps", "2"]):
+        r = invoke("train", "--resume", "--out", out, *args)
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1
+        assert f"{args[0]} is {args[1]} but the run was started with" in r.stderr
+    # The same flags as the run, or a free one (--workers), are fine.
+    r = invoke("train", "--resume", "--out", out, "--lr", "2", "--workers", "0")
+    assert r.exit_code == 0, r.output
+    assert snapshot(out) == before
+
+
+def test_relative_data_resumes_from_another_folder_after_sigterm(tmp_path):
+    make_classification(tmp_path / "here" / "data", rows=3000, features=8, classes=3,
+                        row_group_size=500)
+    args = [GRADPIPE, "train", "data", "--workers", "0", "--hidden", "64", "--steps", "400",
+            "--checkpoint-every", "5", "--out", "run", "--quiet"]
+    proc = subprocess.Popen(args, cwd=tmp_path / "here", stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "here" / "run"
+    while len(list((run / "metrics").glob("*.parquet")) if (run / "metrics").is_dir()
+              else []) < 12:
+        assert proc.poll() is None, "the run ended before SIGTERM"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    assert info["config"]["data"] == "data" and info["data_path"] == str(tmp_path / "here" /
+                                                                         "data")
+    hint = err.strip().splitlines()[-1]
+    assert hint.endswith("continue with gradpipe train --resume --out run"), hint
+    # Follow the hint from another folder, with the run's path as seen from there.
+    done = subprocess.run([GRADPIPE, "train", "--resume", "--out", "here/run", "--quiet"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    steps = read_metrics(run)["step"].to_pylist()
+    assert steps == list(range(400))
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+    assert pq.read_table(run / "weights.parquet").num_rows > 0
+
+
+def test_a_run_folder_and_its_data_cannot_hold_each_other(cls_data, tmp_path):
+    inside = cls_data / "run"
+    r = invoke("train", cls_data, "--workers", "0", "--out", inside)
+    assert r.exit_code == 2 and "is inside DATA" in r.stderr and not inside.exists()
+    r = invoke("train", cls_data, "--workers", "0", "--out", cls_data)
+    assert r.exit_code == 2 and "is inside DATA" in r.stderr
+    r = invoke("grad", cls_data, "--workers", "0", "--out", tmp_path)
+    assert r.exit_code == 2 and "is inside --out" in r.stderr
+    assert sorted(p.name for p in cls_data.iterdir()) == sorted(
+        p.name for p in cls_data.iterdir() if p.suffix == ".parquet")

@@ -106,14 +106,12 @@ def test_the_local_instance_refuses_clients_without_its_token(ray_local, tmp_pat
     import sys
 
     address = ray_local.get_runtime_context().gcs_address
+    # raycompat's probe: exit 3 only if the GCS raised AuthenticationError (any other
+    # failure, or a Ray that moved GcsClient, gives 0).
     probe = (
         "import sys\n"
-        "from ray._raylet import GcsClient\n"
-        "from ray.exceptions import AuthenticationError\n"
-        "try:\n"
-        f"    GcsClient(address={address!r}).cluster_id\n"
-        "except AuthenticationError:\n"
-        "    sys.exit(3)\n"
+        "from gradpipe.raycompat import gcs_refuses_token\n"
+        f"sys.exit(3 if gcs_refuses_token({address!r}) else 0)\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env.update(RAY_AUTH_MODE="disabled", HOME=str(tmp_path))  # no ~/.ray/auth_token either

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 from numpy.typing import NDArray
 
+from . import raycompat
 from .backprop import Partial, block_partial
 from .data import Block, BlockData, Dataset, filesystem, read_block
 from .errors import JobError
@@ -261,9 +262,6 @@ def assign_blocks(blocks: tuple[Block, ...], workers: int) -> list[list[Block]]:
     return groups
 
 
-_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
 def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool = False) -> None:
     """Start a local Ray instance on 127.0.0.1, or connect to the cluster at `address`.
 
@@ -275,18 +273,11 @@ def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool 
 
     local = address in (None, "", "local")
     if local:
-        # Ray takes a node's address from the network unless it believes it runs on a
-        # laptop (this switch, read when ray is imported); then every server of the local
-        # instance binds 127.0.0.1 instead of all interfaces.
-        os.environ[_LOOPBACK_SWITCH] = "0"
+        raycompat.loopback_only()  # before `import ray`, which reads the switch
     import ray
 
     if ray.is_initialized():
         return
-    if local:
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before
     quiet: dict[str, Any] = {
         "logging_level": logging.INFO if verbose else logging.ERROR,
         "log_to_driver": verbose,
@@ -296,7 +287,7 @@ def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool 
             address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
-            _node_ip_address="127.0.0.1",
+            **raycompat.local_init_kwargs(),
             **quiet,
         )
     else:
@@ -307,19 +298,6 @@ def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool 
             ray.init(address=address, **quiet)
         except ConnectionError as e:
             raise JobError(f"--address {address}: cannot connect to Ray ({e})") from None
-
-
-@contextlib.contextmanager
-def _stderr_to_devnull() -> Iterator[None]:
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def _probe(address: str) -> None:
@@ -339,23 +317,12 @@ def _probe(address: str) -> None:
     except OSError as e:
         raise JobError(
             f"--address {address}: no Ray cluster answers there ({e.strerror or e})") from None
-    try:
-        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # private: a probe only
-        from ray.exceptions import AuthenticationError
-    except ImportError:
-        return
-    try:
-        # The C++ client logs each refused attempt on fd 2 before Ray's logging is set up.
-        with _stderr_to_devnull():
-            _ = GcsClient(address=address).cluster_id  # the call that asks for the token
-    except AuthenticationError:
+    if raycompat.gcs_refuses_token(address):
         raise JobError(
             f"--address {address}: the cluster uses token authentication and no valid token "
             "was found. Set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, "
             "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)."
-        ) from None
-    except Exception:  # anything else: let ray.init report it in its own words
-        return
+        )
 
 
 def _unwrap(e: Exception) -> Exception:

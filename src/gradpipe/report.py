@@ -1,21 +1,17 @@
-"""Summaries of gradpipe outputs: `gradpipe inspect` on a run folder or one of its Parquet files.
+"""Summaries of gradpipe outputs: what `gradpipe inspect` finds in a run folder or one file.
 
-Reads what `train` and `grad` wrote (DESIGN.md section 4) and writes nothing but an optional
-PNG: run.json, metrics.parquet, gradients.parquet, per_sample/step=S/ and weights.parquet.
-Which file is which is told from its columns. Per-sample files are scanned as one pyarrow
-dataset with an explicit column list, so the `grad` list column is never read. `inspect_output`
-returns an `Inspection` (a JSON-ready summary plus the series the plot needs); `render`
-prints it as rich tables and `plot` draws it on matplotlib's Agg canvas, with no display.
+Reads what `train` and `grad` wrote (DESIGN.md section 4) and writes nothing: run.json,
+metrics.parquet, gradients.parquet, per_sample/step=S/ and weights.parquet, each told apart
+by its columns. Per-sample files are scanned as one pyarrow dataset with an explicit column
+list, so the `grad` list column is never read. `inspect_output` returns an `Inspection` (a
+JSON-ready summary plus the series the plot needs); render.py prints it, plot.py draws it.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import sys
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +47,6 @@ NOISE_EXPLANATION = (
     "are dominated by gradient noise, much larger ones cost samples without speeding up "
     "training per step."
 )
-PLOT_SIZE = (1200, 900)  # default --plot-size, pixels
 _STEP_DIR = re.compile(r"^step=(-?\d+)$")
 _LAYER_COL = re.compile(r"^grad_norm_l(\d+)$")
 
@@ -197,7 +192,8 @@ def run_info(run: dict) -> dict:
     }
 
 
-def _layer_columns(names: list[str]) -> list[str]:
+def layer_columns(names: list[str]) -> list[str]:
+    """The per-layer norm columns grad_norm_l1, grad_norm_l2, ... in layer order."""
     layers = sorted((int(m.group(1)), n) for n in names if (m := _LAYER_COL.match(n)))
     return [n for _, n in layers]
 
@@ -231,7 +227,7 @@ def metrics_summary(table: pa.Table) -> dict:
         "steps": table.num_rows,
         "first_step": rows[0]["step"],
         "last_step": rows[-1]["step"],
-        "layers": [int(c.removeprefix("grad_norm_l")) for c in _layer_columns(table.column_names)],
+        "layers": [int(c.removeprefix("grad_norm_l")) for c in layer_columns(table.column_names)],
         "curve": [rows[i] for i in _spaced(len(rows))],
         "final": rows[-1],
         "best": None if best is None else {"step": rows[best]["step"], "loss": rows[best]["loss"]},
@@ -439,275 +435,3 @@ def jsonable(obj: Any) -> Any:
 def to_json(summary: dict) -> str:
     """The summary as one line of JSON (NaN -> null)."""
     return json.dumps(jsonable(summary), allow_nan=False)
-
-
-# --------------------------------------------------------------------------- text
-
-
-def _num(value: Any, digits: int = 6) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return f"{int(value):,}"
-    return f"{float(value):.{digits}g}"
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    # Piped output gets 120 columns rather than rich's 80, so deep networks' tables fit.
-    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
-    return Console(width=width, highlight=False)
-
-
-def render(summary: dict, console: Any = None) -> None:
-    """Print the summary as rich tables (to stdout unless `console` says otherwise)."""
-    from rich.table import Table
-
-    console = console or _console()
-    console.print(f"[bold]{summary['path']}[/bold] ({summary['kind'].replace('_', '-')})")
-
-    def table(title: str, *columns: str) -> Table:
-        t = Table(title=title, title_justify="left", title_style="bold")
-        for c in columns:  # unnamed columns are labels; the rest hold numbers
-            t.add_column(c, justify="left" if c in ("", "g") else "right", no_wrap=True)
-        return t
-
-    if run := summary.get("run"):
-        model, data, opt = run["model"], run["dataset"], run["optimizer"]
-        t = table("Run", "", "")
-        t.show_header = False
-        sizes = "-".join(str(n) for n in model.get("sizes") or [])
-        t.add_row("command", f"{run['command']}  ({run['status']})")
-        t.add_row("model", f"{sizes}  {model.get('activation')} / {model.get('output_activation')}"
-                  f", {model.get('loss')} loss, {model.get('dtype')}, "
-                  f"{_num(model.get('parameters'))} parameters")
-        task = data.get("task") or ""
-        if task == "classification":
-            task += f" ({data.get('n_outputs')} classes)"
-        t.add_row("dataset", f"{data.get('source')}: {_num(data.get('rows'))} rows, "
-                  f"{_num(data.get('files'))} files, {_num(data.get('blocks'))} blocks, {task}")
-        t.add_row("fingerprint", str(data.get("fingerprint")))
-        steps = f"{_num(run.get('steps_done'))} of {_num(run.get('steps'))}"
-        if run.get("diverged_at") is not None:
-            steps += f", diverged at step {run['diverged_at']}"
-        t.add_row("steps", steps)
-        t.add_row("optimizer", f"lr {_num(opt.get('lr'))}, momentum {_num(opt.get('momentum'))}, "
-                  f"weight decay {_num(opt.get('weight_decay'))}, schedule {opt.get('schedule')}, "
-                  f"batch {opt.get('batch') or 'full'}")
-        t.add_row("per-sample", str(run.get("per_sample")))
-        t.add_row("time", f"{run.get('started')} .. {run.get('finished') or '-'}")
-        console.print(t)
-
-    if (metrics := summary.get("metrics")) and metrics["curve"]:
-        curve = metrics["curve"]
-        has_acc = "accuracy" in curve[0]
-        t = table(f"Loss over {metrics['steps']} steps", "step", "loss",
-                  *(["accuracy"] if has_acc else []), "lr", "samples")
-        for r in curve:
-            t.add_row(str(r["step"]), _num(r["loss"]),
-                      *([_num(r.get("accuracy"), 4)] if has_acc else []), _num(r.get("lr")),
-                      _num(r.get("samples")))
-        console.print(t)
-        if metrics["best"]:
-            console.print(f"lowest loss {_num(metrics['best']['loss'])} at step "
-                          f"{metrics['best']['step']}")
-        _norm_table(console, table, "Gradient norm |dC/dtheta| per layer", curve,
-                    metrics["layers"])
-
-    if noise := summary.get("noise_scale"):
-        t = table("Gradient noise scale B_simple", "", "")
-        t.show_header = False
-        latest = (f"{_num(noise['latest'], 4)} (step {noise['latest_step']})"
-                  if noise["latest"] is not None else "- (no finite value)")
-        a, b = noise["window_steps"]
-        t.add_row("latest", latest)
-        t.add_row("median, last 10%", f"{_num(noise['median_last'], 4)} (steps {a}..{b}, "
-                  f"{noise['window_finite']} finite)")
-        batch = "-" if noise["suggested_batch"] is None else f"~{noise['suggested_batch']:,} rows"
-        if noise["samples_per_step"]:
-            batch += f" (this run: {noise['samples_per_step']:,} per step)"
-        t.add_row("suggested batch", batch)
-        console.print(t)
-        console.print(noise["explanation"], style="dim")
-
-    if gradients := summary.get("gradients"):
-        steps = gradients["recorded_steps"]
-        span = f"{steps[0]}..{steps[-1]}" if steps else "none"
-        console.print(f"gradients.parquet: {len(steps)} recorded steps ({span}), "
-                      f"{_num(gradients['parameters'])} parameters each")
-        if summary["kind"] == "gradients":  # a run shows the same norms from metrics
-            _norm_table(console, table, "Gradient norm |dC/dtheta| per layer",
-                        gradients["curve"], gradients["layers"])
-
-    if (per_sample := summary.get("per_sample")) is not None:
-        gn = per_sample["grad_norm"]
-        steps = ", ".join(str(s) for s in per_sample["steps"]) or "-"
-        step = per_sample["step"]
-        console.print(
-            f"per-sample rows at step {step if step is not None else '?'} (steps with "
-            f"per-sample files: {steps}): {per_sample['samples']:,} samples")
-        console.print(
-            f"  grad_norm mean {_num(gn.get('mean'), 4)}, median {_num(gn.get('median'), 4)}, "
-            f"p99 {_num(gn.get('p99'), 4)}, max {_num(gn.get('max'), 4)}; "
-            f"mean loss {_num(per_sample['loss'].get('mean'))}")
-        if per_sample["top"]:
-            has_label = "label" in per_sample["top"][0]
-            t = table(f"Top {len(per_sample['top'])} samples by gradient norm",
-                      "rank", "sample", *(["label"] if has_label else []), "loss", "grad_norm")
-            t.caption = ("the hardest samples, or likely mislabeled ones" if has_label else
-                         "the hardest samples, or outliers in the targets")
-            t.caption_justify = "left"
-            for rank, r in enumerate(per_sample["top"], start=1):
-                t.add_row(str(rank), str(r["sample"]),
-                          *([str(r.get("label"))] if has_label else []),
-                          _num(r["loss"]), _num(r["grad_norm"]))
-            console.print(t)
-    elif summary["kind"] == "run":
-        console.print("no per-sample files: train with --per-sample norms to rank samples")
-
-    if weights := summary.get("weights"):
-        sizes = "-".join(str(n) for n in weights["sizes"])
-        title = f"{'Checkpoint' if weights['checkpoint'] else 'Weights'}: {sizes}, " \
-                f"{weights['parameters']:,} parameters, {weights['loss']} loss"
-        t = table(title, "layer", "shape", "g", "|w|", "|b|", "max |w_jk|")
-        for r in weights["layers"]:
-            t.add_row(str(r["layer"]), "x".join(map(str, r["shape"])), r["g"],
-                      _num(r["w_norm"], 5), _num(r["b_norm"], 5), _num(r["w_abs_max"], 5))
-        console.print(t)
-
-
-def _norm_table(console: Any, table: Any, title: str, curve: list[dict],
-                layers: list[int]) -> None:
-    t = table(title, "step", "total", *(f"layer {l}" for l in layers))
-    for r in curve:
-        t.add_row(str(r["step"]), _num(r["grad_norm"], 5),
-                  *(_num(r.get(f"grad_norm_l{l}"), 5) for l in layers))
-    console.print(t)
-
-
-# --------------------------------------------------------------------------- plot
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'1200x900' -> (1200, 900), each side 100..16384 pixels."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not match:
-        raise ConfigError(
-            f"--plot-size {text!r}: write it as WIDTHxHEIGHT in pixels, e.g. 1200x900")
-    size = int(match.group(1)), int(match.group(2))
-    if not all(100 <= s <= 16384 for s in size):
-        raise ConfigError(f"--plot-size {text}: each side must be 100..16384 pixels")
-    return size
-
-
-def _positive(values: Any) -> F64:
-    out = np.asarray(values, dtype=np.float64)
-    return np.where(out > 0, out, np.nan)  # log axes: drop zeros and nulls
-
-
-def plot(result: Inspection, png: str | Path, *, size: tuple[int, int] = PLOT_SIZE) -> Path:
-    """Draw loss, per-layer |grad| (log y), noise scale and the per-sample histogram to a PNG."""
-    from matplotlib import rc_context
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    png = Path(png)
-    if png.suffix.lower() != ".png":
-        raise ConfigError(f"--plot {png}: only PNG is written; give the file a .png name")
-    width, height = size
-    if not all(100 <= s <= 16384 for s in size):
-        raise ConfigError(f"--plot-size {width}x{height}: each side must be 100..16384 pixels")
-    summary, metrics = result.summary, result.metrics
-    dpi = 100
-    font = max(6.0, min(11.0, min(width, height) / 80))
-    with rc_context({"font.size": font}):
-        # +0.5 px: Agg truncates width_in * dpi to an integer, and 10.01 * 100 < 1001.
-        fig = Figure(figsize=((width + 0.5) / dpi, (height + 0.5) / dpi), dpi=dpi,
-                     layout="constrained")
-        FigureCanvasAgg(fig)
-        (ax_loss, ax_norm), (ax_noise, ax_hist) = fig.subplots(2, 2)
-        fig.suptitle(f"{summary['path']} ({summary['kind'].replace('_', '-')})")
-
-        def empty(ax: Any, what: str) -> None:
-            ax.text(0.5, 0.5, f"no {what} in this output", ha="center", va="center",
-                    transform=ax.transAxes, color="gray")
-            ax.set_xticks([])
-            ax.set_yticks([])
-
-        if metrics is not None and metrics.num_rows:
-            steps = metrics.column("step").to_numpy()
-            ax_loss.plot(steps, metrics.column("loss").to_numpy(zero_copy_only=False),
-                         color="C0", label="loss")
-            ax_loss.set(title="loss C", xlabel="step", ylabel="loss")
-            if "accuracy" in metrics.column_names:
-                ax_acc = ax_loss.twinx()
-                ax_acc.plot(steps, metrics.column("accuracy").to_numpy(zero_copy_only=False),
-                            color="C1", label="accuracy")
-                ax_acc.set_ylabel("accuracy")
-                ax_acc.set_ylim(0, 1)
-                ax_loss.legend(handles=ax_loss.lines + ax_acc.lines, loc="center right")
-            norm_steps = steps
-            norms = {"total": metrics.column("grad_norm").to_numpy(zero_copy_only=False)}
-            norms.update({f"layer {c.removeprefix('grad_norm_l')}":
-                          metrics.column(c).to_numpy(zero_copy_only=False)
-                          for c in _layer_columns(metrics.column_names)})
-        else:
-            empty(ax_loss, "metrics")
-            norm_steps, norms = None, {}
-            if result.recorded_norms:
-                rows = result.recorded_norms
-                norm_steps = np.array([r["step"] for r in rows])
-                norms = {"total": [r["grad_norm"] for r in rows]}
-                norms.update({f"layer {k.removeprefix('grad_norm_l')}": [r[k] for r in rows]
-                              for k in rows[0] if k.startswith("grad_norm_l")})
-        if norms:
-            for name, values in norms.items():
-                ax_norm.plot(norm_steps, _positive(values), label=name,
-                             linewidth=2 if name == "total" else 1,
-                             marker="o" if len(norm_steps) < 30 else None, markersize=3)
-            ax_norm.set_yscale("log")
-            ax_norm.set(title="gradient norm per layer", xlabel="step", ylabel="|dC/dtheta|")
-            ax_norm.legend()
-        else:
-            empty(ax_norm, "gradient norms")
-
-        noise = summary.get("noise_scale")
-        if metrics is not None and noise and noise["finite_steps"]:
-            values = _positive(metrics.column("noise_scale").to_numpy(zero_copy_only=False))
-            ax_noise.plot(metrics.column("step").to_numpy(), values, color="C2")
-            ax_noise.set_yscale("log")
-            if noise["median_last"] is not None and noise["median_last"] > 0:
-                ax_noise.axhline(noise["median_last"], color="gray", linestyle="--",
-                                 label=f"median, last 10%: {noise['median_last']:.4g}")
-                ax_noise.legend()
-            ax_noise.set(title="noise scale B_simple = tr(Sigma)/|G|^2", xlabel="step",
-                         ylabel="B_simple (samples)")
-        else:
-            empty(ax_noise, "noise scale")
-
-        sample_norms = result.sample_norms
-        if sample_norms is not None and sample_norms.size:
-            finite = sample_norms[np.isfinite(sample_norms)]
-            bins = int(min(60, max(10, math.sqrt(finite.size))))
-            ax_hist.hist(finite, bins=bins, color="C4")
-            per_sample = summary["per_sample"]
-            if per_sample["top"]:
-                cut = per_sample["top"][-1]["grad_norm"]
-                ax_hist.axvline(cut, color="C3", linestyle="--",
-                                label=f"top {len(per_sample['top'])}: >= {cut:.4g}")
-                ax_hist.legend()
-            step = per_sample["step"]
-            ax_hist.set(title=f"per-sample gradient norm, step {step if step is not None else '?'}"
-                        f" ({finite.size:,} samples)", xlabel="|dC_i/dtheta|", ylabel="samples")
-        else:
-            empty(ax_hist, "per-sample norms")
-
-        png.parent.mkdir(parents=True, exist_ok=True)
-        tmp = png.with_name(f".{png.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            fig.savefig(tmp, dpi=dpi, format="png")
-            os.replace(tmp, png)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return png

@@ -1,0 +1,234 @@
+"""Rich rendering of gradpipe's results for people: `inspect` summaries, `check` and
+`explain` reports, and the `jobs list` table.
+
+Each function prints one result, already computed elsewhere (report.py, check.py, jobs.py),
+to a rich Console (stdout unless one is given) and returns nothing; `--json` output is not
+made here. Lines of plain text go out verbatim: no markup, highlighting or wrapping.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+
+def _num(value: Any, digits: int = 6) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{int(value):,}"
+    return f"{float(value):.{digits}g}"
+
+
+def _console(piped_width: int = 120) -> Any:
+    from rich.console import Console
+
+    # Piped output gets 120 columns rather than rich's 80, so deep networks' tables fit.
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else piped_width
+    return Console(width=width, highlight=False)
+
+
+def _line(console: Any, text: str) -> None:
+    """One line exactly as given: brackets are not markup, and it is never wrapped."""
+    console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+
+def render(summary: dict, console: Any = None) -> None:
+    """Print the summary as rich tables (to stdout unless `console` says otherwise)."""
+    from rich.table import Table
+
+    console = console or _console()
+    console.print(f"[bold]{summary['path']}[/bold] ({summary['kind'].replace('_', '-')})")
+
+    def table(title: str, *columns: str) -> Table:
+        t = Table(title=title, title_justify="left", title_style="bold")
+        for c in columns:  # unnamed columns are labels; the rest hold numbers
+            t.add_column(c, justify="left" if c in ("", "g") else "right", no_wrap=True)
+        return t
+
+    if run := summary.get("run"):
+        model, data, opt = run["model"], run["dataset"], run["optimizer"]
+        t = table("Run", "", "")
+        t.show_header = False
+        sizes = "-".join(str(n) for n in model.get("sizes") or [])
+        t.add_row("command", f"{run['command']}  ({run['status']})")
+        t.add_row("model", f"{sizes}  {model.get('activation')} / {model.get('output_activation')}"
+                  f", {model.get('loss')} loss, {model.get('dtype')}, "
+                  f"{_num(model.get('parameters'))} parameters")
+        task = data.get("task") or ""
+        if task == "classification":
+            task += f" ({data.get('n_outputs')} classes)"
+        t.add_row("dataset", f"{data.get('source')}: {_num(data.get('rows'))} rows, "
+                  f"{_num(data.get('files'))} files, {_num(data.get('blocks'))} blocks, {task}")
+        t.add_row("fingerprint", str(data.get("fingerprint")))
+        steps = f"{_num(run.get('steps_done'))} of {_num(run.get('steps'))}"
+        if run.get("diverged_at") is not None:
+            steps += f", diverged at step {run['diverged_at']}"
+        t.add_row("steps", steps)
+        t.add_row("optimizer", f"lr {_num(opt.get('lr'))}, momentum {_num(opt.get('momentum'))}, "
+                  f"weight decay {_num(opt.get('weight_decay'))}, schedule {opt.get('schedule')}, "
+                  f"batch {opt.get('batch') or 'full'}")
+        t.add_row("per-sample", str(run.get("per_sample")))
+        t.add_row("time", f"{run.get('started')} .. {run.get('finished') or '-'}")
+        console.print(t)
+
+    if (metrics := summary.get("metrics")) and metrics["curve"]:
+        curve = metrics["curve"]
+        has_acc = "accuracy" in curve[0]
+        t = table(f"Loss over {metrics['steps']} steps", "step", "loss",
+                  *(["accuracy"] if has_acc else []), "lr", "samples")
+        for r in curve:
+            t.add_row(str(r["step"]), _num(r["loss"]),
+                      *([_num(r.get("accuracy"), 4)] if has_acc else []), _num(r.get("lr")),
+                      _num(r.get("samples")))
+        console.print(t)
+        if metrics["best"]:
+            console.print(f"lowest loss {_num(metrics['best']['loss'])} at step "
+                          f"{metrics['best']['step']}")
+        _norm_table(console, table, "Gradient norm |dC/dtheta| per layer", curve,
+                    metrics["layers"])
+
+    if noise := summary.get("noise_scale"):
+        t = table("Gradient noise scale B_simple", "", "")
+        t.show_header = False
+        latest = (f"{_num(noise['latest'], 4)} (step {noise['latest_step']})"
+                  if noise["latest"] is not None else "- (no finite value)")
+        a, b = noise["window_steps"]
+        t.add_row("latest", latest)
+        t.add_row("median, last 10%", f"{_num(noise['median_last'], 4)} (steps {a}..{b}, "
+                  f"{noise['window_finite']} finite)")
+        batch = "-" if noise["suggested_batch"] is None else f"~{noise['suggested_batch']:,} rows"
+        if noise["samples_per_step"]:
+            batch += f" (this run: {noise['samples_per_step']:,} per step)"
+        t.add_row("suggested batch", batch)
+        console.print(t)
+        console.print(noise["explanation"], style="dim")
+
+    if gradients := summary.get("gradients"):
+        steps = gradients["recorded_steps"]
+        span = f"{steps[0]}..{steps[-1]}" if steps else "none"
+        console.print(f"gradients.parquet: {len(steps)} recorded steps ({span}), "
+                      f"{_num(gradients['parameters'])} parameters each")
+        if summary["kind"] == "gradients":  # a run shows the same norms from metrics
+            _norm_table(console, table, "Gradient norm |dC/dtheta| per layer",
+                        gradients["curve"], gradients["layers"])
+
+    if (per_sample := summary.get("per_sample")) is not None:
+        gn = per_sample["grad_norm"]
+        steps = ", ".join(str(s) for s in per_sample["steps"]) or "-"
+        step = per_sample["step"]
+        console.print(
+            f"per-sample rows at step {step if step is not None else '?'} (steps with "
+            f"per-sample files: {steps}): {per_sample['samples']:,} samples")
+        console.print(
+            f"  grad_norm mean {_num(gn.get('mean'), 4)}, median {_num(gn.get('median'), 4)}, "
+            f"p99 {_num(gn.get('p99'), 4)}, max {_num(gn.get('max'), 4)}; "
+            f"mean loss {_num(per_sample['loss'].get('mean'))}")
+        if per_sample["top"]:
+            has_label = "label" in per_sample["top"][0]
+            t = table(f"Top {len(per_sample['top'])} samples by gradient norm",
+                      "rank", "sample", *(["label"] if has_label else []), "loss", "grad_norm")
+            t.caption = ("the hardest samples, or likely mislabeled ones" if has_label else
+                         "the hardest samples, or outliers in the targets")
+            t.caption_justify = "left"
+            for rank, r in enumerate(per_sample["top"], start=1):
+                t.add_row(str(rank), str(r["sample"]),
+                          *([str(r.get("label"))] if has_label else []),
+                          _num(r["loss"]), _num(r["grad_norm"]))
+            console.print(t)
+    elif summary["kind"] == "run":
+        console.print("no per-sample files: train with --per-sample norms to rank samples")
+
+    if weights := summary.get("weights"):
+        sizes = "-".join(str(n) for n in weights["sizes"])
+        title = f"{'Checkpoint' if weights['checkpoint'] else 'Weights'}: {sizes}, " \
+                f"{weights['parameters']:,} parameters, {weights['loss']} loss"
+        t = table(title, "layer", "shape", "g", "|w|", "|b|", "max |w_jk|")
+        for r in weights["layers"]:
+            t.add_row(str(r["layer"]), "x".join(map(str, r["shape"])), r["g"],
+                      _num(r["w_norm"], 5), _num(r["b_norm"], 5), _num(r["w_abs_max"], 5))
+        console.print(t)
+
+
+def _norm_table(console: Any, table: Any, title: str, curve: list[dict],
+                layers: list[int]) -> None:
+    t = table(title, "step", "total", *(f"layer {l}" for l in layers))
+    for r in curve:
+        t.add_row(str(r["step"]), _num(r["grad_norm"], 5),
+                  *(_num(r.get(f"grad_norm_l{l}"), 5) for l in layers))
+    console.print(t)
+
+
+
+# --------------------------------------------------------------------------- check, explain
+
+
+def render_check(report: dict, ok: bool, tol: float, console: Any = None) -> None:
+    """Print a finite-difference check: what was compared, the worst error, and ok/FAILED."""
+    console = console or _console()
+    worst = report["worst"]
+    where = f"layer {worst['layer']} {worst['param']}[{worst['j']}" + (
+        f", {worst['k']}]" if worst["k"] is not None else "]")
+    _line(console, f"compared {len(report['checks'])} per-sample derivatives "
+                   f"({report['samples']} samples x {report['parameters']} parameters)")
+    _line(console, f"worst relative error {worst['relative_error']:.3e} at {where}, sample "
+                   f"{worst['sample']}: backprop {worst['backprop']:.10g}, finite difference "
+                   f"{worst['finite_difference']:.10g}")
+    _line(console, "ok" if ok else f"FAILED: above --tol {tol:g}")
+
+
+EXPLAIN_TERMS = 12  # terms of the sum dC_0/da_j = sum_m w[l+1][m, j] * delta[l+1]_m shown
+
+
+def render_explain(out: dict, console: Any = None) -> None:
+    """Print the chain rule for one weight and one sample: each factor, and the product
+    beside the finite difference."""
+    console = console or _console()
+    l, j, k = out["layer"], out["j"], out["k"]
+    what = f"w[{l}][{j}, {k}]" if k is not None else f"b[{l}][{j}]"
+    _line(console, f"sample {out['sample']}, {what}, layer {l} activation {out['activation']}, "
+                   f"loss {out['loss']}")
+    if "note" in out:
+        _line(console, f"  {out['note']}")
+    else:
+        _line(console, f"  dC_0/da_j = {out['dC_da_formula']} = {out['dC_da']:.10g}")
+        terms = out.get("dC_da_terms", [])
+        for t in terms[:EXPLAIN_TERMS]:
+            _line(console, f"      m={t['m']}: w {t['w']:+.6g} * delta {t['delta']:+.6g} = "
+                           f"{t['product']:+.6g}")
+        if len(terms) > EXPLAIN_TERMS:
+            _line(console, f"      ... {len(terms) - EXPLAIN_TERMS} more terms")
+    _line(console, f"  da_j/dz_j = g'(z_j) = {out['da_dz']:.10g}   (z_j = {out['z_j']:.6g})")
+    dz_dw = "1 (bias)" if k is None else f"a_k^(l-1) = {out['dz_dw']:.10g}"
+    _line(console, f"  dz_j/dw   = {dz_dw}")
+    _line(console, f"  product   = {out['grad']:.12g}")
+    _line(console, f"  finite difference = {out['finite_difference']:.12g} "
+                   f"(relative error {out['relative_error']:.2e})")
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def render_jobs(records: list[dict], console: Any = None) -> None:
+    """Print jobs as a table: ID, STATUS, START, ENTRYPOINT, one row each.
+
+    ID, STATUS and START are never cut; a long entrypoint wraps on a terminal and stays on
+    its row when piped, so `grep` and `awk` see one line per job.
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or _console(piped_width=1_000_000)
+    rows = [(r["id"] or "", r["status"], (r["start_time"] or "").replace("T", " "),
+             r["entrypoint"]) for r in records]
+    t = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
+    for i, name in enumerate(("ID", "STATUS", "START")):
+        t.add_column(name, no_wrap=True, min_width=max(len(r[i]) for r in [(name,) * 3, *rows]))
+    t.add_column("ENTRYPOINT", overflow="fold")
+    for row in rows:
+        t.add_row(*(Text(v) for v in row))  # Text: brackets in an entrypoint are not markup
+    console.print(t)

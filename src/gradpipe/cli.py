@@ -15,9 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from .activations import ACTIVATIONS, HIDDEN_ACTIVATIONS
 from .errors import DivergenceError, GradpipeError, RunInterrupted
-from .losses import LOSSES
 
 
 class UserError(click.ClickException):
@@ -68,120 +66,69 @@ def cli(ctx: click.Context, address: str | None, verbose: bool) -> None:
     ctx.obj = {"address": address, "verbose": verbose}
 
 
-def _ints(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    if value.strip() in ("", "none"):
-        return ()
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of sizes") from None
-
-
 def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def _batch(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
-    if value is None or value == "full":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: use 'full' or a number of rows") from None
+def config_options(command: str) -> Callable[[Callable], Callable]:
+    """The TrainConfig options `command` takes (declared once, in config.py), and --job."""
+    from .config import TrainConfig
+    from .options import click_options
+
+    def decorate(f: Callable) -> Callable:
+        f = click.option("--job", type=click.Path(dir_okay=False), metavar="FILE.toml",
+                         help="Read options from a job file; flags given here override it.")(f)
+        return click_options(TrainConfig, command)(f)
+
+    return decorate
 
 
-def model_options(f: Callable) -> Callable:
-    """The options of every command that builds a network: the same flags give the same weights."""
-    options = [
-        click.option("--features", callback=_names, help="Feature columns: comma-separated "
-                     "names or globs (x*), or one fixed-size list column. Default: all but "
-                     "the target."),
-        click.option("--target", callback=_names, help="Target: one integer class column, or "
-                     "comma-separated float columns for regression. Default: label."),
-        click.option("--id-column", help="Integer column to use as the sample id. Default: "
-                     "the global row index."),
-        click.option("--hidden", callback=_ints, metavar="N,N,..",
-                     help="Hidden layer sizes, e.g. 64,32. Default: 32."),
-        click.option("--activation", type=click.Choice(HIDDEN_ACTIVATIONS),
-                     help="Activation of the hidden layers. Default: sigmoid."),
-        click.option("--output-activation", type=click.Choice(sorted(ACTIVATIONS)),
-                     help="Activation of the output layer. Default: sigmoid."),
-        click.option("--loss", type=click.Choice(sorted(LOSSES)),
-                     help="Per-sample loss. Default: squared, C = sum_j (a_j - y_j)^2."),
-        click.option("--seed", type=int, help="Seed of the initial weights. Default: 0."),
-        click.option("--dtype", type=click.Choice(["float32", "float64"]),
-                     help="Compute dtype (sums are float64 either way). Default: float32."),
-        click.option("--weights", metavar="RUN|FILE",
-                     help="Start from these weights (a run folder or weights.parquet) "
-                          "instead of the seeded initialisation."),
-        click.option("--job", type=click.Path(dir_okay=False), metavar="FILE.toml",
-                     help="Read options from a job file; flags given here override it."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def worker_options(f: Callable) -> Callable:
-    options = [
-        click.option("--workers", type=int, help="Ray workers (actors). Default: the CPUs Ray "
-                     "offers; 0 computes in this process."),
-        click.option("--per-sample", type=click.Choice(["none", "norms", "full"]),
-                     help="Per-sample rows to write: none, norms (loss and gradient norms), "
-                          "or full (also the whole gradient). Default: none."),
-        click.option("--block-rows", type=int, help="Largest block, in rows (row groups are "
-                     "split to this size). Default: 65536."),
-        click.option("--memory-budget", type=int, metavar="BYTES",
-                     help="Bytes of data per worker above which it streams its blocks from "
-                          "Parquet each step instead of holding them."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON summary line."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-# Options that are not TrainConfig fields.
-_NOT_CONFIG = {"job", "quiet", "as_json", "samples", "per_layer", "tol_check", "layer", "j", "k",
-               "sample"}
+def output_options(f: Callable) -> Callable:
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON summary line.")(f)
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
 
 
 def build_config(ctx: click.Context, data: str | None, params: dict, **fixed: Any):
-    """TrainConfig from a job file (if any) overridden by the flags given on the command line."""
-    from .jobs import load_job_file
-    from .train import TrainConfig
+    """TrainConfig from the flags given, over a job file (if any), over the defaults; with
+    --resume, over the options the run was started with (run.json)."""
+    from .config import TrainConfig
+    from .jobs import read_job_file
+    from .options import build, options, parse_values
+    from .train import resumed_config
 
+    declared = options(TrainConfig)
+    flags = parse_values(TrainConfig, {k: v for k, v in params.items()
+                                       if k in declared and v is not None})
     values: dict = {}
+    sources: dict = {}
     if params.get("job"):
-        values.update(load_job_file(params["job"]))
-    for name, value in params.items():
-        if name in _NOT_CONFIG or value is None:
-            continue
-        source = ctx.get_parameter_source(name)
-        if source is click.core.ParameterSource.DEFAULT and name in values:
-            continue
-        values[name] = value
+        job = read_job_file(params["job"])
+        values.update(job.values)
+        sources = {name: str(job.path) for name in job.values}
+    values.update(flags)
+    for name in flags:
+        sources.pop(name, None)
     if data is not None:
         values["data"] = data
-    if "data" not in values:
-        raise click.UsageError("missing DATA (give it as an argument or as `data` in the job file)")
-    if values.get("batch") == "full":
-        values["batch"] = None
-    # --address on the command line beats the job file, which beats RAY_ADDRESS.
+    # --address: this command's flag, then the group's flag, then the job file, then
+    # RAY_ADDRESS (the group option's environment variable).
     root = ctx.find_root()
-    if ctx.obj["address"] is not None and (
-            root.get_parameter_source("address") is click.core.ParameterSource.COMMANDLINE
-            or "address" not in values):
+    group_given = root.get_parameter_source("address") is click.core.ParameterSource.COMMANDLINE
+    if ctx.obj["address"] is not None and "address" not in flags and (
+            group_given or "address" not in values):
         values["address"] = ctx.obj["address"]
-    values["verbose"] = ctx.obj["verbose"]
     values.update(fixed)
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in fields})
+    if values.get("resume"):
+        if not values.get("out"):
+            raise click.UsageError("--resume needs --out RUN, the run folder to continue")
+        given = {k: v for k, v in values.items() if k not in ("out", "resume")}
+        return resumed_config(values["out"], {**given, "verbose": ctx.obj["verbose"]})
+    if not values.get("data"):
+        raise click.UsageError("missing DATA (give it as an argument or as `data` in the job file)")
+    values["verbose"] = ctx.obj["verbose"]
+    return build(TrainConfig, values, sources)
 
 
 class Progress:
@@ -247,29 +194,8 @@ def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None =
 
 @cli.command()
 @click.argument("data", required=False)
-@model_options
-@click.option("--standardize", is_flag=True, default=None,
-              help="Scale features to mean 0, std 1 (statistics computed by the workers).")
-@click.option("--lr", type=float, help="Learning rate. Default: 2.0.")
-@click.option("--steps", type=int, help="SGD steps. Default: 300.")
-@click.option("--momentum", type=float, help="Momentum in [0, 1). Default: 0 (plain SGD).")
-@click.option("--weight-decay", type=float, help="L2 weight decay lambda (weights only). "
-              "Default: 0.")
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "linear"]),
-              help="Learning-rate schedule. Default: constant.")
-@click.option("--batch", callback=_batch, metavar="full|N",
-              help="full (default) or N rows per step, drawn by a seeded generator.")
-@click.option("--tol", type=float, help="Stop when the gradient norm falls below this.")
-@worker_options
-@click.option("--out", metavar="RUN", help="Run folder. Default: runs/train-YYYYmmdd-HHMMSS.")
-@click.option("--record-every", type=int, help="Write gradients every K steps (and the last). "
-              "Default: 10.")
-@click.option("--per-sample-every", type=int, help="Write per-sample rows every K steps "
-              "(and the last). Default: only the last.")
-@click.option("--checkpoint-every", type=int, help="Checkpoint every K steps. Default: 50.")
-@click.option("--resume", is_flag=True, default=None, help="Continue the run in --out from "
-              "its last checkpoint.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing --out.")
+@config_options("train")
+@output_options
 @click.pass_context
 def train(ctx: click.Context, data: str | None, **params: Any) -> None:
     """Train a network with full-batch (or mini-batch) SGD; every step's gradient is exact.
@@ -289,21 +215,23 @@ def train(ctx: click.Context, data: str | None, **params: Any) -> None:
         config = dataclasses.replace(config, out=f"runs/train-{stamp}")
     with Progress(config.steps, not params["quiet"]) as progress:
         metrics = run_train(config, progress)
+    if not metrics:  # a resumed run that had already finished
+        click.echo(f"{config.out}: the run is complete ({config.steps} steps); nothing to do. "
+                   "Pass a larger --steps to extend it.")
+        return
     _summary(config.out, metrics, params["as_json"])
 
 
 @cli.command()
 @click.argument("data", required=False)
-@model_options
-@worker_options
-@click.option("--out", metavar="DIR", help="Run folder to write (step 0).")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing --out.")
+@config_options("grad")
+@output_options
 @click.pass_context
 def grad(ctx: click.Context, data: str | None, **params: Any) -> None:
     """Compute one full-batch gradient, at the seeded initial weights or at --weights.
 
-    Writes a run folder with step 0: gradients.parquet, metrics.parquet, weights.parquet,
-    run.json and, with --per-sample, per_sample/step=0/.
+    Writes a run folder with step 0: gradients/, metrics/, weights.parquet, run.json
+    and, with --per-sample, per_sample/step=0/.
 
     \b
     Example:
@@ -320,7 +248,7 @@ def grad(ctx: click.Context, data: str | None, **params: Any) -> None:
 
 @cli.command()
 @click.argument("data", required=False)
-@model_options
+@config_options("check")
 @click.option("--samples", type=int, default=4, show_default=True, help="Samples to check.")
 @click.option("--per-layer", type=int, default=8, show_default=True,
               help="Parameters to check in every layer.")
@@ -338,6 +266,7 @@ def check(ctx: click.Context, data: str | None, **params: Any) -> None:
       gradpipe check data/digits --hidden 16,8 --activation tanh
     """
     from .check import finite_difference_check
+    from .render import render_check
 
     config = build_config(ctx, data, params, workers=0)
     report = finite_difference_check(config, samples=params["samples"],
@@ -347,20 +276,13 @@ def check(ctx: click.Context, data: str | None, **params: Any) -> None:
     if params["as_json"]:
         click.echo(json.dumps({"ok": ok, "worst": worst, "compared": len(report["checks"])}))
     else:
-        where = f"layer {worst['layer']} {worst['param']}[{worst['j']}" + (
-            f", {worst['k']}]" if worst["k"] is not None else "]")
-        click.echo(f"compared {len(report['checks'])} per-sample derivatives "
-                   f"({report['samples']} samples x {report['parameters']} parameters)")
-        click.echo(f"worst relative error {worst['relative_error']:.3e} at {where}, sample "
-                   f"{worst['sample']}: backprop {worst['backprop']:.10g}, finite difference "
-                   f"{worst['finite_difference']:.10g}")
-        click.echo("ok" if ok else f"FAILED: above --tol {params['tol_check']:g}")
+        render_check(report, ok, params["tol_check"])
     ctx.exit(0 if ok else 1)
 
 
 @cli.command()
 @click.argument("data", required=False)
-@model_options
+@config_options("explain")
 @click.option("--layer", type=int, required=True, help="Layer l (1..L) of the weight.")
 @click.option("--j", type=int, required=True, help="Unit j in layer l.")
 @click.option("--k", type=int, default=None, help="Unit k in layer l-1; omit for the bias b_j.")
@@ -378,6 +300,7 @@ def explain(ctx: click.Context, data: str | None, **params: Any) -> None:
       gradpipe explain data/digits --layer 1 --j 3 --k 10 --sample 7
     """
     from .check import explain as run_explain
+    from .render import render_explain
 
     config = build_config(ctx, data, params, workers=0)
     out = run_explain(config, layer=params["layer"], j=params["j"], k=params["k"],
@@ -385,25 +308,7 @@ def explain(ctx: click.Context, data: str | None, **params: Any) -> None:
     if params["as_json"]:
         click.echo(json.dumps(out))
         return
-    l, j, k = out["layer"], out["j"], out["k"]
-    what = f"w[{l}][{j}, {k}]" if k is not None else f"b[{l}][{j}]"
-    click.echo(f"sample {out['sample']}, {what}, layer {l} activation {out['activation']}, "
-               f"loss {out['loss']}")
-    if "note" in out:
-        click.echo(f"  {out['note']}")
-    else:
-        click.echo(f"  dC_0/da_j = {out['dC_da_formula']} = {out['dC_da']:.10g}")
-        for t in out.get("dC_da_terms", [])[:12]:
-            click.echo(f"      m={t['m']}: w {t['w']:+.6g} * delta {t['delta']:+.6g} = "
-                       f"{t['product']:+.6g}")
-        if len(out.get("dC_da_terms", [])) > 12:
-            click.echo(f"      ... {len(out['dC_da_terms']) - 12} more terms")
-    click.echo(f"  da_j/dz_j = g'(z_j) = {out['da_dz']:.10g}   (z_j = {out['z_j']:.6g})")
-    dz_dw = "1 (bias)" if k is None else f"a_k^(l-1) = {out['dz_dw']:.10g}"
-    click.echo(f"  dz_j/dw   = {dz_dw}")
-    click.echo(f"  product   = {out['grad']:.12g}")
-    click.echo(f"  finite difference = {out['finite_difference']:.12g} "
-               f"(relative error {out['relative_error']:.2e})")
+    render_explain(out)
 
 
 @cli.group()
@@ -554,17 +459,13 @@ def jobs_list(ctx: click.Context, address: str | None, as_json: bool) -> None:
     Example:
       gradpipe jobs list --address http://127.0.0.1:8265
     """
+    from .render import render_jobs
+
     records = _jobs_client(ctx, address).list()
     if as_json:
         click.echo(json.dumps(records))
         return
-    rows = [(r["id"] or "", r["status"], (r["start_time"] or "").replace("T", " "),
-             r["entrypoint"]) for r in records]
-    header = ("ID", "STATUS", "START", "ENTRYPOINT")
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(3)]
-    for row in [header, *rows]:
-        cells = zip(row, widths, strict=False)
-        click.echo("  ".join(str(v).ljust(w) for v, w in cells) + "  " + row[3])
+    render_jobs(records)
 
 
 @jobs.command("status")
@@ -627,7 +528,7 @@ def jobs_stop(ctx: click.Context, job_id: str, address: str | None) -> None:
 
 
 def _plot_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
-    from .report import parse_size
+    from .plot import parse_size
 
     try:
         return parse_size(value)
@@ -659,7 +560,9 @@ def inspect_(path: str, top: int, step: int | None, as_json: bool, plot_file: st
     Example:
       gradpipe inspect runs/digits --top 20 --plot runs/digits/summary.png
     """
-    from .report import inspect_output, plot, render, to_json
+    from .plot import plot
+    from .render import render
+    from .report import inspect_output, to_json
 
     result = inspect_output(path, top=top, step=step)
     if plot_file:

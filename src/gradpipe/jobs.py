@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import logging
 import os
 import shlex
 import socket
@@ -37,18 +35,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from . import raycompat
 from .errors import ConfigError, JobError
 
 COMMANDS = ("train", "grad")  # what a job file may run: `command = "train"` (default) or "grad"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")  # Ray job states that do not change any more
 AUTH_HINT = ("Set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, "
              "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).")
-
-
-def _fields() -> dict[str, Any]:
-    from .train import TrainConfig
-
-    return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 @dataclass(frozen=True)
@@ -61,7 +54,11 @@ class JobFile:
 
 
 def read_job_file(path: str | Path) -> JobFile:
-    """Read a job file; unknown keys, wrong types and unknown commands are refused by key."""
+    """Read a job file: its keys are the options declared in config.py (with _ or -), parsed
+    and refused exactly as the flags are, plus `command`."""
+    from .config import TrainConfig
+    from .options import parse_values
+
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -71,80 +68,11 @@ def read_job_file(path: str | Path) -> JobFile:
         raise ConfigError(f"--job {path}: is a folder, not a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    fields = _fields()
-    hidden = ("update", "verbose")  # set by the command, never by a job file
-    command = "train"
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name == "command":
-            if value not in COMMANDS:
-                raise ConfigError(f"{path}: key 'command' must be one of "
-                                  f"{', '.join(repr(c) for c in COMMANDS)}, got {value!r}")
-            command = value
-            continue
-        if name in hidden or name not in fields:
-            known = sorted([k for k in fields if k not in hidden] + ["command"])
-            raise ConfigError(f"{path}: unknown key {key!r}. Known keys: {', '.join(known)}.")
-        out[name] = _coerce(path, key, name, value)
-    return JobFile(path, command, out)
-
-
-def load_job_file(path: str | Path) -> dict[str, Any]:
-    """Read a job file into TrainConfig field values (its `command` is checked and left out)."""
-    return read_job_file(path).values
-
-
-_TYPES = {
-    "features": "list", "target": "list", "hidden": "intlist",
-    "standardize": bool, "overwrite": bool, "resume": bool,
-    "lr": float, "momentum": float, "weight_decay": float, "tol": float,
-    "steps": int, "seed": int, "record_every": int, "per_sample_every": int,
-    "checkpoint_every": int, "block_rows": int,
-}
-
-
-def _coerce(path: Path, key: str, name: str, value: Any) -> Any:
-    def wrong(expected: str) -> ConfigError:
-        return ConfigError(f"{path}: key {key!r} must be {expected}, got {value!r}")
-
-    kind = _TYPES.get(name)
-    if kind == "list":
-        if isinstance(value, str):
-            return tuple(v.strip() for v in value.split(",") if v.strip())
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise wrong("a string or a list of strings")
-    if kind == "intlist":
-        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
-                                           for v in value):
-            return tuple(value)
-        raise wrong("a list of integers, e.g. [64, 32]")
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise wrong("true or false")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong("a number")
-        return float(value)
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("an integer")
-        return value
-    if name == "batch":
-        if value == "full":
-            return None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise wrong("'full' or a number of rows")
-    if name in ("workers", "memory_budget"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong("an integer")
-        return value
-    if not isinstance(value, str):
-        raise wrong("a string")
-    return value
+    command = raw.pop("command", "train")
+    if command not in COMMANDS:
+        raise ConfigError(f"{path}: key 'command' must be one of "
+                          f"{', '.join(repr(c) for c in COMMANDS)}, got {command!r}")
+    return JobFile(path, command, parse_values(TrainConfig, raw, where=f"{path}: "))
 
 
 # --- Ray Jobs -------------------------------------------------------------------------------
@@ -353,8 +281,7 @@ class Jobs:
         from ray.job_submission import JobSubmissionClient  # importing ray sets its log levels
 
         # Ray's client logs each upload and a warning for a missing token; our one line says it.
-        for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
-            logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+        raycompat.quiet_job_client(verbose)
         parts = urlsplit(self.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:

@@ -85,7 +85,7 @@ def regression_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_json_summary_matches_the_files(run: Path) -> None:
     summary = strict_json(ok(inspect(run, "--json", "--top", "5")).stdout)
     info = json.loads((run / "run.json").read_text())
-    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    metrics = pq.read_table(run / "metrics").to_pylist()
     assert summary["kind"] == "run" and summary["path"] == str(run)
 
     assert summary["run"]["command"] == "train" and summary["run"]["status"] == "completed"
@@ -133,7 +133,7 @@ def test_json_summary_matches_the_files(run: Path) -> None:
     # Full batch: the mean per-sample loss is the step's loss C = (1/N) sum_i C_i.
     np.testing.assert_allclose(per_sample["loss"]["mean"], metrics[-1]["loss"], rtol=1e-12)
 
-    gradients = pq.read_table(run / "gradients.parquet")
+    gradients = pq.read_table(run / "gradients")
     assert summary["gradients"]["recorded_steps"] == sorted(set(gradients["step"].to_pylist()))
     assert summary["gradients"]["rows"] == gradients.num_rows
     assert summary["weights"]["parameters"] == info["model"]["parameters"] == 5 * 8 + 8 + 8 * 3 + 3
@@ -158,11 +158,11 @@ def test_top_k_agrees_with_duckdb(run: Path, step: int | None, k: int) -> None:
 def test_text_summary(run: Path) -> None:
     out = ok(inspect(run, "--top", "4")).stdout
     info = json.loads((run / "run.json").read_text())
-    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    metrics = pq.read_table(run / "metrics").to_pylist()
     for text in ("train", "completed", "5-8-3", info["dataset"]["fingerprint"], "120 rows",
                  "Loss over 30 steps", "Gradient norm", "layer 1", "layer 2",
                  "B_simple", "McCandlish", "suggested batch", "Top 4 samples by gradient norm",
-                 "per-sample files: 0, 10, 20, 29", "gradients.parquet: 4 recorded steps"):
+                 "per-sample files: 0, 10, 20, 29", "gradients: 4 recorded steps"):
         assert text in out, text
     # The first and last steps' numbers, as printed (6 significant digits).
     for row in (metrics[0], metrics[-1]):
@@ -249,32 +249,32 @@ def test_grad_run_of_one_step(tmp_path: Path) -> None:
 
 
 def test_metrics_file(run: Path) -> None:
-    summary = strict_json(ok(inspect(run / "metrics.parquet", "--json")).stdout)
+    summary = strict_json(ok(inspect(run / "metrics", "--json")).stdout)
     assert summary["kind"] == "metrics"
     assert summary["run"] is None and summary["per_sample"] is None
     assert summary["weights"] is None and summary["gradients"] is None
     whole = strict_json(ok(inspect(run, "--json")).stdout)
     assert summary["metrics"] == whole["metrics"]
     assert summary["noise_scale"]["median_last"] == whole["noise_scale"]["median_last"]
-    assert "Loss over 30 steps" in ok(inspect(run / "metrics.parquet")).stdout
+    assert "Loss over 30 steps" in ok(inspect(run / "metrics")).stdout
 
 
 def test_gradients_file(run: Path) -> None:
-    summary = strict_json(ok(inspect(run / "gradients.parquet", "--json")).stdout)
+    summary = strict_json(ok(inspect(run / "gradients", "--json")).stdout)
     assert summary["kind"] == "gradients" and summary["metrics"] is None
     g = summary["gradients"]
-    table = pq.read_table(run / "gradients.parquet")
+    table = pq.read_table(run / "gradients")
     steps = table["step"].to_numpy()
     assert g["recorded_steps"] == [0, 10, 20, STEPS - 1]
     assert g["parameters"] == 75 and g["layers"] == [1, 2]
-    metrics = pq.read_table(run / "metrics.parquet").to_pylist()
+    metrics = pq.read_table(run / "metrics").to_pylist()
     for row in g["curve"]:
         grad = table["grad"].to_numpy()[steps == row["step"]]
         np.testing.assert_allclose(row["grad_norm"], np.linalg.norm(grad), rtol=1e-12)
         # No weight decay: the same norms as metrics.parquet's, per layer.
         for key in ("grad_norm", "grad_norm_l1", "grad_norm_l2"):
             np.testing.assert_allclose(row[key], metrics[row["step"]][key], rtol=1e-12)
-    assert "Gradient norm" in ok(inspect(run / "gradients.parquet")).stdout
+    assert "Gradient norm" in ok(inspect(run / "gradients")).stdout
 
 
 @pytest.mark.parametrize("name", ["weights.parquet", "checkpoints/step-000000/weights.parquet"])
@@ -353,8 +353,8 @@ def test_plot_png_has_the_asked_size(run: Path, tmp_path: Path, size: str | None
     assert [p.name for p in png.parent.iterdir()] == ["run.png"]  # no temporary file left
 
 
-@pytest.mark.parametrize("where", ["per_sample/step=0", "gradients.parquet", "weights.parquet",
-                                   "metrics.parquet"])
+@pytest.mark.parametrize("where", ["per_sample/step=0", "gradients", "weights.parquet",
+                                   "metrics"])
 def test_plot_of_single_outputs(run: Path, tmp_path: Path, where: str) -> None:
     png = tmp_path / "one.png"
     summary = strict_json(ok(inspect(run / where, "--json", "--plot", png,

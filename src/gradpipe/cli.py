@@ -553,7 +553,7 @@ def inspect_(path: str, top: int, step: int | None, as_json: bool, plot_file: st
     """Summarize a run folder or one of its Parquet outputs: loss, gradient norms, noise scale,
     and the samples with the largest gradients.
 
-    PATH is a run folder, or metrics.parquet, gradients.parquet, weights.parquet, per_sample/
+    PATH is a run folder, or metrics/, gradients/, weights.parquet, per_sample/
     or one per-sample file (told apart by their columns).
 
     \b

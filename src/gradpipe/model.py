@@ -104,7 +104,7 @@ class Params:
         )
 
     def flat(self) -> NDArray[np.float64]:
-        """All parameters as one float64 vector, in gradients.parquet row order.
+        """All parameters as one float64 vector, in the gradients row order.
 
         The order is: by layer, then w before b, then j, then k (row-major w[l]).
         """

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def _jsonable(o: Any) -> Any:
 
 
 def param_index(sizes: tuple[int, ...] | list[int]) -> dict[str, np.ndarray]:
-    """Columns layer, param, j, k for every parameter, in gradients.parquet row order."""
+    """Columns layer, param, j, k for every parameter, in the gradients row order."""
     layer, param, j, k = [], [], [], []
     for l in range(1, len(sizes)):
         n_out, n_in = sizes[l], sizes[l - 1]
@@ -84,7 +85,7 @@ def _index_columns(sizes: tuple[int, ...]) -> dict[str, pa.Array]:
 
 
 def gradient_table(step: int, sizes: tuple[int, ...], value: F64, grad: F64) -> pa.Table:
-    """One step's rows of gradients.parquet: the weights w_s (`value`) and dC/dw at w_s."""
+    """One step's rows of gradients/: the weights w_s (`value`) and dC/dw at w_s."""
     cols = _index_columns(sizes)
     n = len(value)
     return pa.table(
@@ -137,11 +138,59 @@ def params_from_flat(sizes: tuple[int, ...], flat: F64, dtype: str) -> Params:
     return Params(w, b)
 
 
-def read_weights(
-    path: str | Path,
-) -> tuple[Architecture, Params, tuple[F64, F64] | None, F64 | None]:
-    """Read weights.parquet (or RUN/weights.parquet): architecture, params, standardize,
-    velocity."""
+@dataclass(frozen=True)
+class Model:
+    """A trained model as weights.parquet keeps it: the network and what its inputs and
+    outputs mean, so later commands select columns by name and map outputs back."""
+
+    path: str
+    arch: Architecture
+    params: Params
+    standardize: tuple[F64, F64] | None  # features' (mean, std), applied before the net
+    target_scale: tuple[F64, F64] | None  # regression targets' (mean, std) in training
+    features: tuple[str, ...]  # feature columns in input order ((): not recorded)
+    target: tuple[str, ...]
+    task: str | None  # classification | regression (None: not recorded)
+    classes: tuple | None  # class values in output order (classification)
+    class_type: str | None
+
+    @property
+    def classify(self) -> bool:
+        return self.task == "classification" or (self.task is None and self.arch.sizes[-1] > 1
+                                                 and self.arch.loss == "cross_entropy")
+
+
+def model_meta(dataset: Any, target_scale: tuple[F64, F64] | None = None) -> dict:
+    """What weights.parquet records of the data a model was trained on (data.Dataset)."""
+    meta: dict[str, Any] = {"features": list(dataset.features), "target": list(dataset.target),
+                            "task": dataset.task, "feature_list": dataset.feature_list}
+    if dataset.classify:
+        meta["classes"] = list(dataset.classes)
+        meta["class_type"] = dataset.class_type
+    if target_scale is not None:
+        meta["target_scale"] = {"mean": target_scale[0].tolist(), "std": target_scale[1].tolist()}
+    return meta
+
+
+def read_model(path: str | Path) -> Model:
+    """A run folder or weights.parquet -> Model."""
+    table, info = _read_weights_table(path)
+    arch = Architecture.from_dict(info["model"])
+    params = _params(table, arch, path)
+    std = info.get("standardize")
+    scale = info.get("target_scale")
+    classes = info.get("classes")
+    return Model(
+        path=str(path), arch=arch, params=params,
+        standardize=(np.array(std["mean"]), np.array(std["std"])) if std else None,
+        target_scale=(np.array(scale["mean"]), np.array(scale["std"])) if scale else None,
+        features=tuple(info.get("features", ())), target=tuple(info.get("target", ())),
+        task=info.get("task"), classes=tuple(classes) if classes is not None else None,
+        class_type=info.get("class_type"),
+    )
+
+
+def _read_weights_table(path: str | Path) -> tuple[pa.Table, dict]:
     path = Path(path)
     if path.is_dir():
         path = path / "weights.parquet"
@@ -154,14 +203,26 @@ def read_weights(
     meta = (table.schema.metadata or {}).get(META_KEY)
     if meta is None or "value" not in table.column_names:
         raise ConfigError(f"{path}: not a gradpipe weights file (no model in its metadata)")
-    info = json.loads(meta)
-    arch = Architecture.from_dict(info["model"])
+    return table, json.loads(meta)
+
+
+def _params(table: pa.Table, arch: Architecture, path: str | Path) -> Params:
     flat = table.column("value").to_numpy()
     if len(flat) != arch.n_params:
         raise ConfigError(
             f"{path}: holds {len(flat)} values but its model has {arch.n_params} parameters"
         )
-    params = params_from_flat(arch.sizes, flat, arch.dtype)
+    return params_from_flat(arch.sizes, flat, arch.dtype)
+
+
+def read_weights(
+    path: str | Path,
+) -> tuple[Architecture, Params, tuple[F64, F64] | None, F64 | None]:
+    """Read weights.parquet (or RUN/weights.parquet): architecture, params, standardize,
+    velocity."""
+    table, info = _read_weights_table(path)
+    arch = Architecture.from_dict(info["model"])
+    params = _params(table, arch, path)
     std = info.get("standardize")
     standardize = (np.array(std["mean"]), np.array(std["std"])) if std else None
     velocity = table.column("velocity").to_numpy() if "velocity" in table.column_names else None

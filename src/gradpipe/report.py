@@ -1,7 +1,7 @@
 """Summaries of gradpipe outputs: what `gradpipe inspect` finds in a run folder or one file.
 
 Reads what `train` and `grad` wrote (DESIGN.md section 4) and writes nothing: run.json,
-metrics.parquet, gradients.parquet, per_sample/step=S/ and weights.parquet, each told apart
+metrics/, gradients/, per_sample/step=S/ and weights.parquet, each told apart
 by its columns. Per-sample files are scanned as one pyarrow dataset with an explicit column
 list, so the `grad` list column is never read. `inspect_output` returns an `Inspection` (a
 JSON-ready summary plus the series the plot needs); render.py prints it, plot.py draws it.
@@ -69,8 +69,8 @@ class Inspection:
     """A summary (JSON-ready, `summary`) and the full series that `plot` draws."""
 
     summary: dict
-    metrics: pa.Table | None = None  # every step of metrics.parquet
-    recorded_norms: list[dict] | None = None  # per-layer |grad| of every gradients.parquet step
+    metrics: pa.Table | None = None  # every step of metrics
+    recorded_norms: list[dict] | None = None  # per-layer |grad| of every recorded step
     sample_norms: F64 | None = None  # per-sample grad_norm at the ranked step
 
 
@@ -93,7 +93,7 @@ def detect_kind(path: str | Path) -> str:
             return kind
     raise ConfigError(
         f"{path}: not a gradpipe output: its columns ({describe_columns(names)}) match none of "
-        "metrics.parquet, gradients.parquet, weights.parquet or a per_sample part file"
+        "metrics, gradients, weights.parquet or a per_sample part file"
     )
 
 
@@ -122,7 +122,7 @@ def open_output(path: str | Path) -> Output:
     if not path.exists():
         raise ConfigError(
             f"{path}: no such file or folder. Pass a run folder or one of its outputs "
-            "(metrics.parquet, gradients.parquet, weights.parquet, per_sample/)."
+            "(metrics/, gradients/, weights.parquet, per_sample/)."
         )
     if path.is_file() and path.name == "run.json":
         path = path.parent
@@ -130,13 +130,18 @@ def open_output(path: str | Path) -> Output:
         if (path / "run.json").is_file():
             return Output(
                 path, "run", run=read_run_json(path),
-                metrics=_file_or_none(path / "metrics.parquet"),
-                gradients=_file_or_none(path / "gradients.parquet"),
+                metrics=_records(path, "metrics"),
+                gradients=_records(path, "gradients"),
                 weights=_file_or_none(path / "weights.parquet"),
                 per_sample=_step_folders(path / "per_sample"),
             )
         if steps := _step_folders(path):
             return Output(path, "per_sample", per_sample=steps)
+        records = _step_files(path)
+        if records:  # a run's metrics/ or gradients/ folder
+            out = Output(path, detect_kind(records[0]))
+            setattr(out, out.kind, path)
+            return out
         files = _part_files(path)
         if files and KINDS["per_sample"] <= set(_read_schema(files[0]).names):
             return Output(path, "per_sample", per_sample={_step_of(path): files})
@@ -155,6 +160,22 @@ def open_output(path: str | Path) -> Output:
 
 def _file_or_none(path: Path) -> Path | None:
     return path if path.is_file() else None
+
+
+def _step_files(folder: Path) -> list[Path]:
+    """A records folder's step-S.parquet files in step order (temporaries start with a dot)."""
+    return sorted(p for p in folder.glob("step-*.parquet") if p.is_file())
+
+
+def _records(run: Path, kind: str) -> Path | None:
+    """A run's metrics/ or gradients/ folder (or the single file of runs made before it)."""
+    if _step_files(run / kind):
+        return run / kind
+    return _file_or_none(run / f"{kind}.parquet")
+
+
+def _files(path: Path) -> list[Path]:
+    return _step_files(path) if path.is_dir() else [path]
 
 
 # --------------------------------------------------------------------------- summaries
@@ -204,9 +225,9 @@ def _spaced(n: int, points: int = CURVE_POINTS) -> list[int]:
 
 
 def read_metrics(path: Path) -> pa.Table:
-    """metrics.parquet, checked to be one."""
+    """A run's metrics (its folder, or one file), checked to be metrics."""
     try:
-        table = pq.read_table(path)
+        table = pa.concat_tables([pq.read_table(p) for p in _files(path)])
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"{path}: not a readable Parquet file ({e})") from None
     missing = KINDS["metrics"] - set(table.column_names)
@@ -336,18 +357,23 @@ def per_sample_summary(
 
 
 def gradient_norms(path: Path) -> tuple[dict, list[dict]]:
-    """Per-layer |dC/dtheta| at every step recorded in gradients.parquet, read column by column."""
-    pf = _parquet_file(path)
+    """Per-layer |dC/dtheta| at every recorded step of a run's gradients, read file by file and
+    column by column."""
     sq: dict[tuple[int, int], float] = defaultdict(float)
-    try:
-        for batch in pf.iter_batches(columns=["step", "layer", "grad"], batch_size=1 << 20):
-            grad = batch.column("grad")
-            table = pa.table({"step": batch.column("step"), "layer": batch.column("layer"),
-                              "sq": pc.multiply(grad, grad)})
-            for agg in table.group_by(["step", "layer"]).aggregate([("sq", "sum")]).to_pylist():
-                sq[(agg["step"], agg["layer"])] += agg["sq_sum"] or 0.0
-    except (pa.ArrowInvalid, OSError, KeyError) as e:
-        raise ConfigError(f"{path}: not a readable gradients file ({e})") from None
+    n_rows = 0
+    for file in _files(path):
+        pf = _parquet_file(file)
+        n_rows += pf.metadata.num_rows
+        try:
+            for batch in pf.iter_batches(columns=["step", "layer", "grad"], batch_size=1 << 20):
+                grad = batch.column("grad")
+                table = pa.table({"step": batch.column("step"), "layer": batch.column("layer"),
+                                  "sq": pc.multiply(grad, grad)})
+                for agg in table.group_by(["step", "layer"]).aggregate(
+                        [("sq", "sum")]).to_pylist():
+                    sq[(agg["step"], agg["layer"])] += agg["sq_sum"] or 0.0
+        except (pa.ArrowInvalid, OSError, KeyError) as e:
+            raise ConfigError(f"{file}: not a readable gradients file ({e})") from None
     steps = sorted({s for s, _ in sq})
     layers = sorted({l for _, l in sq})
     rows = []
@@ -356,9 +382,9 @@ def gradient_norms(path: Path) -> tuple[dict, list[dict]]:
         row.update({f"grad_norm_l{l}": math.sqrt(sq[(s, l)]) for l in layers})
         rows.append(row)
     summary = {
-        "rows": pf.metadata.num_rows,
+        "rows": n_rows,
         "recorded_steps": steps,
-        "parameters": pf.metadata.num_rows // len(steps) if steps else 0,
+        "parameters": n_rows // len(steps) if steps else 0,
         "layers": layers,
         "curve": [rows[i] for i in _spaced(len(rows))] if rows else [],
     }

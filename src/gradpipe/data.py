@@ -66,6 +66,9 @@ class DataSpec:
     # Regression targets must be rows of probabilities (each >= 0, summing to 1 within
     # PROBABILITY_TOLERANCE): read_block refuses other rows. Set for softmax + cross_entropy.
     probability_targets: bool = False
+    # False: the target is not read and need not exist (gradpipe predict); `task` must then
+    # be "classification" (with `classes`) or "regression". Its names are never features.
+    read_target: bool = True
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class Dataset:
     class_type: str | None = None  # the target column's type: "int64", "bool", "string", ...
     ignored_columns: tuple[str, ...] = ()  # index columns (pandas, CSV export) left out
     probability_targets: bool = False  # see DataSpec.probability_targets
+    has_target: bool = True  # False: blocks carry no targets (DataSpec.read_target)
 
     @property
     def classify(self) -> bool:
@@ -221,7 +225,8 @@ def describe_values(values: Iterable[ClassValue], limit: int = 12) -> str:
 def _describe_classes(values: tuple[ClassValue, ...]) -> str:
     """Class values for a refusal: 0..K-1 when they are that range, else the values."""
     ints = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
-    if len(values) > 2 and ints == list(range(ints[0], ints[0] + len(values))):
+    if len(values) > 2 and len(ints) == len(values) and ints == list(
+            range(ints[0], ints[0] + len(values))):
         return f"{ints[0]}..{ints[-1]}"
     return describe_values(values)
 
@@ -314,9 +319,9 @@ def _resolve_features(
 
 
 def _check_columns(schema: pa.Schema, spec: DataSpec, path: str) -> None:
-    """The target and id columns exist, and the id is an integer column."""
+    """The target (if read) and id columns exist, and the id is an integer column."""
     names = schema.names
-    for t in spec.target:
+    for t in spec.target if spec.read_target else ():
         if t not in names:
             raise DataError(
                 f"{path}: missing target column {t!r} (found: {describe_columns(names)}). "
@@ -516,7 +521,10 @@ def plan(spec: DataSpec) -> Dataset:
     if row == 0:
         raise DataError(f"{spec.path}: the dataset has zero rows")
 
-    task, classes, class_type = _resolve_task(fs, files, schema, spec)
+    if spec.read_target:
+        task, classes, class_type = _resolve_task(fs, files, schema, spec)
+    else:
+        task, classes, class_type = _unread_task(spec)
     return Dataset(
         source=spec.path,
         blocks=tuple(blocks),
@@ -533,7 +541,25 @@ def plan(spec: DataSpec) -> Dataset:
         class_type=class_type,
         ignored_columns=ignored,
         probability_targets=spec.probability_targets and task == "regression",
+        has_target=spec.read_target,
     )
+
+
+def _unread_task(spec: DataSpec) -> tuple[str, tuple[ClassValue, ...], str | None]:
+    """(task, classes, class type) as the spec states them, for data whose target is not read."""
+    if spec.task == "regression":
+        return "regression", (), None
+    classes = _model_classes(spec.classes)
+    if spec.task != "classification" or not classes:
+        raise ConfigError("data read without its target needs the task stated: regression, "
+                          "or classification with the class values")
+    return "classification", classes, None
+
+
+def column_names(source: str) -> list[str]:
+    """The column names of a dataset's first file (plan checks that the others agree)."""
+    fs, files = list_files(source)
+    return list(_open(fs, files[0]).schema_arrow.names)
 
 
 def schema_line(dataset: Dataset) -> str:
@@ -543,6 +569,8 @@ def schema_line(dataset: Dataset) -> str:
     ash, ..., proline); 124 rows in 1 block; ignored index column __index_level_0__"
     """
     targets = ", ".join(repr(t) for t in dataset.target)
+    if not dataset.has_target:
+        targets += " (not read)"
     if dataset.classify:
         head = (f"classification on {targets}: {len(dataset.classes)} classes "
                 f"({describe_values(dataset.classes)})")
@@ -679,8 +707,9 @@ def read_block(
     """Read one block with an explicit column list, check it, and convert it to arrays."""
     if fs is None:
         fs, _ = filesystem(dataset.source)
+    target = dataset.target if dataset.has_target else ()
     columns = list(dict.fromkeys(
-        [*dataset.features, *dataset.target, *([dataset.id_column] if dataset.id_column else [])]
+        [*dataset.features, *target, *([dataset.id_column] if dataset.id_column else [])]
     ))
     pf = _open(fs, block.file)
     try:
@@ -711,7 +740,9 @@ def read_block(
             _check_finite(x[:, k], dataset.features[k], block)
 
     labels = None
-    if dataset.classify:
+    if not dataset.has_target:
+        y = np.empty((n, 0), dtype=dtype)  # no targets: the caller only predicts
+    elif dataset.classify:
         labels = class_indices(dataset, _column(table, dataset.target[0], block), block)
         y = np.zeros((n, dataset.n_outputs), dtype=dtype)  # one-hot, (n, K)
         y[np.arange(n), labels] = 1

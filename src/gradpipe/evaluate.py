@@ -1,0 +1,515 @@
+"""Held-out metrics and predictions of a trained model: `gradpipe evaluate` and `predict`.
+
+The math is pure numpy and works block by block: `block_sums` gives one block's float64
+sums (loss, correct, confusion; squared and absolute errors and target moments for
+regression), `metrics_from_sums` adds them in block order, so the metrics do not depend on
+how many workers there were; `predict_rows` gives a block's predictions. The workers
+(worker.py) call `evaluate_block` / `predict_block` on the blocks they hold; the drivers
+`evaluate` and `predict` below read the model, plan the data by the model's column names
+and fan out through a worker Pool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import pyarrow as pa
+from numpy.typing import NDArray
+
+from .atomic import atomic_dir
+from .backprop import CHUNK_ROWS, output_losses
+from .data import (
+    BLOCK_ROWS,
+    BlockData,
+    ClassValue,
+    Dataset,
+    DataSpec,
+    column_names,
+    describe_columns,
+    plan,
+    schema_line,
+)
+from .errors import ConfigError, DataError
+from .model import Architecture, Params, forward
+from .outputs import Model, read_model, read_run_json, write_table
+from .recorder import check_apart
+
+if TYPE_CHECKING:
+    from .worker import Pool
+
+F64 = NDArray[np.float64]
+Scale = tuple[F64, F64]  # (mean, std)
+MARKER = "_predictions.json"  # the summary, in every predictions folder; readers skip "_" files
+
+
+# --- the math: one block's sums, their reduction, predictions ------------------------------
+
+
+@dataclass
+class EvalSums:
+    """One block's sums for the metrics, float64, never means (classification or regression)."""
+
+    block: int
+    n: int
+    loss_sum: float  # sum_i C_i, the model's loss in its training units
+    correct: int = 0  # samples whose arg-max output is their class
+    confusion: NDArray[np.int64] | None = None  # (K, K): rows true class, columns predicted
+    sse: F64 | None = None  # (T,) sum of squared errors, in the targets' original units
+    sae: F64 | None = None  # (T,) sum of absolute errors
+    y_sum: F64 | None = None  # (T,) sum of the targets
+    y_m2: F64 | None = None  # (T,) sum of squared deviations from this block's target mean
+
+
+def _merge_m2(n_a: int, sum_a: F64, m2_a: F64, n_b: int, sum_b: F64, m2_b: F64) -> F64:
+    """Sum of squared deviations of two parts joined (Chan et al.); no cancellation, unlike
+    sum(y^2) - sum(y)^2 / n, when the mean is large against the spread."""
+    if n_a == 0 or n_b == 0:
+        return m2_a + m2_b
+    d = sum_b / n_b - sum_a / n_a
+    return m2_a + m2_b + d * d * (n_a * n_b / (n_a + n_b))
+
+
+def to_original_units(out: NDArray[np.floating], target_scale: Scale | None) -> F64:
+    """Regression outputs in the targets' units: a[L] * std + mean, float64 (n, T)."""
+    out64 = out.astype(np.float64)
+    if target_scale is None:
+        return out64
+    mean, std = target_scale
+    return out64 * std + mean
+
+
+def class_probabilities(arch: Architecture, a_L: NDArray[np.floating]) -> F64:
+    """Rows of class probabilities from the output layer, float64 (n, K).
+
+    softmax: a[L] itself. Other outputs (one unit per class, trained on one-hot targets):
+    a[L] clipped at 0 and divided by its row sum; a row with no positive unit is uniform.
+    The predicted class is argmax a[L] either way, as training's accuracy counts it.
+    """
+    a = a_L.astype(np.float64)
+    if arch.output_activation == "softmax":
+        return a
+    a = np.maximum(a, 0.0)
+    total = a.sum(axis=1, keepdims=True)  # (n, 1)
+    uniform = np.full_like(a, 1.0 / a.shape[1])
+    return np.divide(a, total, out=uniform, where=total > 0)
+
+
+def block_sums(
+    arch: Architecture,
+    params: Params,
+    x: NDArray[np.floating],
+    y: NDArray[np.floating],
+    *,
+    classify: bool,
+    target_scale: Scale | None = None,
+    block: int = 0,
+    chunk_rows: int = CHUNK_ROWS,
+) -> EvalSums:
+    """The sums of one block: x (n, n_0) standardized features, y (n, n_L) one-hot classes or
+    targets in their original units, both in the compute dtype of `arch`.
+
+    Regression losses compare a[L] with the targets as training saw them,
+    (y - mean) / std with `target_scale`; errors compare a[L] * std + mean with y.
+    """
+    n, n_L = x.shape[0], arch.sizes[-1]
+    loss_sum, correct = 0.0, 0
+    confusion = np.zeros((n_L, n_L), dtype=np.int64)  # (K, K), classification
+    sse, sae, y_sum, y_m2 = np.zeros(n_L), np.zeros(n_L), np.zeros(n_L), np.zeros(n_L)
+    for start in range(0, n, chunk_rows):
+        xc, yc = x[start : start + chunk_rows], y[start : start + chunk_rows]
+        m = xc.shape[0]
+        a, z = forward(arch, params, xc)
+        if classify:
+            loss_sum += float(output_losses(arch, a[-1], z[-1], yc).sum())
+            true, pred = yc.argmax(axis=1), a[-1].argmax(axis=1)  # (m,)
+            confusion += np.bincount(true * n_L + pred, minlength=n_L * n_L).reshape(n_L, n_L)
+            correct += int((true == pred).sum())
+            continue
+        y_model = yc
+        if target_scale is not None:  # as training scales them (worker.BlockSet._apply)
+            y_model = yc - target_scale[0].astype(yc.dtype)
+            y_model /= target_scale[1].astype(yc.dtype)
+        loss_sum += float(output_losses(arch, a[-1], z[-1], y_model).sum())
+        y64 = yc.astype(np.float64)  # (m, T)
+        err = to_original_units(a[-1], target_scale) - y64
+        sse += (err * err).sum(axis=0)
+        sae += np.abs(err).sum(axis=0)
+        chunk_sum = y64.sum(axis=0)
+        chunk_m2 = ((y64 - chunk_sum / m) ** 2).sum(axis=0)
+        y_m2 = _merge_m2(start, y_sum, y_m2, m, chunk_sum, chunk_m2)
+        y_sum += chunk_sum
+    if classify:
+        return EvalSums(block, n, loss_sum, correct, confusion)
+    return EvalSums(block, n, loss_sum, sse=sse, sae=sae, y_sum=y_sum, y_m2=y_m2)
+
+
+def metrics_from_sums(
+    parts: list[EvalSums],
+    classes: tuple[ClassValue, ...] | None = None,
+    targets: tuple[str, ...] | None = None,
+) -> dict:
+    """samples, loss (mean C_i), accuracy and confusion (classification), mse, mae and r2
+    (regression: overall, and per target in `per_target`), from block sums added in block order.
+
+    r2 = 1 - SSE / SST per target (None where a target is constant); the overall r2 is
+    their mean, mse and mae the means over all targets' errors. Keys that do not apply are
+    None.
+    """
+    parts = sorted(parts, key=lambda p: p.block)
+    n = sum(p.n for p in parts)
+    loss = 0.0
+    for p in parts:
+        loss += p.loss_sum
+    out: dict[str, Any] = {
+        "samples": n, "loss": loss / n if n else None, "accuracy": None, "confusion": None,
+        "mse": None, "mae": None, "r2": None, "classes": None, "targets": None,
+        "per_target": None,
+    }
+    if not parts or n == 0:
+        return out
+    if parts[0].confusion is not None:
+        confusion = np.zeros_like(parts[0].confusion)
+        for p in parts:
+            assert p.confusion is not None
+            confusion += p.confusion
+        out["accuracy"] = sum(p.correct for p in parts) / n
+        out["confusion"] = confusion.tolist()
+        out["classes"] = list(classes) if classes is not None else list(range(len(confusion)))
+        return out
+    assert parts[0].sse is not None
+    T = len(parts[0].sse)
+    sse, sae, y_sum, y_m2, seen = np.zeros(T), np.zeros(T), np.zeros(T), np.zeros(T), 0
+    for p in parts:
+        assert p.sse is not None and p.sae is not None
+        assert p.y_sum is not None and p.y_m2 is not None
+        sse += p.sse
+        sae += p.sae
+        y_m2 = _merge_m2(seen, y_sum, y_m2, p.n, p.y_sum, p.y_m2)
+        y_sum += p.y_sum
+        seen += p.n
+    names = list(targets) if targets else [f"t{t}" for t in range(T)]
+    r2 = [None if y_m2[t] == 0 else float(1 - sse[t] / y_m2[t]) for t in range(T)]
+    defined = [v for v in r2 if v is not None]
+    out.update(
+        mse=float(sse.sum() / (n * T)), mae=float(sae.sum() / (n * T)),
+        r2=float(np.mean(defined)) if len(defined) == T else None, targets=names,
+        per_target=[{"target": name, "mse": float(sse[t] / n), "mae": float(sae[t] / n),
+                     "r2": r2[t]} for t, name in enumerate(names)],
+    )
+    return out
+
+
+def predict_rows(
+    arch: Architecture, params: Params, x: NDArray[np.floating], *, classify: bool,
+    target_scale: Scale | None = None, chunk_rows: int = CHUNK_ROWS,
+) -> tuple[NDArray[np.int64] | None, F64]:
+    """(class index (n,), probabilities (n, K)) for classification, or (None, outputs in the
+    targets' original units (n, T)) for regression, from standardized features x (n, n_0)."""
+    pieces: list[NDArray[np.floating]] = []
+    for start in range(0, x.shape[0], chunk_rows):
+        pieces.append(forward(arch, params, x[start : start + chunk_rows])[0][-1])
+    a_L = np.concatenate(pieces) if pieces else np.empty((0, arch.sizes[-1]), arch.dtype)
+    if classify:
+        return a_L.argmax(axis=1).astype(np.int64), class_probabilities(arch, a_L)
+    return None, to_original_units(a_L, target_scale)
+
+
+# --- what the workers run on each block they hold --------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What an evaluation asks of every worker (one object-store reference)."""
+
+    arch: Architecture
+    params: Params
+    standardize: Scale | None = None  # features' (mean, std), applied before the net
+    target_scale: Scale | None = None  # regression targets' (mean, std) in training
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """What a prediction asks of every worker: the model, and where each writes its parts."""
+
+    arch: Architecture
+    params: Params
+    out_dir: str  # the folder of part-BLOCK.parquet files (a temporary one until complete)
+    standardize: Scale | None = None
+    target_scale: Scale | None = None
+    classes: tuple[ClassValue, ...] = ()  # classification: the values, in output order
+    class_type: str | None = None  # their Arrow type name: int64, bool, string, ...
+    targets: tuple[str, ...] = ()  # regression: one prediction column per target
+
+
+def evaluate_block(data: BlockData, req: EvalRequest, classify: bool) -> EvalSums:
+    """One block's EvalSums (the block's features are already standardized)."""
+    return block_sums(req.arch, req.params, data.x, data.y, classify=classify,
+                      target_scale=req.target_scale, block=data.block.index)
+
+
+def _arrow_type(classes: tuple[ClassValue, ...], class_type: str | None) -> pa.DataType:
+    """The label column's type, so predictions come back as int, bool or string."""
+    if class_type:
+        try:
+            return pa.type_for_alias(class_type)
+        except ValueError:
+            pass
+    return pa.array(list(classes)).type
+
+
+def prediction_table(ids: NDArray[np.int64], index: NDArray[np.int64] | None, values: F64,
+                     req: PredictRequest) -> pa.Table:
+    """sample, prediction, confidence, probabilities (classification) or sample and one
+    column per target (regression)."""
+    cols: dict[str, pa.Array] = {"sample": pa.array(ids, type=pa.int64())}
+    if index is None:
+        for t, name in enumerate(req.targets):
+            cols[name] = pa.array(values[:, t], type=pa.float64())
+        return pa.table(cols)
+    class_values = pa.array(list(req.classes), type=_arrow_type(req.classes, req.class_type))
+    n, K = values.shape
+    cols["prediction"] = class_values.take(pa.array(index))
+    cols["confidence"] = pa.array(values[np.arange(n), index], type=pa.float64())
+    offsets = pa.array(np.arange(0, (n + 1) * K, K, dtype=np.int32))
+    cols["probabilities"] = pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)))
+    return pa.table(cols)
+
+
+def part_path(out_dir: str | Path, block: int) -> Path:
+    return Path(out_dir) / f"part-{block:05d}.parquet"
+
+
+def predict_block(data: BlockData, req: PredictRequest, classify: bool) -> tuple[int, int]:
+    """Write one block's predictions to OUT/part-BLOCK.parquet (atomically); (block, rows)."""
+    index, values = predict_rows(req.arch, req.params, data.x, classify=classify,
+                                 target_scale=req.target_scale)
+    write_table(prediction_table(data.ids, index, values, req),
+                part_path(req.out_dir, data.block.index))
+    return data.block.index, len(data.ids)
+
+
+def evaluate_with(pool: Pool, arch: Architecture, params: Params, standardize: Scale | None,
+                  target_scale: Scale | None = None) -> dict:
+    """The metrics of (arch, params) on the dataset a Pool holds (its targets read), as
+    `metrics_from_sums` gives them. The pool's blocks are standardized in place once."""
+    dataset = pool.dataset
+    parts = pool.evaluate(EvalRequest(arch, params.astype(arch.dtype), standardize,
+                                      target_scale))
+    return metrics_from_sums(parts, dataset.classes if dataset.classify else None,
+                             None if dataset.classify else dataset.target)
+
+
+# --- the commands: model + data -> planned dataset -> workers -> result ----------------------
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The options of `gradpipe evaluate` and `gradpipe predict`."""
+
+    model: str  # a run folder or a weights.parquet
+    data: str  # Parquet file, folder or URI
+    workers: int | None = None  # Ray actors; None: the CPUs Ray offers; 0: in this process
+    address: str | None = None  # Ray cluster; None: a private local instance
+    block_rows: int = BLOCK_ROWS  # largest block, in rows
+    memory_budget: int | None = None  # bytes per worker above which blocks are streamed
+    out: str | None = None  # predict: the folder of Parquet parts
+    overwrite: bool = False  # predict: replace an earlier predictions folder at --out
+    id_column: str | None = None  # sample ids; None: the model's id column, else row index
+    verbose: bool = False  # show Ray's own logs
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"--workers {self.workers}: must be >= 0")
+        if self.block_rows < 1:
+            raise ConfigError(f"--block-rows {self.block_rows}: must be >= 1")
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise ConfigError(f"--memory-budget {self.memory_budget}: must be >= 1 byte")
+
+
+def _exact(name: str) -> str:
+    """A column name as a glob that matches only itself (DataSpec.features takes globs)."""
+    return re.sub(r"[][*?]", lambda m: f"[{m.group()}]", name)
+
+
+def _model_id_column(model: Model) -> str | None:
+    """The id column the model's run used (its run.json), if RUN is a run folder."""
+    run = Path(model.path)
+    if not (run / "run.json").is_file():
+        return None
+    return read_run_json(run).get("dataset", {}).get("id_column")
+
+
+def plan_for_model(config: EvalConfig, model: Model, read_target: bool) -> Dataset:
+    """Plan DATA as the model reads it: its feature columns by name (in any order), its
+    target, task and classes; missing columns are refused by name, before any work."""
+    classify = model.classify
+    task = model.task or ("classification" if classify else "regression")
+    target = model.target or ("label",)
+    names = column_names(config.data)
+    missing = [f for f in model.features if f not in names]
+    if missing:
+        plural = "s" * (len(missing) > 1)
+        raise DataError(
+            f"{config.data}: missing feature column{plural} "
+            f"{', '.join(map(repr, missing))} that the model {model.path} takes (found: "
+            f"{describe_columns(names)}). The data needs every feature column by name.")
+    absent = [t for t in target if t not in names]
+    if read_target and absent:
+        raise DataError(
+            f"{config.data}: no target column {', '.join(map(repr, absent))} to evaluate "
+            f"the model {model.path} against (found: {describe_columns(names)}). "
+            "gradpipe predict needs no target.")
+    id_column = config.id_column
+    if id_column is None:
+        id_column = _model_id_column(model)
+        id_column = id_column if id_column in names else None
+    classes: tuple | int | None = None
+    if classify:
+        classes = model.classes if model.classes is not None else model.arch.sizes[-1]
+    spec = DataSpec(config.data, tuple(_exact(f) for f in model.features), target, id_column,
+                    classes=classes, block_rows=config.block_rows, task=task,
+                    probability_targets=not classify and model.arch.loss == "cross_entropy",
+                    read_target=read_target)
+    dataset = plan(spec)
+    sizes = model.arch.sizes
+    if dataset.n_features != sizes[0]:
+        raise DataError(
+            f"the model {model.path} expects {sizes[0]} features but {config.data} has "
+            f"{dataset.n_features} feature columns ({describe_columns(list(dataset.features))}).")
+    if dataset.n_outputs != sizes[-1]:
+        what = "classes" if dataset.classify else "target columns"
+        raise DataError(f"the model {model.path} has {sizes[-1]} outputs but {config.data} "
+                        f"gives {dataset.n_outputs} {what}.")
+    return dataset
+
+
+def start_pool(config: EvalConfig, dataset: Dataset, dtype: str) -> Pool:
+    """The workers: Ray actors (a local instance or --address), or in-process for 0; each
+    streams its blocks when its share exceeds the memory budget, as in training."""
+    from .worker import Pool, ray_init  # here: worker.py imports this module's math
+
+    workers = config.workers
+    if workers != 0:
+        ray_init(config.address, verbose=config.verbose)
+    if workers is None:
+        import ray
+
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    n_workers = min(workers, len(dataset.blocks))
+    budget = config.memory_budget
+    if budget is None:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        budget = physical // 2 // max(1, n_workers)
+    row_bytes = np.dtype(dtype).itemsize * (dataset.n_features + dataset.n_outputs) + 8
+    stream = dataset.n_rows * row_bytes / max(1, n_workers) > budget
+    return Pool(dataset, n_workers, dtype, stream=stream)
+
+
+Note = Callable[[str], None]
+
+
+def evaluate(config: EvalConfig, note: Note | None = None) -> dict:
+    """The metrics of the model in config.model on config.data (see metrics_from_sums).
+    `note` receives the data's schema line before any work starts."""
+    model = read_model(config.model)
+    dataset = plan_for_model(config, model, read_target=True)
+    if note is not None:
+        note(schema_line(dataset))
+    pool = start_pool(config, dataset, model.arch.dtype)
+    try:
+        metrics = evaluate_with(pool, model.arch, model.params, model.standardize,
+                                model.target_scale)
+    finally:
+        pool.close()
+    return {"model": config.model, "data": config.data, **metrics}
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    """Refuse an existing --out, unless --overwrite and it is an earlier predictions folder."""
+    path = Path(out)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder. Choose another --out.")
+    if not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out}: exists. Pass --overwrite to replace it, or choose "
+                          "another --out.")
+    if not (path / MARKER).is_file():
+        raise ConfigError(f"--out {out}: is not a gradpipe predictions folder (no {MARKER}); "
+                          "refusing to replace it with --overwrite.")
+
+
+def predict(config: EvalConfig, note: Note | None = None) -> dict:
+    """Write the model's predictions for config.data to config.out: part-BLOCK.parquet
+    files, written by the workers into a temporary folder that becomes config.out only
+    when every part and the _predictions.json marker are written."""
+    if not config.out:
+        raise ConfigError("predict needs --out, the folder for the predictions")
+    _check_out(config.out, config.overwrite)
+    check_apart(config.out, DATA=config.data)
+    model = read_model(config.model)
+    dataset = plan_for_model(config, model, read_target=False)
+    if note is not None:
+        note(schema_line(dataset))
+    classify = dataset.classify
+    if not classify and "sample" in dataset.target:
+        raise ConfigError(f"the model {model.path} predicts a target named 'sample', the name "
+                          "of the predictions' id column; rename that target and retrain")
+    pool = start_pool(config, dataset, model.arch.dtype)
+    try:
+        with atomic_dir(config.out) as tmp:
+            req = PredictRequest(
+                model.arch, model.params, str(tmp.resolve()), model.standardize,
+                model.target_scale, classes=dataset.classes if classify else (),
+                class_type=model.class_type, targets=() if classify else dataset.target)
+            written = pool.predict(req)
+            columns = (["sample", "prediction", "confidence", "probabilities"] if classify
+                       else ["sample", *dataset.target])
+            summary = {
+                "out": config.out, "model": config.model, "data": config.data,
+                "rows": sum(rows for _, rows in written), "parts": len(written),
+                "task": dataset.task, "columns": columns,
+                "classes": list(dataset.classes) if classify else None,
+                "targets": None if classify else list(dataset.target),
+                "sample": dataset.id_column or "global row index",
+            }
+            (tmp / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+    finally:
+        pool.close()
+    return summary
+
+
+def render_metrics(m: dict) -> list[str]:
+    """The metrics as lines of text: samples, loss, then accuracy and the confusion matrix,
+    or a table of mse, mae and r2 per target."""
+    lines = [f"samples   {m['samples']}", f"loss      {m['loss']:.6g}"]
+    if m["confusion"] is not None:
+        lines.append(f"accuracy  {m['accuracy']:.4f}")
+        labels = [str(c) for c in m["classes"]]
+        width = max(max(len(s) for s in labels), max(len(str(v)) for row in m["confusion"]
+                                                     for v in row))
+        lines.append("confusion (rows: true class, columns: predicted)")
+        lines.append(" " * (width + 2) + "  ".join(s.rjust(width) for s in labels))
+        for label, row in zip(labels, m["confusion"], strict=True):
+            lines.append(f"{label.rjust(width)}  " + "  ".join(str(v).rjust(width) for v in row))
+        return lines
+    rows = [(t["target"], t["mse"], t["mae"], t["r2"]) for t in m["per_target"]]
+    if len(rows) > 1:
+        rows.append(("(all)", m["mse"], m["mae"], m["r2"]))
+    width = max(6, *(len(r[0]) for r in rows))
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.6g}"
+
+    lines.append(f"{'target'.ljust(width)}  {'mse':>12}  {'mae':>12}  {'r2':>12}")
+    for name, mse, mae, r2 in rows:
+        lines.append(f"{name.ljust(width)}  {num(mse):>12}  {num(mae):>12}  {num(r2):>12}")
+    return lines

@@ -191,13 +191,6 @@ def _string_feature_named(tmp: Path, w: dict):
     return str(tmp / "d"), ["--features", "x0,colour"], [str(f), "'colour'"]
 
 
-def _string_target(tmp: Path, w: dict):
-    cols = good_columns()
-    cols["label"] = ["cat", "dog"] * 10
-    f = write_parquet(tmp / "d" / "part-0.parquet", cols)
-    return str(tmp / "d"), [], [str(f), "'label'"]
-
-
 def _list_of_strings(tmp: Path, w: dict):
     tokens = pa.FixedSizeListArray.from_arrays(pa.array(["a", "b"] * 20), 2)
     f = write_parquet(tmp / "d" / "part-0.parquet", {"tokens": tokens, "label": np.arange(20) % 2})
@@ -265,29 +258,11 @@ def _null_label(tmp: Path, w: dict):
     return str(tmp / "d"), [], [str(f), "'label'", "null", "row 13"]
 
 
-def _negative_label(tmp: Path, w: dict):
-    d = tmp / "d"
-    write_parquet(d / "part-0.parquet", good_columns(seed=0))
-    cols = good_columns(seed=1)
-    cols["label"][6] = -1
-    f = write_parquet(d / "part-1.parquet", cols)
-    return str(d), [], [str(f), "'label'", "-1", "outside 0.."]
-
-
-def _negative_label_no_statistics(tmp: Path, w: dict):
-    cols = good_columns()
-    cols["label"][2] = -3
-    f = tmp / "d" / "part-0.parquet"
-    f.parent.mkdir(parents=True)
-    pq.write_table(pa.table(cols), f, write_statistics=False)
-    return str(tmp / "d"), [], [str(f), "'label'", "-3"]
-
-
 def _single_class(tmp: Path, w: dict):
     cols = good_columns()
     cols["label"] = np.zeros(20, dtype=np.int64)
     write_parquet(tmp / "d" / "part-0.parquet", cols)
-    return str(tmp / "d"), [], [str(tmp / "d"), "'label'", "single class"]
+    return str(tmp / "d"), [], [str(tmp / "d"), "'label'", "one class only (0)"]
 
 
 def _label_above_model(tmp: Path, w: dict):
@@ -331,14 +306,10 @@ def _zero_rows(tmp: Path, w: dict):
     return str(tmp / "d"), [], [str(tmp / "d"), "zero rows"]
 
 
-def _input_size_mismatch(tmp: Path, w: dict):
-    write_parquet(tmp / "d" / "part-0.parquet", good_columns(features=6))
-    return str(tmp / "d"), ["--weights", str(w["file"])], [str(tmp / "d"), "5 features", "6"]
-
-
 def _input_size_mismatch_run_folder(tmp: Path, w: dict):
     write_parquet(tmp / "d" / "part-0.parquet", good_columns(features=4))
-    return str(tmp / "d"), ["--weights", str(w["run"])], [str(tmp / "d"), "5 features", "4"]
+    # The model's features are selected by name: the one the data lacks is named.
+    return str(tmp / "d"), ["--weights", str(w["run"])], [str(tmp / "d"), "'x4'"]
 
 
 def _weights_missing(tmp: Path, w: dict):
@@ -362,8 +333,8 @@ def _job_unknown_key(tmp: Path, w: dict):
 def _job_wrong_type(tmp: Path, w: dict):
     write_parquet(tmp / "d" / "part-0.parquet", good_columns())
     job = tmp / "bad.toml"
-    job.write_text('hidden = "4,4"\n')
-    return str(tmp / "d"), ["--job", str(job)], [str(job), "'hidden'"]
+    job.write_text('hidden = true\n')
+    return str(tmp / "d"), ["--job", str(job)], [str(job), "--hidden true"]
 
 
 def _job_not_toml(tmp: Path, w: dict):
@@ -403,7 +374,6 @@ CASES = [
     Case("feature-glob-matches-nothing", _glob_matches_nothing),
     Case("string-feature", _string_feature),
     Case("string-feature-named", _string_feature_named),
-    Case("string-target", _string_target),
     Case("list-of-strings-feature", _list_of_strings),
     Case("nan", _nan),
     Case("nan-in-later-row-group", _nan_in_later_row_group),
@@ -414,15 +384,12 @@ CASES = [
     Case("nan-regression-target", _nan_regression_target),
     Case("null-feature", _null_feature),
     Case("null-label", _null_label),
-    Case("negative-label", _negative_label),
-    Case("negative-label-no-statistics", _negative_label_no_statistics),
     Case("single-class", _single_class),
     Case("label-above-weights-model", _label_above_model),
     Case("schema-type-differs", _schema_type_differs),
     Case("schema-column-missing", _schema_column_missing),
     Case("schema-extra-column", _schema_extra_column),
     Case("zero-rows", _zero_rows),
-    Case("input-size-mismatch", _input_size_mismatch),
     Case("input-size-mismatch-run-folder", _input_size_mismatch_run_folder),
     Case("weights-missing", _weights_missing),
     Case("weights-not-gradpipe", _weights_not_gradpipe),
@@ -486,7 +453,7 @@ def test_unknown_activation_is_a_usage_error(command: str, tmp_path: Path) -> No
     result = invoke(cmd(command, str(tmp_path / "d"), out, ["--activation", "Relu"]))
     assert result.exit_code == 2
     assert "Traceback" not in result.output
-    assert "--activation" in result.stderr and "'Relu'" in result.stderr
+    assert "--activation Relu" in result.stderr
     for name in ("identity", "relu", "sigmoid", "tanh"):
         assert name in result.stderr  # click lists the choices
     assert not out.exists()

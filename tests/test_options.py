@@ -55,7 +55,7 @@ def captured(monkeypatch):
     """Run the CLI without training: the TrainConfig it builds is captured instead."""
     seen: list[TrainConfig] = []
 
-    def fake_train(config, progress=None):
+    def fake_train(config, progress=None, note=None):
         seen.append(config)
         return {"step": 0, "loss": 0.0, "grad_norm": 0.0}
 
@@ -74,7 +74,10 @@ def test_every_option_means_the_same_as_a_flag_and_in_a_job_file(name, captured,
     flag = "--" + name.replace("_", "-")
     command = command_for(name)
     base = ["--out", str(tmp_path / "run")] if name != "out" else []
-    args = [flag] if option.kind == "bool" else [flag, flag_text]
+    if option.kind == "bool":  # a flag that is on by default is turned off with --no-...
+        args = [flag if expected else "--no-" + name.replace("_", "-")]
+    else:
+        args = [flag, flag_text]
     if name == "resume":  # resume needs a run; its meaning is tested in test_train
         pytest.skip("--resume reads the run's options: tested with a real run")
     r1 = CliRunner().invoke(cli, [command, "data", *base, *args, "--quiet"])

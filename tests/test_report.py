@@ -62,8 +62,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = root / "data"
     synth(data, rows=ROWS, features=5, classes=3, files=3, row_group_size=16, seed=1)
     out = root / "run"
+    # A slowly learning model (raw features, sigmoid output, squared loss): its noise scale
+    # stays defined at every step, which the noise summary's checks below rely on.
     train(TrainConfig(data=str(data), out=str(out), hidden=(8,), steps=STEPS, lr=1.0,
-                      dtype="float64", workers=0, per_sample="norms", per_sample_every=10))
+                      dtype="float64", workers=0, per_sample="norms", per_sample_every=10,
+                      standardize=False, output_activation="sigmoid", loss="squared"))
     return out
 
 

@@ -33,6 +33,10 @@ def load_xy(folder: Path, classes: int | None = None, target=("label",)):
     return x, y
 
 
+# The model the naive reference computes here: raw features, sigmoid output, squared loss.
+SIGMOID_RAW = dict(standardize=False, output_activation="sigmoid", loss="squared")
+
+
 def gradients(out: Path) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     rows = duckdb.sql(
         f"select step, list(value order by layer, param desc, j, k nulls first) v, "
@@ -66,7 +70,8 @@ def test_every_recorded_step_matches_the_naive_chain_rule(
     out = tmp_path / "run"
     train(TrainConfig(data=str(data), out=str(out), workers=0, hidden=hidden, steps=4,
                       activation=activation, output_activation=output, loss=loss,
-                      target=target, dtype="float64", lr=0.1, record_every=1, seed=3))
+                      target=target, dtype="float64", lr=0.1, record_every=1, seed=3,
+                      standardize=False))
     x, y = load_xy(data, classes, target)
     sizes = (x.shape[1], *hidden, y.shape[1])
     metrics = pq.read_table(out / "metrics").to_pylist()
@@ -133,7 +138,7 @@ def test_loss_falls_and_accuracy_is_high_on_digits(tmp_path):
 def test_per_sample_rows_match_the_naive_reference(cls_data, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=1,
-                      dtype="float64", per_sample="full", update=False))
+                      dtype="float64", per_sample="full", update=False, **SIGMOID_RAW))
     x, y = load_xy(cls_data, 3)
     value, _ = gradients(out)[0]
     sizes = (5, 4, 3)
@@ -156,7 +161,7 @@ def test_per_sample_rows_match_the_naive_reference(cls_data, tmp_path):
 def test_noise_scale_matches_its_definition(cls_data, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=1,
-                      dtype="float64", update=False))
+                      dtype="float64", update=False, **SIGMOID_RAW))
     x, y = load_xy(cls_data, 3)
     value, _ = gradients(out)[0]
     p = params_from_flat((5, 4, 3), value, "float64")

@@ -52,7 +52,8 @@ def test_distributed_equals_the_naive_chain_rule(ray_local, tmp_path):
     data = make_classification(tmp_path / "data", rows=50, features=4, classes=3)
     out = tmp_path / "run"
     train(TrainConfig(data=str(data), out=str(out), workers=2, dtype="float64", hidden=(3,),
-                      steps=3, record_every=1, lr=0.5))
+                      steps=3, record_every=1, lr=0.5, standardize=False,
+                      output_activation="sigmoid", loss="squared"))
     x, y = load_xy(data, 3)
     from gradpipe.outputs import params_from_flat
 

@@ -18,7 +18,7 @@ from .data import plan, read_rows
 from .errors import ConfigError
 from .losses import LOSSES
 from .model import Architecture, forward
-from .outputs import param_index, params_from_flat
+from .outputs import param_index, params_from_flat, read_model
 from .train import TrainConfig, build_model, data_spec
 from .worker import Pool
 
@@ -51,17 +51,24 @@ def _setup(config: TrainConfig):
     dataset = plan(data_spec(config))
     config64 = dataclasses.replace(config, dtype="float64")
     arch, params, standardize = build_model(config64, dataset)
-    if config.standardize and standardize is None:
-        # As `train` does: the features' mean and std over the whole dataset, so that the
-        # check sees the inputs (and their scale) that training would.
-        standardize = Pool(dataset, 0, "float64").moments()
-    return dataset, arch, params.astype("float64"), standardize
+    target_scale = read_model(config.weights).target_scale if config.weights else None
+    if config.standardize and not config.weights:
+        # As `train` does: the features' (and regression targets') mean and std over the
+        # whole dataset, so that the check sees the inputs and targets training would.
+        pool = Pool(dataset, 0, "float64")
+        standardize = pool.moments()
+        if not dataset.classify:
+            target_scale = pool.moments(targets=True)
+    return dataset, arch, params.astype("float64"), (standardize, target_scale)
 
 
-def _read(dataset, rows, standardize):
+def _read(dataset, rows, scales):
+    standardize, target_scale = scales
     ids, x, y = read_rows(dataset, rows, "float64")
     if standardize is not None:
         x = (x - standardize[0]) / standardize[1]
+    if target_scale is not None:
+        y = (y - target_scale[0]) / target_scale[1]
     return ids, x, y
 
 
@@ -168,10 +175,10 @@ def finite_difference_check(
     backprop gradient by (1 + perturb) before the comparison: a test hook that shows which
     wrong gradients the check catches.
     """
-    dataset, arch, params, standardize = _setup(config)
+    dataset, arch, params, scales = _setup(config)
     rng = np.random.default_rng(config.seed)
     rows = sorted(rng.choice(dataset.n_rows, size=min(samples, dataset.n_rows), replace=False))
-    ids, x, y = _read(dataset, [int(r) for r in rows], standardize)
+    ids, x, y = _read(dataset, [int(r) for r in rows], scales)
     a, z = forward(arch, params, x)
     backprop = per_sample_grads(deltas(arch, params, a, z, y), a) * (1 + perturb)  # (n, P)
     index = param_index(arch.sizes)
@@ -233,7 +240,7 @@ def explain(config: TrainConfig, *, layer: int, j: int, k: int | None, sample: i
     dC_0/dw_jk = dC_0/da_j * g'(z_j) * a_k^(l-1); for a hidden layer dC_0/da_j =
     sum_m w[l+1][m, j] * delta[l+1]_m, listed term by term.
     """
-    dataset, arch, params, standardize = _setup(config)
+    dataset, arch, params, scales = _setup(config)
     L = arch.L
     if not 1 <= layer <= L:
         raise ConfigError(f"--layer {layer}: must be in 1..{L} (the model has {L} layers)")
@@ -242,7 +249,7 @@ def explain(config: TrainConfig, *, layer: int, j: int, k: int | None, sample: i
         raise ConfigError(f"--j {j}: layer {layer} has units 0..{n_out - 1}")
     if k is not None and not 0 <= k < n_in:
         raise ConfigError(f"--k {k}: layer {layer - 1} has units 0..{n_in - 1}")
-    ids, x, y = _read(dataset, [sample], standardize)
+    ids, x, y = _read(dataset, [sample], scales)
     a, z = forward(arch, params, x)
     delta = deltas(arch, params, a, z, y)
     g = arch.g(layer)

@@ -13,15 +13,19 @@ from dataclasses import dataclass
 
 from . import options
 from .activations import ACTIVATIONS, HIDDEN_ACTIVATIONS
+from .data import BLOCK_ROWS
 from .errors import ConfigError
 from .losses import LOSSES
+from .model import DTYPES
 from .options import ALL, RUNS, TRAIN, opt
 
-BLOCK_ROWS = 65536  # largest block, in rows (data.py splits larger row groups)
 PER_SAMPLE = ("none", "norms", "full")
 SCHEDULES = ("constant", "cosine", "linear")
 TASKS = ("auto", "classification", "regression")
-DTYPES = ("float32", "float64")
+# The default learning rate by task: cross_entropy on standardized features takes a larger
+# step than squared loss on standardized targets, which diverged at 2 on scikit-learn's
+# diabetes (benches/RESULTS.md, "Defaults on real data").
+LR = {"classification": 2.0, "regression": 0.1}
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,10 @@ class TrainConfig:
     task: str = opt("auto", "What the target is: auto takes integer, bool and string columns "
                     "as classes and float columns as regression targets.", kind="choice",
                     choices=TASKS)
-    standardize: bool = opt(False, "Scale features to mean 0, std 1 (statistics computed by "
-                            "the workers).", kind="bool", commands=RUNS)
+    standardize: bool = opt(True, "Scale features, and regression targets, to mean 0 and std "
+                            "1 (statistics computed by the workers, stored with the weights; "
+                            "predictions come back in the targets' units).", kind="bool",
+                            commands=RUNS)
     block_rows: int = opt(BLOCK_ROWS, "Largest block, in rows (row groups are split to this "
                           "size).", kind="int", low=1, commands=RUNS)
     # model
@@ -51,10 +57,12 @@ class TrainConfig:
                                   "layer).", kind="sizes", low=1, metavar="N,N,..")
     activation: str = opt("sigmoid", "Activation of the hidden layers.", kind="choice",
                           choices=HIDDEN_ACTIVATIONS)
-    output_activation: str = opt("sigmoid", "Activation of the output layer.", kind="choice",
-                                 choices=tuple(sorted(ACTIVATIONS)))
-    loss: str = opt("squared", "Per-sample loss (squared: C = sum_j (a_j - y_j)^2).",
-                    kind="choice", choices=tuple(sorted(LOSSES)))
+    output_activation: str = opt("auto", "Activation of the output layer; auto: softmax for "
+                                 "classification, identity for regression.", kind="choice",
+                                 choices=("auto", *sorted(ACTIVATIONS)))
+    loss: str = opt("auto", "Per-sample loss; auto: cross_entropy for classification, squared "
+                    "(C = sum_j (a_j - y_j)^2) for regression.", kind="choice",
+                    choices=("auto", *sorted(LOSSES)))
     seed: int = opt(0, "Seed of the initial weights and of the mini-batch draws.", kind="int",
                     low=0)
     dtype: str = opt("float32", "Compute dtype (sums across samples are float64 either way).",
@@ -63,8 +71,10 @@ class TrainConfig:
                               "weights.parquet) instead of the seeded initialisation.",
                               optional=True, metavar="RUN|FILE")
     # optimizer
-    lr: float = opt(2.0, "Learning rate eta (per step, on the mean gradient).", kind="float",
-                    low=0, low_open=True, commands=TRAIN)
+    lr: float | None = opt(None, "Learning rate eta (per step, on the mean gradient). "
+                           f"Default: {LR['classification']:g} for classification, "
+                           f"{LR['regression']:g} for regression.", kind="float", low=0,
+                           low_open=True, optional=True, commands=TRAIN)
     steps: int = opt(300, "SGD steps; on --resume it may grow to extend the run.", kind="int",
                      low=1, commands=TRAIN, resume="grow")
     momentum: float = opt(0.0, "Momentum (0: plain SGD).", kind="float", low=0, high=1,
@@ -123,4 +133,4 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-__all__ = ["ALL", "BLOCK_ROWS", "TrainConfig"]
+__all__ = ["ALL", "TrainConfig"]

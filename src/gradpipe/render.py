@@ -175,9 +175,12 @@ def render_check(report: dict, ok: bool, tol: float, console: Any = None) -> Non
         f", {worst['k']}]" if worst["k"] is not None else "]")
     _line(console, f"compared {len(report['checks'])} per-sample derivatives "
                    f"({report['samples']} samples x {report['parameters']} parameters)")
-    _line(console, f"worst relative error {worst['relative_error']:.3e} at {where}, sample "
+    _line(console, f"worst error {worst['relative_error']:.3e} (of the gradient's norm) at "
+                   f"{where}, sample "
                    f"{worst['sample']}: backprop {worst['backprop']:.10g}, finite difference "
                    f"{worst['finite_difference']:.10g}")
+    if report.get("note"):
+        _line(console, f"note: {report['note']}")
     _line(console, "ok" if ok else f"FAILED: above --tol {tol:g}")
 
 

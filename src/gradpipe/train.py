@@ -21,12 +21,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import options
-from .config import TrainConfig
-from .data import Dataset, DataSpec, plan
+from .config import LR, TrainConfig
+from .data import Dataset, DataSpec, plan, schema_line
 from .errors import ConfigError, DataError, DivergenceError, RunInterrupted
 from .model import Architecture, Params, check_shapes, init_params
 from .optim import draw_batch, lr_at, sgd_step, weight_mask, with_weight_decay
-from .outputs import params_from_flat, read_run_json, read_weights
+from .outputs import model_meta, params_from_flat, read_model, read_run_json, read_weights
 from .recorder import Recorder, check_apart, prepare_run_dir, read_checkpoint
 from .reduce import Gradient, reduce
 from .worker import Pool, StepRequest, ray_init
@@ -39,14 +39,36 @@ __all__ = ["Run", "TrainConfig", "resumed_config", "train"]
 
 
 def data_spec(config: TrainConfig) -> DataSpec:
-    """The dataset options; with --weights the classes are the model's outputs, so labels
-    beyond them are refused by name and a split holding fewer classes is accepted."""
-    classes = None
+    """The dataset options. With --weights the model says what the data means: its feature
+    columns by name (in any order in the files), its target, task and class values."""
     if config.weights:
-        arch = read_weights(config.weights)[0]
-        classes = arch.sizes[-1] if arch.sizes[-1] >= 2 else None
+        model = read_model(config.weights)
+        features = config.features or model.features
+        return DataSpec(config.data, features, model.target or config.target,
+                        config.id_column, classes=model.classes,
+                        block_rows=config.block_rows, task=model.task or config.task,
+                        probability_targets=model.arch.loss == "cross_entropy")
     return DataSpec(config.data, config.features, config.target, config.id_column,
-                    classes=classes, block_rows=config.block_rows)
+                    block_rows=config.block_rows, task=config.task,
+                    probability_targets=config.loss == "cross_entropy")
+
+
+def output_layer(config: TrainConfig, dataset: Dataset) -> tuple[str, str]:
+    """(output activation, loss), auto resolved by the task: softmax and cross_entropy for
+    classes, identity and squared for regression targets."""
+    output = config.output_activation
+    if output == "auto":
+        output = "softmax" if dataset.classify and config.loss in ("auto", "cross_entropy") \
+            else "identity" if not dataset.classify else "sigmoid"
+    loss = config.loss
+    if loss == "auto":
+        loss = "cross_entropy" if output == "softmax" else "squared"
+    return output, loss
+
+
+# Model flags that --weights decides; a value other than the default that contradicts the
+# weights is refused rather than ignored.
+_MODEL_FLAGS = ("hidden", "activation", "output_activation", "loss")
 
 
 def build_model(
@@ -55,12 +77,24 @@ def build_model(
     """The architecture and initial weights: --weights, or seeded init sized by the data."""
     if config.weights:
         arch, params, standardize, _ = read_weights(config.weights)
+        have = {"hidden": tuple(arch.sizes[1:-1]), "activation": arch.activation,
+                "output_activation": arch.output_activation, "loss": arch.loss}
+        defaults = TrainConfig.__dataclass_fields__
+        for name in _MODEL_FLAGS:
+            value = getattr(config, name)
+            if value != defaults[name].default and value != have[name]:
+                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {shown} contradicts --weights "
+                    f"{config.weights}, whose model has {name.replace('_', ' ')} "
+                    f"{','.join(map(str, have[name])) if name == 'hidden' else have[name]}. "
+                    "Leave it out to use the model's.")
         arch = dataclasses.replace(arch, dtype=config.dtype)
         params = params.astype(config.dtype)
     else:
+        output, loss = output_layer(config, dataset)
         sizes = (dataset.n_features, *config.hidden, dataset.n_outputs)
-        arch = Architecture(sizes, config.activation, config.output_activation, config.loss,
-                            config.dtype)
+        arch = Architecture(sizes, config.activation, output, loss, config.dtype)
         params = init_params(arch, config.seed)
         standardize = None
     if arch.sizes[0] != dataset.n_features:
@@ -98,7 +132,12 @@ def resumed_config(out: str, given: dict[str, Any]) -> TrainConfig:
     """The config of the run in `out`, read from its run.json, with the options `given`
     again on the command line or in a job file (Run.prepare refuses those that differ from
     the run, except the ones declared free, such as --workers, and --steps, which may grow)."""
-    info = read_run_json(out)
+    if given.get("overwrite"):
+        raise ConfigError("--resume and --overwrite cannot be used together")
+    try:
+        info = read_run_json(out)
+    except ConfigError as e:
+        raise ConfigError(f"--resume {e}") from None
     if info.get("command") != "train":
         raise ConfigError(f"--resume {out}: this run folder was not made by gradpipe train")
     old = dict(info.get("config", {}))
@@ -130,9 +169,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 class Run:
     """One training or gradient run over a planned dataset and a started worker pool."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, note: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.recorder = Recorder(config.out) if config.out else None
+        self.note = note or (lambda line: None)
+        self.warnings: list[str] = []
 
     def prepare(self) -> None:
         """Check everything that can be checked before a file is written."""
@@ -143,6 +184,11 @@ class Run:
                 prepare_run_dir(config.out, overwrite=config.overwrite)
         self.dataset = plan(data_spec(config))
         self.arch, self.params, self.standardize = build_model(config, self.dataset)
+        self.target_scale = read_model(config.weights).target_scale if config.weights else None
+        # run.json keeps the resolved configuration: what auto chose, not "auto".
+        config = self.config = dataclasses.replace(
+            config, lr=config.lr or LR[self.dataset.task], task=self.dataset.task,
+            output_activation=self.arch.output_activation, loss=self.arch.loss)
         self.step, self.velocity = 0, np.zeros(self.arch.n_params)
         if config.resume:
             assert config.out is not None
@@ -176,8 +222,21 @@ class Run:
         self.n_workers = min(workers, len(self.dataset.blocks)) if workers else 0
         self.pool = Pool(self.dataset, self.n_workers, config.dtype, stream=self._stream())
         self.data_bytes = self.pool.load()  # reads and checks every block
-        if config.standardize and self.standardize is None:
+        if config.standardize and not config.weights:  # the weights bring their own
             self.standardize = self.pool.moments()
+            if not self.dataset.classify:
+                self.target_scale = self.pool.moments(targets=True)
+        # Said once the data is read and checked, before the first step.
+        self.note(f"{schema_line(self.dataset)}; model {self.describe_model()}, lr {config.lr:g}")
+
+    def describe_model(self) -> str:
+        a = self.arch
+        standardized = self.standardize is not None or (
+            self.config.standardize and not self.config.weights)
+        scaled = ("raw features" if not standardized else "features standardized"
+                  if self.dataset.classify else "features and targets standardized")
+        return (f"{'-'.join(map(str, a.sizes))}, {a.activation} hidden, {a.output_activation} "
+                f"output, {a.loss} loss, {scaled}")
 
     def memory_budget(self) -> int:
         """Bytes of blocks one worker may hold: --memory-budget, or by default half of this
@@ -209,6 +268,9 @@ class Run:
             "model": {**self.arch.to_dict(), "parameters": self.arch.n_params,
                       "init": INIT_SCHEME},
             "dataset": self.dataset.to_dict(),
+            "schema": schema_line(self.dataset),
+            "target_scale": None if self.target_scale is None else
+            {"mean": self.target_scale[0].tolist(), "std": self.target_scale[1].tolist()},
             "workers": self.n_workers,
             "versions": versions(),
             "standardize": self.standardize is not None,
@@ -248,6 +310,7 @@ class Run:
         last = config.steps - 1 if config.update else 0
         mask = weight_mask(arch.sizes)
         metrics: dict = {}
+        first: dict = {}
         converged = False
         while self.step <= last and not converged:
             t0 = time.perf_counter()
@@ -259,10 +322,11 @@ class Run:
                 per_sample=per_sample if per_sample and rec is not None else "none",
                 out_dir=rec.per_sample_dir() if rec is not None else None,
                 batch=draw_batch(config.batch, config.seed, self.dataset.n_rows, step),
-                standardize=self.standardize)))
+                standardize=self.standardize, target_scale=self.target_scale)))
             g = with_weight_decay(grad.flat(), flat, config.weight_decay, mask)
             lr = lr_at(config.schedule, config.lr, config.steps, step)
             metrics = self._metrics(step, grad, lr, time.perf_counter() - t0)
+            first = first or metrics
             if not (math.isfinite(grad.loss) and np.isfinite(g).all()):
                 self._diverged(metrics)
             # record: the metrics row always, the whole gradient every --record-every steps
@@ -284,13 +348,36 @@ class Run:
                 self._checkpoint()
             if progress is not None:
                 progress(self.step, metrics)
+        self._warn(first, metrics)
         if rec is not None:
-            rec.weights(arch, self.params, self.standardize)
+            rec.weights(arch, self.params, self.standardize, self.meta())
             rec.status(self.info(
                 "completed", started=self.started, steps_done=self.step, converged=converged,
                 finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                final=metrics))
+                final=metrics, warnings=self.warnings))
         return metrics
+
+    def meta(self) -> dict:
+        """What the weights record of the data: features, target, task, classes, scales."""
+        return model_meta(self.dataset, self.target_scale)
+
+    def _warn(self, first: dict, last: dict) -> None:
+        """One line for a run that did not learn: a loss that did not decrease, or a gradient
+        that vanished (saturated outputs, dead units) while the loss is still high."""
+        if not self.config.update or not first or first is last:
+            return
+        if not last["loss"] < first["loss"]:
+            self.warnings.append(
+                f"the loss did not decrease ({first['loss']:.6g} at step {first['step']}, "
+                f"{last['loss']:.6g} at step {last['step']}): try a smaller --lr, or "
+                "--standardize if it is off")
+        elif last["grad_norm"] <= 1e-6 * first["grad_norm"] and last["loss"] > 1e-3 * first[
+                "loss"]:
+            self.warnings.append(
+                f"the gradient vanished (norm {last['grad_norm']:.3g} at step {last['step']}, "
+                f"{first['grad_norm']:.3g} at step {first['step']}) while the loss is "
+                f"{last['loss']:.6g}: saturated outputs or dead units; try --standardize, "
+                "another --activation or a smaller --lr")
 
     def _due(self, every: int, last: int) -> bool:
         """Whether the current step is a multiple of `every`, or the last step."""
@@ -316,7 +403,7 @@ class Run:
     def _checkpoint(self) -> None:
         assert self.recorder is not None
         self.recorder.checkpoint(self.step, self.arch, self.params, self.velocity,
-                                 self.standardize)
+                                 self.standardize, self.meta())
 
     def _diverged(self, metrics: dict) -> None:
         if self.recorder is not None:
@@ -330,12 +417,15 @@ class Run:
         )
 
 
-def train(config: TrainConfig, progress: Progress | None = None) -> dict:
+def train(config: TrainConfig, progress: Progress | None = None,
+          note: Callable[[str], None] | None = None) -> dict:
     """Run `config` to the end: plan, load, steps, outputs. Returns the last step's metrics
-    (empty when a resumed run had nothing left to do)."""
-    run = Run(config)
+    with the run's `warnings` (empty when a resumed run had nothing left to do). `note`
+    receives the schema line before any work starts."""
+    run = Run(config, note)
     try:
         run.prepare()
-        return run.execute(progress)
+        metrics = run.execute(progress)
+        return {**metrics, "warnings": run.warnings} if metrics else metrics
     finally:
         run.close()

@@ -88,6 +88,10 @@ class TrainConfig:
                             commands=TRAIN)
     tol: float = opt(0.0, "Stop when the gradient norm falls below this (0: never).",
                      kind="float", low=0, commands=TRAIN)
+    val: str | None = opt(None, "Held-out data (same columns): its loss and accuracy (or mse) "
+                          "at every recorded step and the last, as val_* in the metrics. "
+                          "Evaluated in this process.", optional=True, commands=TRAIN,
+                          metavar="DATA")
     # execution
     workers: int | None = opt(None, "Ray workers (actors). Default: the CPUs Ray offers; 0 "
                               "computes in this process.", kind="int", low=0, optional=True,

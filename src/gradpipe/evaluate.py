@@ -12,7 +12,6 @@ and fan out through a worker Pool.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,7 +331,7 @@ class EvalConfig:
             raise ConfigError(f"--memory-budget {self.memory_budget}: must be >= 1 byte")
 
 
-def _exact(name: str) -> str:
+def exact_name(name: str) -> str:
     """A column name as a glob that matches only itself (DataSpec.features takes globs)."""
     return re.sub(r"[][*?]", lambda m: f"[{m.group()}]", name)
 
@@ -372,7 +371,7 @@ def plan_for_model(config: EvalConfig, model: Model, read_target: bool) -> Datas
     classes: tuple | int | None = None
     if classify:
         classes = model.classes if model.classes is not None else model.arch.sizes[-1]
-    spec = DataSpec(config.data, tuple(_exact(f) for f in model.features), target, id_column,
+    spec = DataSpec(config.data, tuple(exact_name(f) for f in model.features), target, id_column,
                     classes=classes, block_rows=config.block_rows, task=task,
                     probability_targets=not classify and model.arch.loss == "cross_entropy",
                     read_target=read_target)
@@ -390,25 +389,11 @@ def plan_for_model(config: EvalConfig, model: Model, read_target: bool) -> Datas
 
 
 def start_pool(config: EvalConfig, dataset: Dataset, dtype: str) -> Pool:
-    """The workers: Ray actors (a local instance or --address), or in-process for 0; each
-    streams its blocks when its share exceeds the memory budget, as in training."""
-    from .worker import Pool, ray_init  # here: worker.py imports this module's math
+    """The workers, as in training (worker.start_pool)."""
+    from .worker import start_pool  # here: worker.py imports this module's math
 
-    workers = config.workers
-    if workers != 0:
-        ray_init(config.address, verbose=config.verbose)
-    if workers is None:
-        import ray
-
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    n_workers = min(workers, len(dataset.blocks))
-    budget = config.memory_budget
-    if budget is None:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        budget = physical // 2 // max(1, n_workers)
-    row_bytes = np.dtype(dtype).itemsize * (dataset.n_features + dataset.n_outputs) + 8
-    stream = dataset.n_rows * row_bytes / max(1, n_workers) > budget
-    return Pool(dataset, n_workers, dtype, stream=stream)
+    return start_pool(dataset, config.workers, dtype, address=config.address,
+                      memory_budget=config.memory_budget, verbose=config.verbose)
 
 
 Note = Callable[[str], None]

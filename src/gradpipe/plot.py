@@ -75,6 +75,11 @@ def plot(result: Inspection, png: str | Path, *, size: tuple[int, int] = PLOT_SI
             steps = metrics.column("step").to_numpy()
             ax_loss.plot(steps, metrics.column("loss").to_numpy(zero_copy_only=False),
                          color="C0", label="loss")
+            if "val_loss" in metrics.column_names:  # --val: the held-out loss where recorded
+                val = metrics.column("val_loss").to_numpy(zero_copy_only=False).astype(float)
+                held = np.isfinite(val)
+                ax_loss.plot(steps[held], val[held], "o-", color="C2", markersize=3,
+                             label="held-out loss")
             ax_loss.set(title="loss C", xlabel="step", ylabel="loss")
             if "accuracy" in metrics.column_names:
                 ax_acc = ax_loss.twinx()
@@ -82,7 +87,15 @@ def plot(result: Inspection, png: str | Path, *, size: tuple[int, int] = PLOT_SI
                             color="C1", label="accuracy")
                 ax_acc.set_ylabel("accuracy")
                 ax_acc.set_ylim(0, 1)
+                if "val_accuracy" in metrics.column_names:
+                    val = metrics.column("val_accuracy").to_numpy(
+                        zero_copy_only=False).astype(float)
+                    held = np.isfinite(val)
+                    ax_acc.plot(steps[held], val[held], "o-", color="C3", markersize=3,
+                                label="held-out accuracy")
                 ax_loss.legend(handles=ax_loss.lines + ax_acc.lines, loc="center right")
+            elif "val_loss" in metrics.column_names:
+                ax_loss.legend(loc="upper right")
             norm_steps = steps
             norms = {"total": metrics.column("grad_norm").to_numpy(zero_copy_only=False)}
             norms.update({f"layer {c.removeprefix('grad_norm_l')}":

@@ -89,6 +89,14 @@ def render(summary: dict, console: Any = None) -> None:
         if metrics["best"]:
             console.print(f"lowest loss {_num(metrics['best']['loss'])} at step "
                           f"{metrics['best']['step']}")
+        if metrics.get("val"):
+            val = metrics["val"]
+            keys = [k for k in ("val_loss", "val_accuracy", "val_mse") if k in val[0]]
+            t = table(f"Held-out data (--val) at {len(val)} recorded steps", "step", *keys)
+            for r in [val[i] for i in sorted({0, len(val) // 2, len(val) - 1})]:
+                t.add_row(str(r["step"]), *[_num(r[k], 4 if k == "val_accuracy" else 6)
+                                            for k in keys])
+            console.print(t)
         _norm_table(console, table, "Gradient norm |dC/dtheta| per layer", curve,
                     metrics["layers"])
 

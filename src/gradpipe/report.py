@@ -236,11 +236,14 @@ def read_metrics(path: Path) -> pa.Table:
     return table
 
 
+VAL_COLUMNS = ("val_loss", "val_accuracy", "val_mse")
+
+
 def metrics_summary(table: pa.Table) -> dict:
     """Steps recorded, the curve at evenly spaced steps, the last row and the lowest loss."""
     if table.num_rows == 0:
         return {"steps": 0, "first_step": None, "last_step": None, "layers": [],
-                "curve": [], "final": None, "best": None}
+                "curve": [], "final": None, "best": None, "val": []}
     rows = table.to_pylist()
     loss = table.column("loss").to_numpy(zero_copy_only=False).astype(np.float64)  # null: NaN
     best = int(np.nanargmin(loss)) if np.isfinite(loss).any() else None
@@ -252,6 +255,9 @@ def metrics_summary(table: pa.Table) -> dict:
         "curve": [rows[i] for i in _spaced(len(rows))],
         "final": rows[-1],
         "best": None if best is None else {"step": rows[best]["step"], "loss": rows[best]["loss"]},
+        # --val: the held-out metrics at every step that has them
+        "val": [{k: r[k] for k in ("step", *VAL_COLUMNS) if k in r} for r in rows
+                if r.get("val_loss") is not None],
     }
 
 

@@ -24,12 +24,13 @@ from . import options
 from .config import LR, TrainConfig
 from .data import Dataset, DataSpec, plan, schema_line
 from .errors import ConfigError, DataError, DivergenceError, RunInterrupted
+from .evaluate import evaluate_with, exact_name
 from .model import Architecture, Params, check_shapes, init_params
 from .optim import draw_batch, lr_at, sgd_step, weight_mask, with_weight_decay
 from .outputs import model_meta, params_from_flat, read_model, read_run_json, read_weights
 from .recorder import Recorder, check_apart, prepare_run_dir, read_checkpoint
 from .reduce import Gradient, reduce
-from .worker import Pool, StepRequest, ray_init
+from .worker import Pool, StepRequest, start_pool
 
 F64 = NDArray[np.float64]
 INIT_SCHEME = "glorot-uniform (he-uniform for relu layers), zero biases, numpy PCG64(seed)"
@@ -174,12 +175,13 @@ class Run:
         self.recorder = Recorder(config.out) if config.out else None
         self.note = note or (lambda line: None)
         self.warnings: list[str] = []
+        self.val_pool: Pool | None = None
 
     def prepare(self) -> None:
         """Check everything that can be checked before a file is written."""
         config = self.config
         if config.out is not None:
-            check_apart(config.out, DATA=config.data)
+            check_apart(config.out, DATA=config.data, **{"--val": config.val})
             if not config.resume:
                 prepare_run_dir(config.out, overwrite=config.overwrite)
         self.dataset = plan(data_spec(config))
@@ -212,22 +214,41 @@ class Run:
                 self.step >= config.steps or bool(info.get("converged")))
             if self.done:
                 return
-        if config.workers != 0:
-            ray_init(config.address, verbose=config.verbose)
-        workers = config.workers
-        if workers is None:
-            import ray
-
-            workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self.n_workers = min(workers, len(self.dataset.blocks)) if workers else 0
-        self.pool = Pool(self.dataset, self.n_workers, config.dtype, stream=self._stream())
+        self.pool = start_pool(self.dataset, config.workers, config.dtype,
+                               address=config.address, memory_budget=config.memory_budget,
+                               verbose=config.verbose)
+        self.n_workers = self.pool.workers
         self.data_bytes = self.pool.load()  # reads and checks every block
         if config.standardize and not config.weights:  # the weights bring their own
             self.standardize = self.pool.moments()
             if not self.dataset.classify:
                 self.target_scale = self.pool.moments(targets=True)
+        if config.val:
+            self.val_pool = self._val_pool()
         # Said once the data is read and checked, before the first step.
         self.note(f"{schema_line(self.dataset)}; model {self.describe_model()}, lr {config.lr:g}")
+
+    def _val_pool(self) -> Pool:
+        """The --val data, read as the model reads its data: the same feature columns by
+        name, target, task and classes; held in this process and checked now."""
+        d = self.dataset
+        spec = DataSpec(self.config.val or "", tuple(exact_name(f) for f in d.features),
+                        d.target, classes=d.classes if d.classify else None, task=d.task,
+                        block_rows=self.config.block_rows)
+        pool = start_pool(plan(spec), 0, self.config.dtype)
+        pool.load()
+        return pool
+
+    def _val_metrics(self) -> dict:
+        """val_loss and val_accuracy (classification) or val_mse (regression), in the model's
+        training units for the loss and in the targets' units for the mse."""
+        if self.val_pool is None:
+            return {}
+        m = evaluate_with(self.val_pool, self.arch, self.params, self.standardize,
+                          self.target_scale)
+        return {"val_loss": m["loss"],
+                **({"val_accuracy": m["accuracy"]} if self.dataset.classify else
+                   {"val_mse": m["mse"]})}
 
     def describe_model(self) -> str:
         a = self.arch
@@ -238,25 +259,10 @@ class Run:
         return (f"{'-'.join(map(str, a.sizes))}, {a.activation} hidden, {a.output_activation} "
                 f"output, {a.loss} loss, {scaled}")
 
-    def memory_budget(self) -> int:
-        """Bytes of blocks one worker may hold: --memory-budget, or by default half of this
-        machine's memory shared by the workers (on a cluster, set it for the nodes)."""
-        if self.config.memory_budget is not None:
-            return self.config.memory_budget
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return physical // 2 // max(1, self.n_workers)
-
-    def _stream(self) -> bool:
-        """Stream blocks from Parquet each step when a worker's share exceeds its budget."""
-        per_value = 4 if self.config.dtype == "float32" else 8
-        row_bytes = per_value * (self.dataset.n_features + self.dataset.n_outputs) + 8  # + id
-        share = self.dataset.n_rows * row_bytes / max(1, self.n_workers)
-        return share > self.memory_budget()
-
     def close(self) -> None:
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.close()
+        for pool in (getattr(self, "pool", None), self.val_pool):
+            if pool is not None:
+                pool.close()
 
     def info(self, status: str, **extra: Any) -> dict:
         """run.json: what ran, on what, with which result."""
@@ -274,7 +280,7 @@ class Run:
             "workers": self.n_workers,
             "versions": versions(),
             "standardize": self.standardize is not None,
-            "streaming": self.pool.local.stream if self.pool.local else self._stream(),
+            "streaming": self.pool.stream,
             **extra,
         }
 
@@ -326,6 +332,9 @@ class Run:
             g = with_weight_decay(grad.flat(), flat, config.weight_decay, mask)
             lr = lr_at(config.schedule, config.lr, config.steps, step)
             metrics = self._metrics(step, grad, lr, time.perf_counter() - t0)
+            if self.val_pool is not None:  # every row has the columns; null between records
+                due = self._due(config.record_every, last)
+                metrics.update(self._val_metrics() if due else dict.fromkeys(self._val_keys()))
             first = first or metrics
             if not (math.isfinite(grad.loss) and np.isfinite(g).all()):
                 self._diverged(metrics)
@@ -378,6 +387,9 @@ class Run:
                 f"{first['grad_norm']:.3g} at step {first['step']}) while the loss is "
                 f"{last['loss']:.6g}: saturated outputs or dead units; try --standardize, "
                 "another --activation or a smaller --lr")
+
+    def _val_keys(self) -> tuple[str, ...]:
+        return ("val_loss", "val_accuracy" if self.dataset.classify else "val_mse")
 
     def _due(self, every: int, last: int) -> bool:
         """Whether the current step is a multiple of `every`, or the last step."""

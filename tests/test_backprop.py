@@ -356,7 +356,7 @@ def test_full_sink_gets_per_sample_grads_in_bounded_pieces(p, chunk_rows, piece_
         m = min(chunk_rows, n - c)
         expected += [(c + s, min(piece_rows, m - s)) for s in range(0, m, piece_rows)]
     assert [(c[0], c[3].shape[0]) for c in sink.calls] == expected
-    for start, losses, sq, grads in sink.calls:
+    for _start, losses, sq, grads in sink.calls:
         assert grads.shape[0] <= piece_rows and grads.nbytes <= budget
         assert grads.shape[1] == P and grads.dtype == np.float64
         assert len(losses) == len(sq) == grads.shape[0]

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gradpipe.activations import softmax
 from gradpipe.errors import ConfigError
 from gradpipe.losses import LOSSES, cross_entropy, get_loss, squared
 
@@ -74,15 +75,37 @@ def test_cross_entropy_on_one_hot_targets():
     a = np.array([[0.2, 0.5, 0.3], [0.7, 0.2, 0.1], [0.0, 0.0, 1.0]])
     y = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     # -log(0.5) = 0.6931471805599453; -log(0.7) = 0.35667494393873245;
-    # a = 0 for the true class is clipped to EPS = 1e-12: -log(1e-12) = 27.631021115928547
-    np.testing.assert_allclose(
-        cross_entropy(a, y), [0.6931471805599453, 0.35667494393873245, 27.631021115928547],
-        rtol=1e-14, atol=0,
-    )
+    # a = 0 for the true class: -log(0) = inf. (Changed on purpose: a used to be clipped to
+    # 1e-12, capping every loss at 27.63; the exact value needs the logits, below.)
+    with np.errstate(divide="raise", invalid="raise"):
+        c = cross_entropy(a, y)
+    np.testing.assert_allclose(c, [0.6931471805599453, 0.35667494393873245, np.inf],
+                               rtol=1e-14, atol=0)
     # dC/da_j = -y_j / a_j: only the true class has a nonzero entry
     np.testing.assert_allclose(
-        LOSSES["cross_entropy"].grad(a[:2], y[:2]), [[0.0, -2.0, 0.0], [-1 / 0.7, 0.0, 0.0]],
-        rtol=1e-14, atol=0,
+        LOSSES["cross_entropy"].grad(a, y),
+        [[0.0, -2.0, 0.0], [-1 / 0.7, 0.0, 0.0], [-np.inf, 0.0, 0.0]], rtol=1e-14, atol=0,
+    )
+
+
+def test_cross_entropy_from_logits_worked_values():
+    z = np.array([[0.0, 1000.0], [1000.0, -1000.0], [0.0, np.log(3.0)], [5.0, 5.0]])
+    y = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.25, 0.75]])
+    a = softmax(z)
+    # row 0: lse(z) - z_0 = 1000 + log1p(exp(-1000)) = 1000 (a_0 = exp(-1000) underflows)
+    # row 1: lse(z) - z_0 = log1p(exp(-2000)) = exp(-2000), which underflows to 0
+    # row 2: a = (1/4, 3/4): -log(3/4) = 0.2876820724517809
+    # row 3: a tie, a = (1/2, 1/2): -(0.25 + 0.75) log(1/2) = log 2 = 0.6931471805599453
+    np.testing.assert_allclose(
+        cross_entropy(a, y, z), [1000.0, 0.0, 0.2876820724517809, 0.6931471805599453],
+        rtol=1e-15, atol=0,
+    )
+    # A confident right answer is small but not 0: log1p(exp(-40)) = 4.248354255291589e-18
+    # (log of the rounded a = 1 would give 0).
+    np.testing.assert_allclose(
+        cross_entropy(softmax(np.array([[40.0, 0.0]])), np.array([[1.0, 0.0]]),
+                      np.array([[40.0, 0.0]])),
+        [4.248354255291589e-18], rtol=1e-15, atol=0,
     )
 
 

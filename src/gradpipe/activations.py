@@ -1,8 +1,9 @@
 """Activation functions g(z) and their derivatives g'(z), as one table.
 
-Each entry pairs `fn` (g) with `prime` (g', taken in z as the formula is). softmax couples
-the units of a layer, so it has no elementwise g'; backprop only uses it fused with
-cross_entropy (see `backprop.output_delta`). Functions keep the dtype of z.
+Each entry pairs `fn` (g) with `prime` (g', taken in z as the formula is), the cheap
+`prime_of_a` that backprop uses, and `minus` (g(z) - y, for the output layer's loss).
+softmax couples the units of a layer, so it has no elementwise g'; backprop only uses it
+fused with cross_entropy (see `backprop.output_delta`). Functions keep the dtype of z.
 """
 
 from __future__ import annotations
@@ -15,14 +16,59 @@ from numpy.typing import NDArray
 from .errors import ConfigError
 
 Array = NDArray[np.floating]
+Mask = NDArray[np.bool_]
+Index = NDArray[np.intp]
+
+# sigmoid and tanh saturate: where a = g(z) is within TAIL of a limit (1 for sigmoid, +-1
+# for tanh), 1 - |a| has lost log2(1/TAIL) bits or more to the rounding of a, so g'(z) and
+# g(z) - y take 1 - |a| from z there, through exp. Elsewhere the a-formulas lose fewer
+# bits than that: relative error about eps / TAIL, 2^-42 in float64 and 2^-15 in float32.
+# Saturated units are usually rare: the check is one max (or min) per layer, and the
+# fix-up touches only them. Measured on workload L's proxy, see backprop.py.
+TAIL: dict[np.dtype, float] = {np.dtype(np.float64): 2.0**-10, np.dtype(np.float32): 2.0**-8}
+# From this fraction of saturated units in a chunk on, g'(z) is taken from z for all of
+# them (`prime`, exact everywhere): finding and patching units one by one costs more.
+DENSE = 1 / 64
+
+
+def _tail(a: Array) -> float:
+    return TAIL.get(a.dtype, TAIL[np.dtype(np.float64)])
+
+
+def _patch(out: Array, where: Mask, fix: Callable[[Index], Array]) -> None:
+    """out[where] = fix(i) in place, with i the flat indexes of where (out is contiguous)."""
+    i = np.flatnonzero(where)
+    out.reshape(-1)[i] = fix(i)  # out is fresh and contiguous: reshape is a view
+
+
+def _prime_fixed(
+    where: Mask, p: Callable[[], Array], z: Array, prime: Callable[[Array], Array],
+    fix: Callable[[Index], Array],
+) -> Array:
+    """g'(z) from a (p()) with the saturated units `where` taken from z: patched one by one
+    when they are few, else g'(z) from z for the whole array, which is then cheaper. Both
+    are exact to the bound above; which one a chunk gets depends on that chunk only."""
+    if np.count_nonzero(where) >= DENSE * where.size:
+        return prime(z)
+    out = p()
+    _patch(out, where, fix)
+    return out
+
+
+def _at(x: Array, i: Index) -> Array:
+    return x.reshape(-1)[i]
 
 
 class Activation(NamedTuple):
     fn: Callable[[Array], Array]
     prime: Callable[[Array], Array] | None  # g'(z); None: not elementwise (softmax)
-    # g'(z) written in a = g(z): the same numbers without a second exp or tanh per unit,
-    # which profiling showed to cost more than the matrix products (backprop uses this).
-    prime_of_a: Callable[[Array], Array] | None
+    # g'(z) from a = g(z), with z used only where a has rounded near a limit: the same
+    # numbers as `prime` without a second exp or tanh per unit, which profiling showed to
+    # cost more than the matrix products (backprop uses this).
+    prime_of_a: Callable[[Array, Array], Array] | None
+    # (a, z, y) -> g(z) - y, without the cancellation of a - y where a = g(z) rounded near
+    # a limit of g and y is near that limit (a 0/1 or -1/1 target). None: softmax.
+    minus: Callable[[Array, Array, Array], Array] | None
 
 
 def sigmoid(z: Array) -> Array:
@@ -38,13 +84,43 @@ def sigmoid(z: Array) -> Array:
 
 
 def sigmoid_prime(z: Array) -> Array:
-    """g'(z) = g(z) (1 - g(z))."""
-    return sigmoid_prime_of_a(sigmoid(z))
+    """g'(z) = g(z) g(-z) = t / (1 + t)^2 with t = exp(-|z|) (g' is even)."""
+    # Not g(z) (1 - g(z)): where g(z) rounds to 1 that is 0, while g'(40) = 4.2e-18.
+    t = np.abs(z)
+    np.negative(t, out=t)
+    np.exp(t, out=t)
+    d = t + 1
+    d *= d
+    t /= d
+    return t
 
 
-def sigmoid_prime_of_a(a: Array) -> Array:
-    """g'(z) = a (1 - a) with a = g(z)."""
+def _sigmoid_tail(a: Array, z: Array, i: Index) -> Array:
+    """1 - g(z) = g(-z) = exp(-z) g(z) at the flat indexes i, where z > 0."""
+    t = np.exp(-_at(z, i))
+    t *= _at(a, i)
+    return t
+
+
+def sigmoid_prime_of_a(a: Array, z: Array) -> Array:
+    """g'(z) = a (1 - a) with a = g(z); a exp(-z) a where a > 1 - TAIL.
+
+    1 - a = g(-z) = exp(-z) g(z): near a = 1 it is taken from z, not from the rounded a.
+    """
+    hi = 1 - _tail(a)
+    if a.size and a.max() > hi:  # a near 0 keeps its digits: only 1 - a cancels
+        return _prime_fixed(a > hi, lambda: a * (1 - a), z, sigmoid_prime,
+                            lambda i: _sigmoid_tail(a, z, i) * _at(a, i))
     return a * (1 - a)
+
+
+def sigmoid_minus(a: Array, z: Array, y: Array) -> Array:
+    """g(z) - y = (1 - y) - exp(-z) a where a > 1 - TAIL, else a - y."""
+    d = a - y
+    hi = 1 - _tail(a)
+    if a.size and a.max() > hi:
+        _patch(d, a > hi, lambda i: (1 - _at(y, i)) - _sigmoid_tail(a, z, i))
+    return d
 
 
 def tanh(z: Array) -> Array:
@@ -53,13 +129,50 @@ def tanh(z: Array) -> Array:
 
 
 def tanh_prime(z: Array) -> Array:
-    """g'(z) = 1 - tanh(z)^2."""
-    return tanh_prime_of_a(np.tanh(z))
+    """g'(z) = 1 - tanh(z)^2 = 4t / (1 + t)^2 with t = exp(-2|z|) (g' is even)."""
+    # Not 1 - tanh(z)^2: where tanh(z) rounds to +-1 that is 0, while g'(20) = 1.7e-17.
+    t = np.abs(z)
+    t *= -2
+    np.exp(t, out=t)
+    d = t + 1
+    d *= d
+    t /= d
+    t *= 4
+    return t
 
 
-def tanh_prime_of_a(a: Array) -> Array:
-    """g'(z) = 1 - a^2 with a = tanh(z)."""
-    return 1 - a * a
+def _tanh_tail(a: Array, z: Array, i: Index) -> Array:
+    """1 - |g(z)| = exp(-2|z|) (1 + |a|) at the flat indexes i."""
+    t = np.exp(-2 * np.abs(_at(z, i)))
+    t *= 1 + np.abs(_at(a, i))
+    return t
+
+
+def tanh_prime_of_a(a: Array, z: Array) -> Array:
+    """g'(z) = 1 - a^2 with a = tanh(z); exp(-2|z|) (1 + |a|)^2 where 1 - a^2 < 2 TAIL.
+
+    1 - |a| = exp(-2|z|) (1 + |a|): near |a| = 1 it is taken from z, not from the rounded a.
+    """
+    p = 1 - a * a
+    lo = 2 * _tail(a)  # 1 - a^2 = (1 - |a|)(1 + |a|) < 2 TAIL about where |a| > 1 - TAIL
+    if p.size and p.min() < lo:
+        return _prime_fixed(p < lo, lambda: p, z, tanh_prime,
+                            lambda i: _tanh_tail(a, z, i) * (1 + np.abs(_at(a, i))))
+    return p
+
+
+def tanh_minus(a: Array, z: Array, y: Array) -> Array:
+    """g(z) - y = (s - y) - s exp(-2|z|) (1 + |a|), s = sign(z), where |a| > 1 - TAIL."""
+    d = a - y
+    hi = 1 - _tail(a)
+    if a.size and (a.max() > hi or a.min() < -hi):
+
+        def fix(i: Index) -> Array:
+            s = np.sign(_at(z, i))
+            return (s - _at(y, i)) - s * _tanh_tail(a, z, i)
+
+        _patch(d, np.abs(a) > hi, fix)
+    return d
 
 
 def relu(z: Array) -> Array:
@@ -72,7 +185,7 @@ def relu_prime(z: Array) -> Array:
     return (z > 0).astype(z.dtype)
 
 
-def relu_prime_of_a(a: Array) -> Array:
+def relu_prime_of_a(a: Array, z: Array) -> Array:
     """g'(z) = 1 if a > 0 else 0 (a > 0 exactly when z > 0)."""
     return (a > 0).astype(a.dtype)
 
@@ -87,6 +200,16 @@ def identity_prime(z: Array) -> Array:
     return np.ones_like(z)
 
 
+def identity_prime_of_a(a: Array, z: Array) -> Array:
+    """g'(z) = 1."""
+    return np.ones_like(a)
+
+
+def exact_minus(a: Array, z: Array, y: Array) -> Array:
+    """g(z) - y = a - y, for g whose a = g(z) is z or 0 (identity, relu): no rounding in a."""
+    return a - y
+
+
 def softmax(z: Array) -> Array:
     """g(z)_j = exp(z_j) / sum_m exp(z_m), over the units of each row of z (n, n_L)."""
     # Subtracting the row max leaves the result unchanged and keeps exp from overflowing.
@@ -95,11 +218,11 @@ def softmax(z: Array) -> Array:
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation(sigmoid, sigmoid_prime, sigmoid_prime_of_a),
-    "tanh": Activation(tanh, tanh_prime, tanh_prime_of_a),
-    "relu": Activation(relu, relu_prime, relu_prime_of_a),
-    "identity": Activation(identity, identity_prime, identity_prime),
-    "softmax": Activation(softmax, None, None),
+    "sigmoid": Activation(sigmoid, sigmoid_prime, sigmoid_prime_of_a, sigmoid_minus),
+    "tanh": Activation(tanh, tanh_prime, tanh_prime_of_a, tanh_minus),
+    "relu": Activation(relu, relu_prime, relu_prime_of_a, exact_minus),
+    "identity": Activation(identity, identity_prime, identity_prime_of_a, exact_minus),
+    "softmax": Activation(softmax, None, None, None),
 }
 
 HIDDEN_ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh")

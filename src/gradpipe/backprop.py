@@ -52,6 +52,8 @@ class Partial:
     sum_b: list[F64]  # sum_i dC_i/db[l], (n_l,)
     sq_norm_sum: F64  # (L+1,): sum_i |dC_i/dw[l]|^2 + |dC_i/db[l]|^2 per layer; index 0 unused
     correct: int  # samples whose arg-max output is the arg-max target (classification)
+    # Machine epsilon of the compute dtype: the scale of the sums' rounding (noise scale).
+    eps: float = float(np.finfo(np.float64).eps)
 
 
 # Sink for per-sample rows:
@@ -60,18 +62,37 @@ Sink = Callable[[int, F64, F64, "Array | None"], None]
 
 
 def output_delta(arch: Architecture, a_L: Array, z_L: Array, y: Array) -> Array:
-    """BP1: delta[L] = dC_i/da[L] * g'(z[L]), (n, n_L).
+    """BP1: delta[L] = dC_i/da[L] * g'(z[L]), (n, n_L), exact from z[L] where a[L] saturates.
 
     Fused shortcut, valid only for softmax + cross_entropy (the only pair with a
-    non-elementwise g that Architecture allows): delta[L] = a[L] - y, for y that sum to one.
+    non-elementwise g that Architecture allows): delta[L]_j = a_j S - y_j with S = sum_m y_m,
+    which is a - y for rows of y that sum to one, and right for any other row too (the
+    sum is cheap, so no precondition is assumed). In the row's arg-max unit m, where
+    a_m > 1/2, a_m S - y_m cancels as a_m nears 1; there it is taken as -sum_{j != m}
+    delta_j (the deltas of a row sum to zero), whose terms keep their digits.
+    The elementwise pairs (sigmoid, tanh, relu, identity + squared) take a - y and g'(z)
+    from z where a has rounded near a limit (`Activation.minus`, `.prime_of_a`).
     """
     if arch.output_activation == "softmax":
-        return a_L - y
-    prime_of_a = ACTIVATIONS[arch.output_activation].prime_of_a
-    assert prime_of_a is not None  # only softmax lacks one, handled above
-    delta = LOSSES[arch.loss].grad(a_L, y)
-    delta *= prime_of_a(a_L)  # g'(z[L]), from a[L]
+        ones = np.ones(a_L.shape[1], a_L.dtype)
+        delta: Array = a_L * (y @ ones)[:, None]  # a_j S: row sums as a product, not n short sums
+        delta -= y
+        big = a_L > 0.5  # (n, n_L), at most one unit a row
+        np.putmask(delta, big, 0)
+        rest = delta @ ones  # sum_{j != m} delta_j where the row has a big unit m
+        delta -= big * rest[:, None]  # delta_m = -rest; the other units lose exactly 0
+        return delta
+    g = ACTIVATIONS[arch.output_activation]
+    assert g.prime_of_a is not None  # only softmax lacks one, handled above
+    delta = LOSSES[arch.loss].grad(a_L, y, z_L, g)
+    delta *= g.prime_of_a(a_L, z_L)  # g'(z[L])
     return delta
+
+
+def output_losses(arch: Architecture, a_L: Array, z_L: Array, y: Array) -> F64:
+    """C_i for every sample, (n,) float64, exact from z[L] (the logits for cross_entropy)."""
+    c = LOSSES[arch.loss].fn(a_L, y, z_L, ACTIVATIONS[arch.output_activation])
+    return np.asarray(c, dtype=np.float64)  # float64 already: no copy
 
 
 def deltas(
@@ -85,7 +106,7 @@ def deltas(
         prime_of_a = ACTIVATIONS[arch.g(l)].prime_of_a
         assert prime_of_a is not None  # hidden activations are elementwise
         delta[l] = delta[l + 1] @ params.w[l + 1]  # (n, n_l)
-        delta[l] *= prime_of_a(a[l])  # g'(z[l]), from a[l] = g(z[l])
+        delta[l] *= prime_of_a(a[l], z[l])  # g'(z[l]), from a[l] = g(z[l]) and z[l]
     return delta
 
 
@@ -106,7 +127,7 @@ def per_sample_sq_norms(delta: list[Array], a: list[Array]) -> F64:
 
 
 def per_sample_grads(delta: list[Array], a: list[Array]) -> Array:
-    """BP3/BP4 materialized: row i is dC_i/dtheta, (n, P) in gradients.parquet order.
+    """BP3/BP4 materialized: row i is dC_i/dtheta, (n, P) in gradients row order.
 
     In the compute dtype: these are per-sample values, not sums, and writing them is
     bound by memory bandwidth (float32 halves the bytes of float64).
@@ -156,14 +177,13 @@ def block_partial(
     sq_norm_sum = np.zeros(L + 1)
     loss_sum = 0.0
     correct = 0
-    loss_fn = LOSSES[arch.loss].fn
     n = x.shape[0]
     full_rows = max(1, FULL_CHUNK_BYTES // (np.dtype(arch.dtype).itemsize * arch.n_params))
     for start in range(0, n, chunk_rows):
         xc, yc = x[start : start + chunk_rows], y[start : start + chunk_rows]
         a, z = forward(arch, params, xc)
         delta = deltas(arch, params, a, z, yc)
-        losses: F64 = np.asarray(loss_fn(a[L], yc), dtype=np.float64)  # (m,), no copy
+        losses = output_losses(arch, a[L], z[L], yc)  # (m,)
         sq = per_sample_sq_norms(delta, a)  # (m, L+1)
         for l in range(1, L + 1):
             sum_w[l] += delta[l].T @ a[l - 1]  # (n_l, n_{l-1}), BP4 summed
@@ -181,4 +201,5 @@ def block_partial(
             rows = slice(s, s + full_rows)
             grads = per_sample_grads([d[rows] for d in delta], [a_l[rows] for a_l in a])
             sink(start + s, losses[rows], sq[rows], grads)
-    return Partial(block, n, loss_sum, sum_w, sum_b, sq_norm_sum, correct)
+    eps = float(np.finfo(arch.dtype).eps)
+    return Partial(block, n, loss_sum, sum_w, sum_b, sq_norm_sum, correct, eps)

@@ -62,7 +62,7 @@ def split_partials(arch, params, x, y, cuts):
     bounds = [0, *sorted(cuts), x.shape[0]]
     return [
         block_partial(arch, params, x[lo:hi], y[lo:hi], block=b, classify=True, chunk_rows=3)
-        for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
+        for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
     ]
 
 
@@ -124,10 +124,10 @@ def test_reduce_does_not_change_its_partials():
     partials = split_partials(arch, params, x, y, [2, 2, 7])
     before = copy.deepcopy(partials)
     first = reduce(partials)
-    for p, q in zip(partials, before):
+    for p, q in zip(partials, before, strict=True):
         assert p.n == q.n and p.loss_sum == q.loss_sum
-        assert all(np.array_equal(a, b) for a, b in zip(p.sum_w, q.sum_w))
-        assert all(np.array_equal(a, b) for a, b in zip(p.sum_b, q.sum_b))
+        assert all(np.array_equal(a, b) for a, b in zip(p.sum_w, q.sum_w, strict=True))
+        assert all(np.array_equal(a, b) for a, b in zip(p.sum_b, q.sum_b, strict=True))
         assert np.array_equal(p.sq_norm_sum, q.sq_norm_sum)
     assert_bitwise_equal(reduce(partials), first)
 
@@ -240,3 +240,40 @@ def test_noise_scale_is_zero_when_all_samples_agree():
     x, y = np.repeat(x, 6, axis=0), np.repeat(y, 6, axis=0)
     g = reduce([block_partial(arch, params, x, y)])
     np.testing.assert_allclose(g.noise_scale(), 0.0, rtol=0, atol=1e-10)
+
+
+def test_noise_scale_is_nan_where_the_denominator_is_rounding():
+    # g_1 ⟂ g_2, so |G|^2 - tr(S)/n = g_1 . g_2 / 1 = 0 in exact arithmetic (n = 2); in
+    # floating point it came out as 1.8e-15 and B as 9.0e15. A denominator within
+    # NOISE_ULPS eps of the terms it subtracts is rounding: NaN (written as null).
+    u = [-3.5488049709979372, -1.9986036000365417]
+    v = [1.9242675553236532, -3.4168107501346303]
+    g = gradient_from(np.array([u, v]), (1, 1))
+    g2 = float(g.flat() @ g.flat())
+    trace = float(g.sq_norm_sum.sum()) - 2 * g2
+    assert g2 - trace / 2 > 0  # the old test, denom > 0, let it through
+    assert math.isnan(g.noise_scale())
+
+
+def test_noise_scale_threshold_follows_the_compute_dtype():
+    # g_1 = (1, 0, 0, w), g_2 = (-1, 0, 0, w) for a 1 -> 2 layer (P = 4) with w^2 = 1 + r:
+    # G = (0, 0, 0, w), tr(S) = 2, |G|^2 - tr(S)/2 = r, B = 2 / r, and the denominator is
+    # r / 2 of |G|^2 + tr(S)/n: above float64's rounding, below float32's.
+    r = 1e-8
+    w = math.sqrt(1 + r)
+    g = gradient_from(np.array([[1.0, 0.0, 0.0, w], [-1.0, 0.0, 0.0, w]]), (1, 2))
+    assert g.eps == np.finfo(np.float64).eps
+    np.testing.assert_allclose(g.noise_scale(), 2 / r, rtol=1e-6, atol=0)
+    g.eps = float(np.finfo(np.float32).eps)
+    assert math.isnan(g.noise_scale())
+
+
+def test_reduce_keeps_the_coarsest_eps():
+    arch, params, x, y = make_problem((3, 4, 2), "tanh", "sigmoid", "squared", 6, 0)
+    arch32 = Architecture(arch.sizes, "tanh", "sigmoid", "squared", "float32")
+    p64 = block_partial(arch, params, x[:3], y[:3], block=0)
+    p32 = block_partial(arch32, params.astype("float32"), x[3:].astype(np.float32),
+                        y[3:].astype(np.float32), block=1)
+    assert p64.eps == np.finfo(np.float64).eps and p32.eps == np.finfo(np.float32).eps
+    assert reduce([p64]).eps == p64.eps
+    assert reduce([p64, p32]).eps == p32.eps

@@ -17,6 +17,9 @@ from .backprop import Partial
 
 F64 = NDArray[np.float64]
 
+# Gradient.noise_scale: its denominator must exceed this many eps of the terms it subtracts.
+NOISE_ULPS = 128
+
 
 @dataclass
 class Gradient:
@@ -28,13 +31,15 @@ class Gradient:
     b: list[F64]  # dC/db[l], (n_l,)
     sq_norm_sum: F64  # (L+1,): sum_i |dC_i/dtheta[l]|^2 per layer; index 0 unused
     correct: int  # samples classified right (classification)
+    # Machine epsilon of the compute dtype (the coarsest of the partials'), for noise_scale.
+    eps: float = float(np.finfo(np.float64).eps)
 
     @property
     def L(self) -> int:
         return len(self.w) - 1
 
     def flat(self) -> F64:
-        """The gradient as one vector in gradients.parquet row order (layer, w then b, j, k)."""
+        """The gradient as one vector in the gradients row order (layer, w then b, j, k)."""
         parts = []
         for l in range(1, self.L + 1):
             parts += [self.w[l].ravel(), self.b[l].ravel()]
@@ -55,7 +60,15 @@ class Gradient:
 
         With g_i the per-sample gradients and G their mean over n samples:
         tr(Sigma) ~ S = (sum_i |g_i|^2 - n |G|^2) / (n - 1), and, since E|G|^2 =
-        |G_true|^2 + tr(Sigma)/n, |G_true|^2 ~ |G|^2 - S / n.
+        |G_true|^2 + tr(Sigma)/n, |G_true|^2 ~ D = |G|^2 - S / n.
+
+        NaN where n < 2 or D is not significantly positive: D <= NOISE_ULPS * eps *
+        (|G|^2 + |S| / n), eps that of the compute dtype. The two terms D subtracts are sums
+        of squares rounded to about eps of their size each (the per-sample squared norms and
+        the gradient are computed apart, in the compute dtype), so a D below that bound is
+        rounding, not signal, and B would be any number (2.5e17 where D is 0 in exact
+        arithmetic). In float32 the bound is 1.5e-5 (|G|^2 + S/n): B above about
+        6.5e4 n, far past any useful batch size, reads as null.
         """
         n = self.n
         if n < 2:
@@ -63,7 +76,9 @@ class Gradient:
         g2 = float(np.sum(self.flat() ** 2))
         trace = (float(self.sq_norm_sum.sum()) - n * g2) / (n - 1)
         denom = g2 - trace / n
-        return trace / denom if denom > 0 else float("nan")
+        if not denom > NOISE_ULPS * self.eps * (g2 + abs(trace) / n):
+            return float("nan")
+        return trace / denom
 
 
 def reduce(partials: list[Partial]) -> Gradient:
@@ -77,6 +92,7 @@ def reduce(partials: list[Partial]) -> Gradient:
     sum_b = [np.array(b, dtype=np.float64, copy=True) for b in first.sum_b]
     sq = np.array(first.sq_norm_sum, dtype=np.float64, copy=True)
     loss, n, correct = float(first.loss_sum), first.n, first.correct
+    eps = max(p.eps for p in ordered)
     for p in ordered[1:]:
         for l in range(1, len(sum_w)):
             sum_w[l] += p.sum_w[l]
@@ -90,4 +106,4 @@ def reduce(partials: list[Partial]) -> Gradient:
     for l in range(1, len(sum_w)):
         sum_w[l] /= n
         sum_b[l] /= n
-    return Gradient(n, loss / n, sum_w, sum_b, sq, correct)
+    return Gradient(n, loss / n, sum_w, sum_b, sq, correct, eps)

@@ -54,7 +54,16 @@ class Moments:
 
 
 def combine_moments(parts: list[Moments]) -> tuple[F64, F64]:
-    """Mean and population std over all blocks, combined in block order (Chan et al.)."""
+    """Mean and population std over all blocks, combined in block order (Chan et al.).
+
+    A constant column is given std 1, so that it is only centred: x - mean is 0 (or its
+    rounding) in float32 and float64 alike. Its computed std is rounding, not 0: a block's
+    mean sums n equal values one row at a time, off by up to n eps / 4 of the value, and
+    each block of Chan's update adds about eps. So a column whose std is at most
+    4 eps (rows of the largest block + blocks) times its size, sqrt(mean^2 + std^2), is
+    constant. (Dividing by that std would blow the rounding up to values of order 1 that
+    differ between the dtypes: 2e-16 was taken as the std of a column of 0.1s.)
+    """
     parts = sorted(parts, key=lambda p: p.block)
     n, mean, m2 = 0, np.zeros_like(parts[0].mean), np.zeros_like(parts[0].m2)
     for p in parts:
@@ -66,8 +75,10 @@ def combine_moments(parts: list[Moments]) -> tuple[F64, F64]:
         m2 = m2 + p.m2 + d * d * (n * p.n / total)
         n = total
     std = np.sqrt(m2 / max(n, 1))
-    # A constant feature (std 0) is only centred: dividing by 0 would make NaN.
-    return mean, np.where(std > 0, std, 1.0)
+    rows = max(p.n for p in parts)
+    rounding = 4 * float(np.finfo(np.float64).eps) * (rows + len(parts))
+    constant = std <= rounding * np.hypot(mean, std)  # also std 0, mean 0
+    return mean, np.where(constant, 1.0, std)
 
 
 def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:

@@ -22,7 +22,6 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 from conftest import DIGITS, make_classification, make_regression, write_parquet

@@ -118,7 +118,7 @@ def test_init_params_is_deterministic_per_seed_with_zero_biases(sizes, seed, hid
 def test_init_params_glorot_and_he_uniform_bounds(hidden, output, loss, radii):
     arch = Architecture((30, 40, 20, 10), hidden, output, loss, "float64")
     params = init_params(arch, seed=7)
-    for l, r in zip((1, 2, 3), radii):
+    for l, r in zip((1, 2, 3), radii, strict=True):
         w = params.w[l]
         assert w.shape == (arch.sizes[l], arch.sizes[l - 1])
         assert np.abs(w).max() <= r

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gradpipe"
 def _listening() -> dict[int, tuple[str, int]]:
     """socket inode -> (address, port) of every listening TCP socket, from /proc/net."""
     out: dict[int, tuple[str, int]] = {}
-    for name, width in (("tcp", 8), ("tcp6", 32)):
+    for name, _width in (("tcp", 8), ("tcp6", 32)):
         path = Path("/proc/net") / name
         if not path.exists():
             continue

@@ -57,7 +57,7 @@ def test_distributed_equals_the_naive_chain_rule(ray_local, tmp_path):
     x, y = load_xy(data, 3)
     from gradpipe.outputs import params_from_flat
 
-    for step, (value, grad) in gradients(out).items():
+    for _step, (value, grad) in gradients(out).items():
         p = params_from_flat((4, 3, 3), value, "float64")
         _, ref, _, _ = naive_full_batch((4, 3, 3), p.w, p.b, "sigmoid", "sigmoid", "squared",
                                         x, y)
@@ -141,7 +141,7 @@ def test_streaming_blocks_gives_the_in_memory_bits(ray_local, tmp_path, workers)
         assert info["streaming"] is (budget == 1)
         tables[budget] = [pq.read_table(out / n) for n in ("gradients", "weights.parquet")]
         tables[budget].append(pq.read_table(out / "per_sample").sort_by("sample"))
-    for a, b in zip(tables[None], tables[1]):
+    for a, b in zip(tables[None], tables[1], strict=True):
         assert a.equals(b)
 
 

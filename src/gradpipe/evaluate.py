@@ -388,15 +388,26 @@ def plan_for_model(config: EvalConfig, model: Model, read_target: bool) -> Datas
     return dataset
 
 
-def start_pool(config: EvalConfig, dataset: Dataset, dtype: str) -> Pool:
-    """The workers, as in training (worker.start_pool)."""
+def start_pool(config: EvalConfig, dataset: Dataset, dtype: str, flops: float) -> Pool:
+    """The workers, as in training (worker.start_pool; small work runs in-process)."""
     from .worker import start_pool  # here: worker.py imports this module's math
 
     return start_pool(dataset, config.workers, dtype, address=config.address,
-                      memory_budget=config.memory_budget, verbose=config.verbose)
+                      memory_budget=config.memory_budget, verbose=config.verbose,
+                      flops=flops)
 
 
 Note = Callable[[str], None]
+
+
+def _pool(config: EvalConfig, dataset: Dataset, model: Model, note: Note | None) -> Pool:
+    """The workers (one forward pass: about 2 N P operations), then the schema line."""
+    pool = start_pool(config, dataset, model.arch.dtype,
+                      flops=2.0 * dataset.n_rows * model.arch.n_params)
+    if note is not None:
+        where = "; in-process: small work, --workers N to use Ray" if pool.small else ""
+        note(schema_line(dataset) + where)
+    return pool
 
 
 def evaluate(config: EvalConfig, note: Note | None = None) -> dict:
@@ -404,9 +415,7 @@ def evaluate(config: EvalConfig, note: Note | None = None) -> dict:
     `note` receives the data's schema line before any work starts."""
     model = read_model(config.model)
     dataset = plan_for_model(config, model, read_target=True)
-    if note is not None:
-        note(schema_line(dataset))
-    pool = start_pool(config, dataset, model.arch.dtype)
+    pool = _pool(config, dataset, model, note)
     try:
         metrics = evaluate_with(pool, model.arch, model.params, model.standardize,
                                 model.target_scale)
@@ -442,13 +451,11 @@ def predict(config: EvalConfig, note: Note | None = None) -> dict:
     check_apart(config.out, DATA=config.data)
     model = read_model(config.model)
     dataset = plan_for_model(config, model, read_target=False)
-    if note is not None:
-        note(schema_line(dataset))
     classify = dataset.classify
     if not classify and "sample" in dataset.target:
         raise ConfigError(f"the model {model.path} predicts a target named 'sample', the name "
                           "of the predictions' id column; rename that target and retrain")
-    pool = start_pool(config, dataset, model.arch.dtype)
+    pool = _pool(config, dataset, model, note)
     try:
         with atomic_dir(config.out) as tmp:
             req = PredictRequest(

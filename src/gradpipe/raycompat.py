@@ -44,7 +44,7 @@ def loopback_only() -> None:
     os.environ[LOOPBACK_SWITCH] = "0"
     constants = sys.modules.get(_CONSTANTS_MODULE)
     if constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER"):
-        constants.ENABLE_RAY_CLUSTER = False
+        setattr(constants, "ENABLE_RAY_CLUSTER", False)  # noqa: B010 (a private name)
 
 
 def local_init_kwargs() -> dict[str, Any]:

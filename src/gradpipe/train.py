@@ -214,9 +214,12 @@ class Run:
                 self.step >= config.steps or bool(info.get("converged")))
             if self.done:
                 return
+        steps = (config.steps - self.step) if config.update else 1
+        rows = min(config.batch or self.dataset.n_rows, self.dataset.n_rows)
         self.pool = start_pool(self.dataset, config.workers, config.dtype,
                                address=config.address, memory_budget=config.memory_budget,
-                               verbose=config.verbose)
+                               verbose=config.verbose,
+                               flops=6.0 * rows * self.arch.n_params * steps)
         self.n_workers = self.pool.workers
         self.data_bytes = self.pool.load()  # reads and checks every block
         if config.standardize and not config.weights:  # the weights bring their own
@@ -226,7 +229,9 @@ class Run:
         if config.val:
             self.val_pool = self._val_pool()
         # Said once the data is read and checked, before the first step.
-        self.note(f"{schema_line(self.dataset)}; model {self.describe_model()}, lr {config.lr:g}")
+        where = ("; in-process: small work, --workers N to use Ray" if self.pool.small else "")
+        self.note(f"{schema_line(self.dataset)}; model {self.describe_model()}, lr "
+                  f"{config.lr:g}{where}")
 
     def _val_pool(self) -> Pool:
         """The --val data, read as the model reads its data: the same feature columns by
@@ -315,6 +320,7 @@ class Run:
                 self._checkpoint()  # step 0: a diverged or killed run still has w_0
         last = config.steps - 1 if config.update else 0
         mask = weight_mask(arch.sizes)
+        assert config.lr is not None  # resolved by prepare()
         metrics: dict = {}
         first: dict = {}
         converged = False

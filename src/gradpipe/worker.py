@@ -11,6 +11,7 @@ same bits.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from . import raycompat
 from .backprop import Partial, block_partial
 from .data import Block, BlockData, Dataset, filesystem, read_block
 from .errors import JobError
+from .evaluate import EvalRequest, EvalSums, PredictRequest, evaluate_block, predict_block
 from .model import Architecture, Params
 from .outputs import PerSampleWriter, per_sample_path
 
@@ -41,6 +43,7 @@ class StepRequest:
     out_dir: str | None = None  # run folder, for per-sample files
     batch: NDArray[np.int64] | None = None  # sorted global row indexes; None: full batch
     standardize: tuple[F64, F64] | None = None  # (mean, std) of the features
+    target_scale: tuple[F64, F64] | None = None  # (mean, std) of regression targets
 
 
 @dataclass
@@ -140,11 +143,18 @@ def _release_arrow_memory() -> None:
     pa.default_memory_pool().release_unused()
 
 
+@functools.cache
+def _threadpools() -> Any:
+    """This process's BLAS and OpenMP libraries, found once: finding them walks every loaded
+    library, which took 3 ms, as long as a small step."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def one_blas_thread() -> contextlib.AbstractContextManager:
     """Limit numpy's BLAS to one thread in this process for the duration."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
+    return _threadpools().limit(limits=1, user_api="blas")
 
 
 class BlockSet:
@@ -160,7 +170,8 @@ class BlockSet:
         self.stream = stream
         self.threads = max(1, threads)  # blocks computed at once, one BLAS thread each
         self.fs, _ = filesystem(dataset.source)
-        self._standardize: tuple[F64, F64] | None = None
+        self._scaled = False  # in-memory blocks are scaled once, at their first step
+        self._executor: ThreadPoolExecutor | None = None  # started at the first step
         self.data: list[BlockData] | None = None
         self.loaded = False
 
@@ -183,22 +194,25 @@ class BlockSet:
     def _read(self, block: Block) -> BlockData:
         return read_block(self.dataset, block, self.dtype, self.fs)
 
-    def _apply(self, data: BlockData, standardize: tuple[F64, F64] | None) -> BlockData:
-        if standardize is not None:
-            mean, std = standardize
-            data.x -= mean.astype(data.x.dtype)
-            data.x /= std.astype(data.x.dtype)
+    def _apply(self, data: BlockData, standardize: tuple[F64, F64] | None,
+               target_scale: tuple[F64, F64] | None = None) -> BlockData:
+        for values, scale in ((data.x, standardize), (data.y, target_scale)):
+            if scale is not None:
+                mean, std = scale
+                values -= mean.astype(values.dtype)
+                values /= std.astype(values.dtype)
         return data
 
-    def iter_blocks(self, standardize: tuple[F64, F64] | None = None) -> Iterator[BlockData]:
+    def iter_blocks(self, standardize: tuple[F64, F64] | None = None,
+                    target_scale: tuple[F64, F64] | None = None) -> Iterator[BlockData]:
         """The blocks, standardized as asked; streaming reads the next while one is used."""
         if not self.stream:
             self.load()
             assert self.data is not None
-            if standardize is not None and self._standardize is None:
+            if (standardize is not None or target_scale is not None) and not self._scaled:
                 for d in self.data:
-                    self._apply(d, standardize)
-                self._standardize = standardize
+                    self._apply(d, standardize, target_scale)
+                self._scaled = True
             yield from self.data
             return
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -209,13 +223,13 @@ class BlockSet:
                 _release_arrow_memory()
                 if i + 1 < len(self.blocks):
                     pending = pool.submit(self._read, self.blocks[i + 1])
-                yield self._apply(data, standardize)
+                yield self._apply(data, standardize, target_scale)
 
-    def moments(self) -> list[Moments]:
-        """Per-block feature moments of the raw data, for --standardize."""
+    def moments(self, targets: bool = False) -> list[Moments]:
+        """Per-block moments of the raw features (or regression targets), for --standardize."""
         out = []
         for d in self.iter_blocks(None):
-            x = d.x.astype(np.float64)
+            x = (d.y if targets else d.x).astype(np.float64)
             mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
             out.append(Moments(d.block.index, len(x), mean, ((x - mean) ** 2).sum(axis=0)))
         return out
@@ -225,19 +239,7 @@ class BlockSet:
         used by computing `threads` blocks at once (numpy releases the GIL): a block's bits
         must not depend on how many threads its matrix products were split over, which
         OpenBLAS does not promise."""
-        classify = self.dataset.classify
-        with one_blas_thread():
-            if self.threads == 1:
-                return [block_step(d, req, classify) for d in self.iter_blocks(req.standardize)]
-            partials: list[Partial] = []
-            with ThreadPoolExecutor(max_workers=self.threads) as pool:
-                running: deque = deque()
-                for d in self.iter_blocks(req.standardize):
-                    running.append(pool.submit(block_step, d, req, classify))
-                    if len(running) >= self.threads:  # bounds streamed blocks in memory
-                        partials.append(running.popleft().result())
-                partials += [f.result() for f in running]
-            return partials
+        return self._each_block(block_step, req, req.target_scale)
 
     def nbytes(self) -> int:
         return sum(d.nbytes for d in self.data) if self.data is not None else 0
@@ -258,6 +260,44 @@ class BlockSet:
         import ray
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+    def evaluate(self, req: EvalRequest) -> list[EvalSums]:
+        """One EvalSums per block (features standardized, targets in their own units)."""
+        return self._each_block(evaluate_block, req)  # targets in their own units
+
+    def predict(self, req: PredictRequest) -> list[tuple[int, int]]:
+        """Write each block's predictions to req.out_dir; (block, rows) per block."""
+        return self._each_block(predict_block, req)
+
+    def _each_block(self, fn: Any, req: Any, target_scale: tuple[F64, F64] | None = None
+                    ) -> list:
+        """fn(block data, req, classify) for every block, in block order.
+
+        Each block is computed with one BLAS thread, and cores are used by computing
+        `threads` blocks at once (numpy releases the GIL): a block's bits must not depend on
+        how many threads its matrix products were split over, which OpenBLAS does not
+        promise. The thread pool lives as long as the worker (starting threads at every
+        step cost as much as a small step)."""
+        classify = self.dataset.classify
+        with one_blas_thread():
+            blocks = self.iter_blocks(req.standardize, target_scale)
+            if self.threads == 1:
+                return [fn(d, req, classify) for d in blocks]
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=self.threads)
+            results: list = []
+            running: deque = deque()
+            for d in blocks:
+                running.append(self._executor.submit(fn, d, req, classify))
+                if len(running) >= self.threads:  # bounds streamed blocks in memory
+                    results.append(running.popleft().result())
+            results += [f.result() for f in running]
+            return results
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
 
 
 def assign_blocks(blocks: tuple[Block, ...], workers: int) -> list[list[Block]]:
@@ -357,6 +397,8 @@ class Pool:
     ) -> None:
         self.dataset = dataset
         self.workers = workers
+        self.stream = stream
+        self.small = False  # True: in-process because the work is small (start_pool)
         self.local: BlockSet | None = None
         self.actors: list = []
         if workers == 0:
@@ -397,9 +439,9 @@ class Pool:
         """Load and check every block; returns the bytes the workers hold."""
         return sum(self._call("load"))
 
-    def moments(self) -> tuple[F64, F64]:
-        """Feature mean and std over the whole dataset, reduced in block order."""
-        return combine_moments([m for ms in self._call("moments") for m in ms])
+    def moments(self, targets: bool = False) -> tuple[F64, F64]:
+        """Feature (or target) mean and std over the whole dataset, reduced in block order."""
+        return combine_moments([m for ms in self._call("moments", targets) for m in ms])
 
     def step(self, req: StepRequest) -> list[Partial]:
         """Fan one step out; the weights travel once, as one object-store reference."""
@@ -421,9 +463,72 @@ class Pool:
         return self._call("node")
 
     def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
         if self.actors:
             import ray
 
             for a in self.actors:
                 ray.kill(a)
             self.actors = []
+
+    def evaluate(self, req: EvalRequest) -> list[EvalSums]:
+        """Every block's EvalSums (evaluate.metrics_from_sums adds them in block order)."""
+        return self._fan("evaluate", req)
+
+    def predict(self, req: PredictRequest) -> list[tuple[int, int]]:
+        """Every worker writes its blocks' prediction parts; (block, rows) per block."""
+        return self._fan("predict", req)
+
+    def _fan(self, method: str, req: Any) -> list:
+        """Call `method` with `req` on every worker, the request travelling once as one
+        object-store reference; the per-block results of all workers, in worker order."""
+        if self.local is not None:
+            return getattr(self.local, method)(req)
+        import ray
+
+        ref = ray.put(req)
+        try:
+            results = ray.get([getattr(a, method).remote(ref) for a in self.actors])
+        except ray.exceptions.RayTaskError as e:
+            raise _unwrap(e) from None
+        return [r for per_worker in results for r in per_worker]
+
+
+# Work below this many floating-point operations runs in-process by default: starting a
+# local Ray instance takes 5-10 s here, more than such work takes on one core (about
+# 20 GFLOP/s in float32 for an MLP step), so Ray could only make it slower.
+SMALL_WORK_FLOPS = 2e10
+
+
+def start_pool(dataset: Dataset, workers: int | None, dtype: str, *, address: str | None = None,
+               memory_budget: int | None = None, verbose: bool = False,
+               flops: float | None = None) -> Pool:
+    """The workers of a command: `workers` Ray actors (None: one per CPU Ray offers) on a
+    private local instance or the cluster at `address`, or in-process for 0. A worker
+    streams its blocks from Parquet each step when its share of the rows exceeds
+    `memory_budget` bytes (default: half this machine's memory over the workers; on a
+    cluster, set it for the nodes).
+
+    With neither `workers` nor `address` given, work of at most SMALL_WORK_FLOPS
+    (`flops`, the caller's estimate) runs in-process (`Pool.small` is then True); the bits
+    are the same either way."""
+    small = (workers is None and address is None and flops is not None
+             and flops <= SMALL_WORK_FLOPS)
+    if small:
+        workers = 0
+    if workers != 0:
+        ray_init(address, verbose=verbose)
+    if workers is None:
+        import ray
+
+        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    n_workers = min(workers, len(dataset.blocks))
+    if memory_budget is None:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory_budget = physical // 2 // max(1, n_workers)
+    row_bytes = np.dtype(dtype).itemsize * (dataset.n_features + dataset.n_outputs) + 8  # + id
+    stream = dataset.n_rows * row_bytes / max(1, n_workers) > memory_budget
+    pool = Pool(dataset, n_workers, dtype, stream=stream)
+    pool.small = small
+    return pool

@@ -117,7 +117,7 @@ def test_fixed_step_central_difference_is_off_on_diabetes_like_data(tmp_path):
 
     worst = 0.0
     for c in report["checks"]:
-        _, x, y = _read(dataset, [c["sample"]], None)
+        _, x, y = _read(dataset, [c["sample"]], (None, None))
         plus, minus = flat.copy(), flat.copy()
         p = _position(arch.sizes, c["layer"], c["j"], c["k"])
         plus[p] += 1e-6

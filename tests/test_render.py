@@ -29,7 +29,8 @@ REPORT = {"checks": [None] * 96, "samples": 4, "parameters": 24,
                     "finite_difference": 0.0002512468011417468,
                     "relative_error": 2.3354766191064153e-07, "abs_error": 1.17e-10}}
 CHECK_LINES = ("compared 96 per-sample derivatives (4 samples x 24 parameters)\n"
-               "worst relative error 2.335e-07 at layer 2 {where}, sample 1143: backprop "
+               "worst error 2.335e-07 (of the gradient's norm) at layer 2 {where}, sample 1143: "
+               "backprop "
                "0.0002512469185, finite difference 0.0002512468011\n")
 
 

@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from numpy.typing import NDArray
 
-from .errors import ConfigError
+from .errors import lookup
 
 Array = NDArray[np.floating]
 Mask = NDArray[np.bool_]
@@ -28,7 +28,8 @@ Index = NDArray[np.intp]
 TAIL: dict[np.dtype, float] = {np.dtype(np.float64): 2.0**-10, np.dtype(np.float32): 2.0**-8}
 # From this fraction of saturated units in a chunk on, g'(z) is taken from z for all of
 # them (`prime`, exact everywhere): finding and patching units one by one costs more.
-DENSE = 1 / 64
+# Which way a chunk goes depends on that chunk only, and both are exact to the bound above.
+DENSE = 1 / 256
 
 
 def _tail(a: Array) -> float:
@@ -36,27 +37,20 @@ def _tail(a: Array) -> float:
 
 
 def _patch(out: Array, where: Mask, fix: Callable[[Index], Array]) -> None:
-    """out[where] = fix(i) in place, with i the flat indexes of where (out is contiguous)."""
+    """out[where] = fix(i) in place, with i the flat (C-order) indexes of where."""
     i = np.flatnonzero(where)
-    out.reshape(-1)[i] = fix(i)  # out is fresh and contiguous: reshape is a view
+    np.put(out, i, fix(i))
 
 
-def _prime_fixed(
-    where: Mask, p: Callable[[], Array], z: Array, prime: Callable[[Array], Array],
-    fix: Callable[[Index], Array],
-) -> Array:
-    """g'(z) from a (p()) with the saturated units `where` taken from z: patched one by one
-    when they are few, else g'(z) from z for the whole array, which is then cheaper. Both
-    are exact to the bound above; which one a chunk gets depends on that chunk only."""
-    if np.count_nonzero(where) >= DENSE * where.size:
-        return prime(z)
-    out = p()
-    _patch(out, where, fix)
+def _one_minus(x: Array, times: Array) -> Array:
+    """(1 - x) * times in one new array (in place after the first step)."""
+    out = np.subtract(1, x)
+    out *= times
     return out
 
 
 def _at(x: Array, i: Index) -> Array:
-    return x.reshape(-1)[i]
+    return np.take(x, i)  # flat (C-order) indexes, whatever the layout of x
 
 
 class Activation(NamedTuple):
@@ -84,15 +78,17 @@ def sigmoid(z: Array) -> Array:
 
 
 def sigmoid_prime(z: Array) -> Array:
-    """g'(z) = g(z) g(-z) = t / (1 + t)^2 with t = exp(-|z|) (g' is even)."""
-    # Not g(z) (1 - g(z)): where g(z) rounds to 1 that is 0, while g'(40) = 4.2e-18.
-    t = np.abs(z)
-    np.negative(t, out=t)
-    np.exp(t, out=t)
-    d = t + 1
-    d *= d
-    t /= d
-    return t
+    """g'(z) = g(z) g(-z) = 1 / (4 cosh^2(z / 2))."""
+    # Not g(z) (1 - g(z)): where g(z) rounds to 1 that is 0, while g'(40) = 4.2e-18. sech
+    # before squaring: cosh overflows to inf past |z| = 1420 (178 in float32), where the
+    # exact g' underflows too, and 1 / inf = 0 is right; cosh^2 would overflow sooner.
+    c = np.multiply(z, 0.5)
+    with np.errstate(over="ignore"):
+        np.cosh(c, out=c)
+    np.reciprocal(c, out=c)
+    c *= c
+    c *= 0.25
+    return c
 
 
 def _sigmoid_tail(a: Array, z: Array, i: Index) -> Array:
@@ -108,10 +104,14 @@ def sigmoid_prime_of_a(a: Array, z: Array) -> Array:
     1 - a = g(-z) = exp(-z) g(z): near a = 1 it is taken from z, not from the rounded a.
     """
     hi = 1 - _tail(a)
-    if a.size and a.max() > hi:  # a near 0 keeps its digits: only 1 - a cancels
-        return _prime_fixed(a > hi, lambda: a * (1 - a), z, sigmoid_prime,
-                            lambda i: _sigmoid_tail(a, z, i) * _at(a, i))
-    return a * (1 - a)
+    if not (a.size and a.max() > hi):  # a near 0 keeps its digits: only 1 - a cancels
+        return _one_minus(a, a)
+    where = a > hi
+    if np.count_nonzero(where) >= DENSE * a.size:
+        return sigmoid_prime(z)
+    p = _one_minus(a, a)
+    _patch(p, where, lambda i: _sigmoid_tail(a, z, i) * _at(a, i))
+    return p
 
 
 def sigmoid_minus(a: Array, z: Array, y: Array) -> Array:
@@ -129,16 +129,13 @@ def tanh(z: Array) -> Array:
 
 
 def tanh_prime(z: Array) -> Array:
-    """g'(z) = 1 - tanh(z)^2 = 4t / (1 + t)^2 with t = exp(-2|z|) (g' is even)."""
+    """g'(z) = 1 - tanh(z)^2 = 1 / cosh^2(z)."""
     # Not 1 - tanh(z)^2: where tanh(z) rounds to +-1 that is 0, while g'(20) = 1.7e-17.
-    t = np.abs(z)
-    t *= -2
-    np.exp(t, out=t)
-    d = t + 1
-    d *= d
-    t /= d
-    t *= 4
-    return t
+    with np.errstate(over="ignore"):  # cosh = inf past |z| = 710 (89): g' = 0, as exactly
+        c = np.cosh(z)
+    np.reciprocal(c, out=c)
+    c *= c
+    return c
 
 
 def _tanh_tail(a: Array, z: Array, i: Index) -> Array:
@@ -153,11 +150,15 @@ def tanh_prime_of_a(a: Array, z: Array) -> Array:
 
     1 - |a| = exp(-2|z|) (1 + |a|): near |a| = 1 it is taken from z, not from the rounded a.
     """
-    p = 1 - a * a
-    lo = 2 * _tail(a)  # 1 - a^2 = (1 - |a|)(1 + |a|) < 2 TAIL about where |a| > 1 - TAIL
-    if p.size and p.min() < lo:
-        return _prime_fixed(p < lo, lambda: p, z, tanh_prime,
-                            lambda i: _tanh_tail(a, z, i) * (1 + np.abs(_at(a, i))))
+    p = a * a
+    np.subtract(1, p, out=p)
+    lo = 2 * _tail(a)  # 1 - a^2 = (1 - |a|)(1 + |a|) < 2 TAIL: |a| within about TAIL of 1
+    if not (p.size and p.min() < lo):
+        return p
+    where = p < lo
+    if np.count_nonzero(where) >= DENSE * p.size:
+        return tanh_prime(z)
+    _patch(p, where, lambda i: _tanh_tail(a, z, i) * (1 + np.abs(_at(a, i))))
     return p
 
 
@@ -230,9 +231,4 @@ HIDDEN_ACTIVATIONS = ("identity", "relu", "sigmoid", "tanh")
 
 def get_activation(name: str) -> Activation:
     """Look an activation up by name; unknown names raise a ConfigError listing the valid ones."""
-    try:
-        return ACTIVATIONS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown activation {name!r}. Choose one of: {', '.join(sorted(ACTIVATIONS))}."
-        ) from None
+    return lookup(ACTIVATIONS, name, "activation")

@@ -13,7 +13,9 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from .errors import ConfigError
 
 _TMP = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")
 
@@ -83,3 +85,24 @@ def sweep(folder: str | Path) -> int:
     for p in sorted(found, key=lambda p: len(p.parts), reverse=True):
         _remove(p)
     return len(found)
+
+
+def check_replaceable(out: str | Path, overwrite: bool, *, name: str,
+                      foreign: Callable[[Path], str | None], also: str = "") -> None:
+    """Whether a command may write the folder `out`: a new or empty folder, yes; one that
+    holds files only with `overwrite`, and only if `foreign(out)` finds nothing there that
+    the command did not write (it returns what, or None). `name` is how the user called it,
+    `also` another way out for the message (", --resume to continue it")."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"{name}: exists and is not a folder. Choose another folder.")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(f"{name}: folder exists and is not empty. Pass --overwrite to replace "
+                          f"it{also}, or choose another folder.")
+    reason = foreign(out)
+    if reason is not None:
+        raise ConfigError(f"{name}: {reason}; refusing to replace it with --overwrite.")

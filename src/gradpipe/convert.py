@@ -26,11 +26,12 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, check_replaceable
 from .data import (
     Dataset,
     DataSpec,
     describe_columns,
+    existing,
     filesystem,
     index_columns,
     list_files,
@@ -58,13 +59,7 @@ def _one_line(error: Exception) -> str:
 
 def source_format(source: str) -> str:
     """'csv' or 'parquet': a folder is Parquet; a file by its name, else by the PAR1 magic."""
-    fs, path = filesystem(source)
-    try:
-        info = fs.get_file_info(path)
-    except OSError as e:
-        raise DataError(f"{source}: cannot read: {_one_line(e)}") from None
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"{source}: no such file or folder")
+    fs, path, info = existing(source)
     if info.type == pafs.FileType.Directory:
         return "parquet"
     name = path.lower()
@@ -327,22 +322,15 @@ class ShardWriter:
 
 def check_out(out: Path, overwrite: bool) -> None:
     """OUT may be new, an empty folder, or (with overwrite) a folder holding only Parquet files."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ConfigError(f"{out}: exists and is not a folder. Choose a folder for the dataset.")
-    if not any(out.iterdir()):
-        return
-    if not overwrite:
-        raise ConfigError(f"{out}: folder exists and is not empty. Pass --overwrite to replace "
-                          "it, or choose another folder.")
-    for dirpath, _, filenames in os.walk(out):
-        for name in filenames:
-            if not (name.endswith(".parquet") or name.startswith((".", "_"))):
-                raise ConfigError(
-                    f"{out}: holds {Path(dirpath, name).relative_to(out)}, which is not a "
-                    "Parquet file; refusing to replace this folder with --overwrite."
-                )
+    def foreign(folder: Path) -> str | None:
+        for dirpath, _, filenames in os.walk(folder):
+            for name in filenames:
+                if not (name.endswith(".parquet") or name.startswith((".", "_"))):
+                    return (f"holds {Path(dirpath, name).relative_to(folder)}, which is not a "
+                            "Parquet file")
+        return None
+
+    check_replaceable(out, overwrite, name=str(out), foreign=foreign)
 
 
 def refuse_own_source(source: str, out: Path) -> None:

@@ -144,15 +144,21 @@ def filesystem(source: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(source)
 
 
-def list_files(source: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The Parquet files of a dataset, sorted by path."""
-    fs, root = filesystem(source)
+def existing(source: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
+    """The filesystem, path and file info of a file or folder that exists (else DataError)."""
+    fs, path = filesystem(source)
     try:
-        info = fs.get_file_info(root)
+        info = fs.get_file_info(path)
     except OSError as e:
-        raise DataError(f"{source}: cannot read: {e}") from None
+        raise DataError(f"{source}: cannot read: {' '.join(str(e).split())}") from None
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{source}: no such file or folder")
+    return fs, path, info
+
+
+def list_files(source: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The Parquet files of a dataset, sorted by path."""
+    fs, root, info = existing(source)
     if info.type == pafs.FileType.File:
         return fs, [root]
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))

@@ -4,6 +4,12 @@
 else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class GradpipeError(Exception):
     """Base class of the errors gradpipe reports to users as one line."""
@@ -27,3 +33,12 @@ class DivergenceError(GradpipeError):
 
 class RunInterrupted(GradpipeError):
     """The user stopped a run (Ctrl-C); its checkpoints remain for --resume."""
+
+
+def lookup(table: dict[str, T], name: str, what: str) -> T:
+    """table[name]; an unknown name raises a ConfigError listing the valid ones."""
+    try:
+        return table[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown {what} {name!r}. Choose one of: {', '.join(sorted(table))}.") from None

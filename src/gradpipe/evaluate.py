@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, check_replaceable
 from .backprop import CHUNK_ROWS, output_losses
 from .data import (
     BLOCK_ROWS,
@@ -426,19 +426,9 @@ def evaluate(config: EvalConfig, note: Note | None = None) -> dict:
 
 def _check_out(out: str, overwrite: bool) -> None:
     """Refuse an existing --out, unless --overwrite and it is an earlier predictions folder."""
-    path = Path(out)
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise ConfigError(f"--out {out}: exists and is not a folder. Choose another --out.")
-    if not any(path.iterdir()):
-        return
-    if not overwrite:
-        raise ConfigError(f"--out {out}: exists. Pass --overwrite to replace it, or choose "
-                          "another --out.")
-    if not (path / MARKER).is_file():
-        raise ConfigError(f"--out {out}: is not a gradpipe predictions folder (no {MARKER}); "
-                          "refusing to replace it with --overwrite.")
+    check_replaceable(out, overwrite, name=f"--out {out}",
+                      foreign=lambda folder: None if (folder / MARKER).is_file() else
+                      f"is not a gradpipe predictions folder (no {MARKER})")
 
 
 def predict(config: EvalConfig, note: Note | None = None) -> dict:

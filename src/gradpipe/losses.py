@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from .errors import ConfigError
+from .errors import lookup
 
 if TYPE_CHECKING:
     from .activations import Activation
@@ -108,9 +108,4 @@ LOSSES: dict[str, Loss] = {
 
 def get_loss(name: str) -> Loss:
     """Look a loss up by name; unknown names raise a ConfigError listing the valid ones."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown loss {name!r}. Choose one of: {', '.join(sorted(LOSSES))}."
-        ) from None
+    return lookup(LOSSES, name, "loss")

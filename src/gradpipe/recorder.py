@@ -2,7 +2,8 @@
 
     RUN/run.json                        configuration, dataset, model, status (rewritten)
     RUN/metrics/step-SSSSSSSS.parquet   one row per step
-    RUN/gradients/step-SSSSSSSS.parquet the recorded steps: step, layer, param, j, k, value, grad
+    RUN/gradients/step-SSSSSSSS.parquet the recorded steps: step, layer, param, j, k, value, grad,
+                                        [grad_sq]
     RUN/per_sample/step=S/part-BLOCK.parquet   written by the workers
     RUN/checkpoints/step-SSSSSS/        weights.parquet (+ velocity), state.json written last
     RUN/weights.parquet                 the final weights
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
-from .atomic import sweep
+from .atomic import check_replaceable, sweep
 from .errors import ConfigError
 from .model import Architecture, Params
 from .outputs import (
@@ -64,22 +65,10 @@ def _steps(folder: Path, pattern: re.Pattern[str]) -> dict[int, Path]:
 
 def prepare_run_dir(out: str | Path, *, overwrite: bool) -> Path:
     """Check that `out` may be written: new, empty, or an old run with `overwrite`."""
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--out {out}: exists and is not a folder")
-        if any(out.iterdir()):
-            if not overwrite:
-                raise ConfigError(
-                    f"--out {out}: folder exists and is not empty. Pass --overwrite to replace "
-                    "it, --resume to continue it, or choose another --out."
-                )
-            if not (out / "run.json").is_file():
-                raise ConfigError(
-                    f"--out {out}: is not a gradpipe run folder (no run.json); refusing to "
-                    "delete it with --overwrite."
-                )
-    return out
+    check_replaceable(out, overwrite, name=f"--out {out}", also=", --resume to continue it",
+                      foreign=lambda folder: None if (folder / "run.json").is_file() else
+                      "is not a gradpipe run folder (no run.json)")
+    return Path(out)
 
 
 def check_apart(out: str | Path, **inputs: str | None) -> None:
@@ -139,8 +128,9 @@ class Recorder:
     def metrics(self, row: dict) -> None:
         write_table(metrics_table([row]), self.out / "metrics" / f"step-{row['step']:08d}.parquet")
 
-    def gradients(self, step: int, sizes: tuple[int, ...], value: F64, grad: F64) -> None:
-        write_table(gradient_table(step, sizes, value, grad),
+    def gradients(self, step: int, sizes: tuple[int, ...], value: F64, grad: F64,
+                  grad_sq: F64 | None = None) -> None:
+        write_table(gradient_table(step, sizes, value, grad, grad_sq),
                     self.out / "gradients" / f"step-{step:08d}.parquet")
 
     def per_sample_dir(self) -> str:
@@ -184,7 +174,10 @@ def read_checkpoint(out: str | Path) -> tuple[int, Params, F64 | None]:
 
 
 def _concat(files: list[Path]) -> pa.Table | None:
-    return pa.concat_tables([pq.read_table(p) for p in files]) if files else None
+    # promote: a run resumed by a newer gradpipe has rows with columns its first ones lack
+    # (null there), such as noise_scale_l1.. in the metrics.
+    return pa.concat_tables([pq.read_table(p) for p in files],
+                            promote_options="default") if files else None
 
 
 def read_metrics(run: str | Path) -> pa.Table | None:

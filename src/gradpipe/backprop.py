@@ -78,9 +78,9 @@ def output_delta(arch: Architecture, a_L: Array, z_L: Array, y: Array) -> Array:
         delta: Array = a_L * (y @ ones)[:, None]  # a_j S: row sums as a product, not n short sums
         delta -= y
         big = a_L > 0.5  # (n, n_L), at most one unit a row
-        np.putmask(delta, big, 0)
-        rest = delta @ ones  # sum_{j != m} delta_j where the row has a big unit m
-        delta -= big * rest[:, None]  # delta_m = -rest; the other units lose exactly 0
+        delta *= ~big  # delta_m = 0 ...
+        rest = delta @ ones  # ... so that this is sum_{j != m} delta_j in rows with one
+        np.subtract(delta, rest[:, None], out=delta, where=big)  # delta_m = -rest
         return delta
     g = ACTIVATIONS[arch.output_activation]
     assert g.prime_of_a is not None  # only softmax lacks one, handled above

@@ -490,3 +490,81 @@ def test_two_two_one_sigmoid_network_by_hand():
     np.testing.assert_allclose(part.sq_norm_sum, [0.0, 0.008123663369506907, 0.06253234445504713],
                                rtol=1e-13, atol=0)
     np.testing.assert_allclose(flat_sums(part), expected, rtol=1e-13, atol=0)
+
+
+# ---------------------------------------------------------------------------- second moments
+
+
+def flat_sq_sums(part: backprop.Partial) -> np.ndarray:
+    assert part.sq_w is not None and part.sq_b is not None
+    return np.concatenate(
+        [np.concatenate([part.sq_w[l].ravel(), part.sq_b[l]]) for l in range(1, len(part.sq_w))]
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(p=problems(max_n=12), chunk_rows=st.integers(1, 12))
+def test_second_moment_is_the_sum_of_squared_per_sample_gradients(p, chunk_rows):
+    part = block_partial(p.arch, p.params, p.x, p.y, chunk_rows=chunk_rows, second_moment=True)
+    grads = backprop_grads(p)  # (n, P), checked against the references above
+    assert all(s.dtype == np.float64 for s in part.sq_w[1:] + part.sq_b[1:])
+    assert [s.shape for s in part.sq_w[1:]] == [w.shape for w in p.params.w[1:]]
+    np.testing.assert_allclose(flat_sq_sums(part), (grads ** 2).sum(axis=0), rtol=1e-10,
+                               atol=1e-300)
+    # The first moment and everything else are those of the plain call, bit for bit.
+    plain = block_partial(p.arch, p.params, p.x, p.y, chunk_rows=chunk_rows)
+    assert plain.sq_w is None and plain.sq_b is None
+    assert np.array_equal(flat_sums(part), flat_sums(plain))
+    assert np.array_equal(part.sq_norm_sum, plain.sq_norm_sum)
+    assert part.loss_sum == plain.loss_sum
+
+
+def test_second_moment_against_the_naive_chain_rule():
+    p = make_problem((4, 5, 3, 3), "tanh", "softmax", "cross_entropy", n=9, seed=7)
+    _, naive = naive_reference(p)
+    part = block_partial(p.arch, p.params, p.x, p.y, chunk_rows=4, second_moment=True)
+    np.testing.assert_allclose(flat_sq_sums(part), (naive ** 2).sum(axis=0), rtol=1e-12,
+                               atol=1e-300)
+
+
+def test_second_moment_of_an_empty_block_is_zero():
+    p = make_problem((3, 4, 2), "relu", "identity", "squared", n=0, seed=1)
+    part = block_partial(p.arch, p.params, p.x, p.y, second_moment=True)
+    assert not np.any(flat_sq_sums(part)) and flat_sq_sums(part).size == p.arch.n_params
+
+
+def test_second_moment_in_float32_agrees_with_float64():
+    p64 = make_problem((20, 16, 10), "sigmoid", "softmax", "cross_entropy", n=20_000, seed=4)
+    a32 = Architecture((20, 16, 10), "sigmoid", "softmax", "cross_entropy", "float32")
+    part64 = block_partial(p64.arch, p64.params, p64.x, p64.y, second_moment=True)
+    part32 = block_partial(a32, p64.params.astype("float32"), p64.x.astype(np.float32),
+                           p64.y.astype(np.float32), second_moment=True)
+    got, want = flat_sq_sums(part32), flat_sq_sums(part64)
+    assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want)
+
+
+# ---------------------------------------------------------------------------- outputs sink
+
+
+@settings(max_examples=30, deadline=None)
+@given(p=problems(max_n=12), chunk_rows=st.integers(1, 12), full=st.booleans())
+def test_outputs_sink_gets_each_chunks_output_layer_before_its_rows(p, chunk_rows, full):
+    n = p.x.shape[0]
+    events: list = []
+    block_partial(p.arch, p.params, p.x, p.y, chunk_rows=chunk_rows, full=full,
+                  sink=lambda start, c, sq, g: events.append(("rows", start, len(c))),
+                  outputs=lambda start, a_L, y: events.append(("out", start, a_L.copy(),
+                                                               y.copy())))
+    outs = [e for e in events if e[0] == "out"]
+    assert [e[1] for e in outs] == list(range(0, n, chunk_rows))
+    for _, start, a_L, y in outs:  # the chunk's own forward pass (BLAS bits depend on rows)
+        np.testing.assert_array_equal(
+            a_L, forward(p.arch, p.params, p.x[start : start + chunk_rows])[0][-1])
+        np.testing.assert_array_equal(y, p.y[start : start + chunk_rows])
+    # Each chunk's outputs come before the rows of that chunk, and its rows stay inside it.
+    current = None
+    for e in events:
+        if e[0] == "out":
+            current = (e[1], e[1] + len(e[2]))
+        else:
+            assert current is not None and current[0] <= e[1] and e[1] + e[2] <= current[1]

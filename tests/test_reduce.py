@@ -277,3 +277,72 @@ def test_reduce_keeps_the_coarsest_eps():
     assert p64.eps == np.finfo(np.float64).eps and p32.eps == np.finfo(np.float32).eps
     assert reduce([p64]).eps == p64.eps
     assert reduce([p64, p32]).eps == p32.eps
+
+
+# ---------------------------------------------------------------------------- second moments
+# and the noise scale per layer
+
+
+def layer_columns(arch) -> list[slice]:
+    out, at = [slice(0, 0)], 0
+    for l in range(1, arch.L + 1):
+        size = arch.sizes[l] * (arch.sizes[l - 1] + 1)
+        out.append(slice(at, at + size))
+        at += size
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(problem=problems(), data=st.data())
+def test_grad_sq_is_the_mean_squared_per_sample_gradient_for_any_split(problem, data):
+    arch, params, x, y = problem
+    n = x.shape[0]
+    grads, _, _ = materialized(arch, params, x, y)
+    cuts = data.draw(st.lists(st.integers(0, n), max_size=4), label="cuts")
+    bounds = [0, *sorted(cuts), n]
+    partials = [block_partial(arch, params, x[lo:hi], y[lo:hi], block=b, chunk_rows=3,
+                              second_moment=True)
+                for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+    g = reduce(partials)
+    np.testing.assert_allclose(g.flat_sq(), (grads ** 2).mean(axis=0), rtol=1e-10,
+                               atol=1e-300)
+    # (1/N) sum g_i^2 - G^2 is the per-parameter (population) variance of the g_i.
+    np.testing.assert_allclose(g.flat_sq() - g.flat() ** 2, grads.var(axis=0), rtol=1e-7,
+                               atol=1e-12 * max(1.0, float((grads ** 2).max())))
+    # Block order, not arrival order: the same bits for any order of the partials.
+    order = data.draw(st.permutations(range(len(partials))), label="order")
+    assert np.array_equal(reduce([partials[i] for i in order]).flat_sq(), g.flat_sq())
+    # The first moment is unchanged by asking for the second.
+    plain = reduce([block_partial(arch, params, x[lo:hi], y[lo:hi], block=b, chunk_rows=3)
+                    for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))])
+    assert plain.flat_sq() is None and np.array_equal(plain.flat(), g.flat())
+
+
+def test_reduce_refuses_to_mix_partials_with_and_without_second_moments():
+    arch, params, x, y = make_problem((3, 4, 2), "tanh", "sigmoid", "squared", 6, 0)
+    with pytest.raises(AssertionError, match="mixed"):
+        reduce([block_partial(arch, params, x[:3], y[:3], block=0, second_moment=True),
+                block_partial(arch, params, x[3:], y[3:], block=1)])
+
+
+@settings(max_examples=50, deadline=None)
+@given(problem=problems(min_n=2, max_n=16))
+def test_layer_noise_scale_matches_its_definition_on_each_layer(problem):
+    arch, params, x, y = problem
+    grads, _, _ = materialized(arch, params, x, y)
+    got = reduce([block_partial(arch, params, x, y)]).layer_noise_scales()
+    assert got.shape == (arch.L + 1,) and math.isnan(got[0])
+    for l, cols in enumerate(layer_columns(arch)[1:], start=1):
+        trace, denom = noise_scale_direct(grads[:, cols])  # the definition on layer l alone
+        G2 = float(grads[:, cols].mean(axis=0) @ grads[:, cols].mean(axis=0))
+        if not (abs(denom) > 1e-6 * G2 and abs(denom) > 0):
+            continue  # ill-conditioned on both sides, as in the whole-model test
+        if denom > 0:
+            np.testing.assert_allclose(got[l], trace / denom, rtol=1e-8, atol=1e-12)
+        else:
+            assert math.isnan(got[l])
+
+
+def test_layer_noise_scale_of_a_one_layer_model_is_the_noise_scale():
+    g = gradient_from(np.array([[1.0, 0.0], [3.0, 0.0]]), (1, 1))
+    assert g.layer_noise_scales()[1] == g.noise_scale() == pytest.approx(2.0 / 3.0, rel=1e-15)

@@ -2,8 +2,8 @@
 
 Partials are added in block order, in float64, and divided by N once at the end. The
 order is the blocks' and not the workers', so the result has the same bits for any number
-of workers and after any retry. Also here: the gradient noise scale estimated from the
-same sums.
+of workers and after any retry. Also here: the gradient noise scale, over all parameters
+and per layer, estimated from the same sums, and the second moment (1/N) sum_i g_i^2.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ class Gradient:
     correct: int  # samples classified right (classification)
     # Machine epsilon of the compute dtype (the coarsest of the partials'), for noise_scale.
     eps: float = float(np.finfo(np.float64).eps)
+    # With second moments: (1/N) sum_i (dC_i/dw[l])^2 and (1/N) sum_i (dC_i/db[l])^2.
+    sq_w: list[F64] | None = None
+    sq_b: list[F64] | None = None
 
     @property
     def L(self) -> int:
@@ -40,20 +43,31 @@ class Gradient:
 
     def flat(self) -> F64:
         """The gradient as one vector in the gradients row order (layer, w then b, j, k)."""
-        parts = []
-        for l in range(1, self.L + 1):
-            parts += [self.w[l].ravel(), self.b[l].ravel()]
-        return np.concatenate(parts)
+        return _flat(self.w, self.b)
+
+    def flat_sq(self) -> F64 | None:
+        """The second moment (1/N) sum_i g_i^2 in the same order; None without second moments.
+
+        The diagonal of the empirical Fisher (BackPACK's SumGradSquared divided by N); the
+        per-parameter variance of the per-sample gradients is flat_sq() - flat()^2.
+        """
+        if self.sq_w is None or self.sq_b is None:
+            return None
+        return _flat(self.sq_w, self.sq_b)
 
     def layer_norms(self) -> F64:
         """|dC/dtheta[l]| per layer, (L+1,); index 0 unused."""
-        out = np.zeros(self.L + 1)
-        for l in range(1, self.L + 1):
-            out[l] = np.sqrt(np.sum(self.w[l] ** 2) + np.sum(self.b[l] ** 2))
-        return out
+        return np.sqrt(self.layer_sq_norms())
 
     def norm(self) -> float:
         return float(np.sqrt(np.sum(self.layer_norms() ** 2)))
+
+    def layer_sq_norms(self) -> F64:
+        """|dC/dtheta[l]|^2 per layer, (L+1,); index 0 unused."""
+        out = np.zeros(self.L + 1)
+        for l in range(1, self.L + 1):
+            out[l] = np.sum(self.w[l] ** 2) + np.sum(self.b[l] ** 2)
+        return out
 
     def noise_scale(self) -> float:
         """B_simple = tr(Sigma) / |G|^2 (McCandlish et al., 2018), unbiased; NaN if undefined.
@@ -70,15 +84,37 @@ class Gradient:
         arithmetic). In float32 the bound is 1.5e-5 (|G|^2 + S/n): B above about
         6.5e4 n, far past any useful batch size, reads as null.
         """
-        n = self.n
-        if n < 2:
-            return float("nan")
-        g2 = float(np.sum(self.flat() ** 2))
-        trace = (float(self.sq_norm_sum.sum()) - n * g2) / (n - 1)
-        denom = g2 - trace / n
-        if not denom > NOISE_ULPS * self.eps * (g2 + abs(trace) / n):
-            return float("nan")
-        return trace / denom
+        return b_simple(self.n, float(np.sum(self.flat() ** 2)), float(self.sq_norm_sum.sum()),
+                        self.eps)
+
+    def layer_noise_scales(self) -> F64:
+        """B_simple of each layer's parameters alone, (L+1,) (index 0 unused; NaN where
+        undefined): noise_scale's estimator with |G|^2 and sum_i |g_i|^2 restricted to
+        layer l, i.e. |dC/dtheta[l]|^2 and sq_norm_sum[l]."""
+        out = np.full(self.L + 1, np.nan)
+        for l, g2 in enumerate(self.layer_sq_norms()[1:], start=1):
+            out[l] = b_simple(self.n, float(g2), float(self.sq_norm_sum[l]), self.eps)
+        return out
+
+
+def _flat(w: list[F64], b: list[F64]) -> F64:
+    parts = []
+    for l in range(1, len(w)):
+        parts += [w[l].ravel(), b[l].ravel()]
+    return np.concatenate(parts)
+
+
+def b_simple(n: int, g2: float, sq_sum: float, eps: float) -> float:
+    """B_simple = S / (|G|^2 - S / n), S = (sum_i |g_i|^2 - n |G|^2) / (n - 1); NaN where
+    n < 2 or the denominator is within NOISE_ULPS * eps of the terms it subtracts
+    (Gradient.noise_scale says why). g2 = |G|^2, sq_sum = sum_i |g_i|^2."""
+    if n < 2:
+        return float("nan")
+    trace = (sq_sum - n * g2) / (n - 1)
+    denom = g2 - trace / n
+    if not denom > NOISE_ULPS * eps * (g2 + abs(trace) / n):
+        return float("nan")
+    return trace / denom
 
 
 def reduce(partials: list[Partial]) -> Gradient:
@@ -91,12 +127,19 @@ def reduce(partials: list[Partial]) -> Gradient:
     sum_w = [np.array(w, dtype=np.float64, copy=True) for w in first.sum_w]
     sum_b = [np.array(b, dtype=np.float64, copy=True) for b in first.sum_b]
     sq = np.array(first.sq_norm_sum, dtype=np.float64, copy=True)
+    second = first.sq_w is not None and first.sq_b is not None
+    assert all((p.sq_w is not None) == second for p in ordered), "mixed second moments"
+    sq_w = [np.array(w, dtype=np.float64, copy=True) for w in first.sq_w or []]
+    sq_b = [np.array(b, dtype=np.float64, copy=True) for b in first.sq_b or []]
     loss, n, correct = float(first.loss_sum), first.n, first.correct
     eps = max(p.eps for p in ordered)
     for p in ordered[1:]:
         for l in range(1, len(sum_w)):
             sum_w[l] += p.sum_w[l]
             sum_b[l] += p.sum_b[l]
+            if p.sq_w is not None and p.sq_b is not None:
+                sq_w[l] += p.sq_w[l]
+                sq_b[l] += p.sq_b[l]
         sq += p.sq_norm_sum
         loss += p.loss_sum
         n += p.n
@@ -106,4 +149,8 @@ def reduce(partials: list[Partial]) -> Gradient:
     for l in range(1, len(sum_w)):
         sum_w[l] /= n
         sum_b[l] /= n
-    return Gradient(n, loss / n, sum_w, sum_b, sq, correct, eps)
+        if second:
+            sq_w[l] /= n
+            sq_b[l] /= n
+    return Gradient(n, loss / n, sum_w, sum_b, sq, correct, eps,
+                    sq_w if second else None, sq_b if second else None)

@@ -110,8 +110,14 @@ class TrainConfig:
                           optional=True, commands=RUNS, resume="free", metavar="RUN")
     record_every: int = opt(10, "Record the whole gradient every K steps (and at the last).",
                             kind="int", low=0, commands=TRAIN)
-    per_sample: str = opt("none", "Per-sample rows to write: norms (losses and gradient "
-                          "norms) or full (also each sample's whole gradient).",
+    second_moment: bool = opt(False, "Also record grad_sq = (1/N) sum_i (dC_i/dtheta)^2 for "
+                              "every parameter in gradients/ (the empirical Fisher's "
+                              "diagonal; with grad, each parameter's variance): one more "
+                              "matrix product per layer at the recorded steps.", kind="bool",
+                              commands=RUNS)
+    per_sample: str = opt("none", "Per-sample rows to write: norms (losses, gradient "
+                          "norms, predictions and EL2N) or full (also each sample's whole "
+                          "gradient).",
                           kind="choice", choices=PER_SAMPLE, commands=RUNS)
     per_sample_every: int = opt(0, "Per-sample rows every K steps (and at the last); 0: "
                                 "only at the last.", kind="int", low=0, commands=TRAIN)

@@ -5,7 +5,7 @@ a crash leaves the old file or the new one, never a mix. Nothing here pickles: w
 checkpoints are Parquet with the model description as JSON metadata.
 
     RUN/run.json            resolved configuration, versions, dataset fingerprint, status
-    RUN/gradients/...       step, layer, param, j, k, value, grad
+    RUN/gradients/...       step, layer, param, j, k, value, grad, [grad_sq]
     RUN/per_sample/step=S/part-BLOCK.parquet
     RUN/weights.parquet     layer, param, j, k, value
 
@@ -84,16 +84,20 @@ def _index_columns(sizes: tuple[int, ...]) -> dict[str, pa.Array]:
     }
 
 
-def gradient_table(step: int, sizes: tuple[int, ...], value: F64, grad: F64) -> pa.Table:
-    """One step's rows of gradients/: the weights w_s (`value`) and dC/dw at w_s."""
+def gradient_table(step: int, sizes: tuple[int, ...], value: F64, grad: F64,
+                   grad_sq: F64 | None = None) -> pa.Table:
+    """One step's rows of gradients/: the weights w_s (`value`), dC/dw at w_s, and with
+    --second-moment `grad_sq`, the mean of the squared per-sample gradients."""
     cols = _index_columns(sizes)
     n = len(value)
+    extra = {} if grad_sq is None else {"grad_sq": pa.array(np.asarray(grad_sq, np.float64))}
     return pa.table(
         {
             "step": pa.array(np.full(n, step, dtype=np.int64)),
             **cols,
             "value": pa.array(np.asarray(value, dtype=np.float64)),
             "grad": pa.array(np.asarray(grad, dtype=np.float64)),
+            **extra,
         }
     )
 
@@ -229,14 +233,24 @@ def read_weights(
     return arch, params, standardize, velocity
 
 
+# The per-sample columns that say what the model did (PerSampleWriter with outputs=True):
+# prediction, correct and confidence for classes only; el2n for both tasks.
+OUTPUT_COLUMNS = ("prediction", "correct", "confidence", "el2n")
+
+
 class PerSampleWriter:
     """Writes one block's per-sample rows to part-BLOCK.parquet, chunk by chunk, atomically.
 
-    Columns: sample, [label], loss, grad_norm, grad_norm_l1 .. grad_norm_lL, [grad].
+    Columns: sample, [label], loss, grad_norm, grad_norm_l1 .. grad_norm_lL,
+    [prediction, correct, confidence] (classes), [el2n] (with `outputs`), [grad] (`full`).
+    `label` and `prediction` are class indices 0..K-1; with `classes` (the class values in
+    output order) the schema metadata maps them back: {"gradpipe": {"classes": [...],
+    "class_type": ...}}.
     """
 
     def __init__(self, path: str | Path, L: int, *, full: bool, classify: bool,
-                 dtype: str = "float64") -> None:
+                 dtype: str = "float64", outputs: bool = False,
+                 classes: tuple | None = None, class_type: str | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp_name(self.path)
@@ -245,10 +259,20 @@ class PerSampleWriter:
             fields.append(pa.field("label", pa.int64()))
         fields += [pa.field("loss", pa.float64()), pa.field("grad_norm", pa.float64())]
         fields += [pa.field(f"grad_norm_l{l}", pa.float64()) for l in range(1, L + 1)]
+        self.outputs = outputs
+        if outputs and classify:
+            fields += [pa.field("prediction", pa.int64()), pa.field("correct", pa.bool_()),
+                       pa.field("confidence", pa.float64())]
+        if outputs:
+            fields.append(pa.field("el2n", pa.float64()))
         if full:
             # The compute dtype: float32 per-sample gradients unless --dtype float64.
             fields.append(pa.field("grad", pa.list_(pa.from_numpy_dtype(np.dtype(dtype)))))
-        self.schema = pa.schema(fields)
+        meta = None
+        if classify and classes is not None:
+            meta = {META_KEY: json.dumps({"classes": list(classes), "class_type": class_type},
+                                         default=_jsonable).encode()}
+        self.schema = pa.schema(fields, metadata=meta)
         self.full = full
         self.pending: list[pa.Table] = []
         # Per-sample values are high-entropy floats: dictionary pages only cost time, and
@@ -266,12 +290,22 @@ class PerSampleWriter:
         losses: F64,
         sq_norms: F64,
         grads: NDArray[np.floating] | None,
+        outputs: dict[str, NDArray] | None = None,
     ) -> None:
+        """One piece of rows; `outputs` holds the OUTPUT_COLUMNS arrays of these rows
+        (prediction, confidence and el2n; `correct` is prediction == label)."""
         cols: list[pa.Array] = [pa.array(ids)]
         if labels is not None:
             cols.append(pa.array(labels))
         cols += [pa.array(losses), pa.array(np.sqrt(sq_norms[:, 1:].sum(axis=1)))]
         cols += [pa.array(np.sqrt(sq_norms[:, l])) for l in range(1, sq_norms.shape[1])]
+        if self.outputs:
+            assert outputs is not None, "this writer was opened with outputs=True"
+            if labels is not None:
+                prediction = outputs["prediction"]
+                cols += [pa.array(prediction), pa.array(prediction == labels),
+                         pa.array(outputs["confidence"])]
+            cols.append(pa.array(outputs["el2n"]))
         if grads is not None:
             m, p = grads.shape  # a piece of at most FULL_CHUNK_BYTES: int32 offsets suffice
             offsets = pa.array(np.arange(0, (m + 1) * p, p, dtype=np.int32))

@@ -329,12 +329,17 @@ class Run:
             step, flat = self.step, self.params.flat()
             # fan out to the workers, reduce their block partials in block order
             per_sample = self._due(config.per_sample_every, last) and config.per_sample
+            # Second moments only where the gradient is recorded (any step may converge).
+            recorded = self._due(config.record_every, last) or config.tol > 0
             grad = reduce(self.pool.step(StepRequest(
                 step=step, arch=arch, params=self.params,
                 per_sample=per_sample if per_sample and rec is not None else "none",
                 out_dir=rec.per_sample_dir() if rec is not None else None,
                 batch=draw_batch(config.batch, config.seed, self.dataset.n_rows, step),
-                standardize=self.standardize, target_scale=self.target_scale)))
+                standardize=self.standardize, target_scale=self.target_scale,
+                second_moment=config.second_moment and recorded and rec is not None,
+                classes=self.dataset.classes if self.dataset.classify else None,
+                class_type=self.dataset.class_type)))
             g = with_weight_decay(grad.flat(), flat, config.weight_decay, mask)
             lr = lr_at(config.schedule, config.lr, config.steps, step)
             metrics = self._metrics(step, grad, lr, time.perf_counter() - t0)
@@ -349,7 +354,9 @@ class Run:
             if rec is not None:
                 rec.metrics(metrics)
                 if converged or self._due(config.record_every, last):
-                    rec.gradients(step, arch.sizes, flat, g)
+                    rec.gradients(step, arch.sizes, flat, g,
+                                  self._grad_sq(grad, flat, mask) if config.second_moment
+                                  else None)
             # update: w_{s+1} = w_s - lr v_s (--steps N makes N updates)
             if config.update and not converged:
                 flat, self.velocity = sgd_step(flat, self.velocity, g, lr, config.momentum)
@@ -416,7 +423,23 @@ class Run:
             row["accuracy"] = grad.correct / grad.n
         for l, norm in enumerate(grad.layer_norms()[1:], start=1):
             row[f"grad_norm_l{l}"] = float(norm)
+        # B_simple of each layer alone: the same sums restricted to layer l, so every row has
+        # these columns whether or not second moments are recorded.
+        for l, noise in enumerate(grad.layer_noise_scales()[1:], start=1):
+            row[f"noise_scale_l{l}"] = None if math.isnan(noise) else float(noise)
         return row
+
+    def _grad_sq(self, grad: Gradient, flat: F64, mask: F64) -> F64:
+        """(1/N) sum_i g_i^2 for the per-sample gradients g_i whose mean is the recorded
+        `grad`: with weight decay c = lambda w (weights only), g_i + c, so that
+        grad_sq - grad^2 stays the per-sample variance: (1/N) sum_i (g_i + c)^2 =
+        grad_sq_0 + c (2 G + c)."""
+        sq = grad.flat_sq()
+        assert sq is not None, "the step was computed without second moments"
+        if not self.config.weight_decay:
+            return sq
+        c = self.config.weight_decay * flat * mask
+        return sq + c * (2 * grad.flat() + c)
 
     def _checkpoint(self) -> None:
         assert self.recorder is not None

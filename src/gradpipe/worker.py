@@ -25,7 +25,14 @@ from . import raycompat
 from .backprop import Partial, block_partial
 from .data import Block, BlockData, Dataset, filesystem, read_block
 from .errors import JobError
-from .evaluate import EvalRequest, EvalSums, PredictRequest, evaluate_block, predict_block
+from .evaluate import (
+    EvalRequest,
+    EvalSums,
+    PredictRequest,
+    class_probabilities,
+    evaluate_block,
+    predict_block,
+)
 from .model import Architecture, Params
 from .outputs import PerSampleWriter, per_sample_path
 
@@ -44,6 +51,9 @@ class StepRequest:
     batch: NDArray[np.int64] | None = None  # sorted global row indexes; None: full batch
     standardize: tuple[F64, F64] | None = None  # (mean, std) of the features
     target_scale: tuple[F64, F64] | None = None  # (mean, std) of regression targets
+    second_moment: bool = False  # also sum_i (dC_i/dtheta)^2 (Partial.sq_w, sq_b)
+    classes: tuple | None = None  # class values in output order, for per-sample metadata
+    class_type: str | None = None
 
 
 @dataclass
@@ -84,6 +94,26 @@ def combine_moments(parts: list[Moments]) -> tuple[F64, F64]:
     return mean, np.where(constant, 1.0, std)
 
 
+def sample_outputs(arch: Architecture, a_L: NDArray[np.floating], y: NDArray[np.floating],
+                   classify: bool) -> dict[str, NDArray]:
+    """What the model did with each sample, from the output layer a[L] (m, n_L) and the
+    target y (m, n_L) as training sees it (one-hot classes, or standardized targets).
+
+    el2n = |a[L] - y|_2 (EL2N, Paul et al. 2021; the softmax probabilities for softmax),
+    float64. Classification also: prediction = argmax_j a[L]_j (a class index) and
+    confidence = its probability (evaluate.class_probabilities: a[L] for softmax, else
+    a[L] clipped at 0 over its row sum).
+    """
+    err = a_L.astype(np.float64) - y  # (m, n_L)
+    out: dict[str, NDArray] = {"el2n": np.sqrt(np.einsum("nj,nj->n", err, err))}
+    if classify:
+        prediction = a_L.argmax(axis=1)  # (m,)
+        probabilities = class_probabilities(arch, a_L)  # (m, K) float64
+        out["prediction"] = prediction.astype(np.int64)
+        out["confidence"] = probabilities[np.arange(len(prediction)), prediction]
+    return out
+
+
 def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
     """One block's Partial for one step; writes its per-sample rows when asked."""
     x, y, ids, labels = data.x, data.y, data.ids, data.labels
@@ -102,17 +132,27 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
             full=req.per_sample == "full",
             classify=classify,
             dtype=req.arch.dtype,
+            outputs=True,
+            classes=req.classes,
+            class_type=req.class_type,
         )
+    # The current chunk's per-sample outputs; the sink gets pieces of that chunk.
+    chunk: dict[str, Any] = {"start": 0, "outputs": {}}
+
+    def on_outputs(start: int, a_L: NDArray[np.floating], y_chunk: NDArray[np.floating]) -> None:
+        chunk["start"], chunk["outputs"] = start, sample_outputs(req.arch, a_L, y_chunk, classify)
 
     def sink(start: int, losses: F64, sq: F64, grads: NDArray[np.floating] | None) -> None:
         m = len(losses)
         assert writer is not None
+        at = start - chunk["start"]
         writer.write(
             ids[start : start + m],
             labels[start : start + m] if labels is not None else None,
             losses,
             sq,
             grads,
+            {k: v[at : at + m] for k, v in chunk["outputs"].items()},
         )
 
     try:
@@ -125,6 +165,8 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
             classify=classify,
             sink=sink if writer is not None else None,
             full=req.per_sample == "full",
+            second_moment=req.second_moment,
+            outputs=on_outputs if writer is not None else None,
         )
     except BaseException:
         if writer is not None:

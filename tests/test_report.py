@@ -15,6 +15,7 @@ import duckdb
 import matplotlib.image as mpimg
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
@@ -207,7 +208,7 @@ def test_per_sample_grad_column_is_never_read(regression_run: Path,
     """The per-sample files hold `grad`; inspect projects it away when scanning them."""
     schema = pq.read_schema(next((regression_run / "per_sample" / "step=11").iterdir()))
     assert "grad" in schema.names
-    assert report.per_sample_columns(schema) == ["sample", "loss", "grad_norm"]
+    assert report.per_sample_columns(schema) == ["sample", "loss", "grad_norm", "el2n"]
     scanned: list[list[str] | None] = []
     real = report.ds.dataset
 
@@ -222,7 +223,7 @@ def test_per_sample_grad_column_is_never_read(regression_run: Path,
 
     monkeypatch.setattr(report.ds, "dataset", Recording)
     result = report.inspect_output(regression_run, top=2)
-    assert scanned == [["sample", "loss", "grad_norm"]]
+    assert scanned == [["sample", "loss", "grad_norm", "el2n"]]
     assert result.summary["per_sample"]["samples"] == 40
 
 
@@ -403,3 +404,106 @@ def test_library_errors_are_config_errors(tmp_path: Path) -> None:
         report.inspect_output(tmp_path / "nope")
     with pytest.raises(ConfigError, match="--top"):
         report.inspect_output(tmp_path, top=-1)
+
+
+# --------------------------------------------------------------------------- second moments,
+# per-layer noise scale, what the model did per sample
+
+
+@pytest.fixture(scope="module")
+def second_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 steps with --second-moment, gradients recorded at 0, 5, 10 and 11."""
+    root = tmp_path_factory.mktemp("report-second")
+    data = root / "data"
+    synth(data, rows=ROWS, features=5, classes=3, files=3, row_group_size=16, seed=1)
+    out = root / "run"
+    # Learnable and slow, as `run`: the noise scales stay defined at every step.
+    train(TrainConfig(data=str(data), out=str(out), hidden=(8, 4), steps=12, lr=1.0,
+                      dtype="float64", workers=0, record_every=5, second_moment=True,
+                      per_sample="norms", weight_decay=0.01, standardize=False,
+                      output_activation="sigmoid", loss="squared"))
+    return out
+
+
+def _layer_moments(table: pa.Table, step: int) -> dict[int, dict]:
+    """signal, variance and parameters per layer at one step, from the file with numpy."""
+    rows = table.filter(pc.equal(table["step"], step))
+    layer = rows["layer"].to_numpy()
+    grad, grad_sq = rows["grad"].to_numpy(), rows["grad_sq"].to_numpy()
+    out = {}
+    for l in np.unique(layer):
+        g, q = grad[layer == l], grad_sq[layer == l]
+        out[int(l)] = {"parameters": len(g), "signal": float((g * g).sum()),
+                       "variance": float((q - g * g).sum())}
+    return out
+
+
+def test_second_moment_summary_matches_the_files(second_run: Path) -> None:
+    summary = strict_json(ok(inspect(second_run, "--json")).stdout)
+    second = summary["gradients"]["second_moment"]
+    table = pq.read_table(second_run / "gradients")
+    assert second["step"] == 11 and second["steps"] == 4
+    want = _layer_moments(table, 11)
+    assert [r["layer"] for r in second["layers"]] == [1, 2, 3]
+    for r in second["layers"]:
+        w = want[r["layer"]]
+        assert r["parameters"] == w["parameters"]
+        np.testing.assert_allclose(r["signal"], w["signal"], rtol=1e-12)
+        np.testing.assert_allclose(r["variance"], w["variance"], rtol=1e-9)
+        np.testing.assert_allclose(r["mean_variance"], w["variance"] / w["parameters"],
+                                   rtol=1e-9)
+        np.testing.assert_allclose(r["snr"], w["signal"] / w["variance"], rtol=1e-9)
+        assert r["variance"] > 0
+    assert [c["step"] for c in second["curve"]] == [0, 5, 10, 11]
+    for c in second["curve"]:
+        w = _layer_moments(table, c["step"])
+        for l in (1, 2, 3):
+            np.testing.assert_allclose(c[f"snr_l{l}"], w[l]["signal"] / w[l]["variance"],
+                                       rtol=1e-9)
+    assert "grad_sq - grad^2" in second["explanation"]
+    # The gradients folder alone says the same.
+    alone = strict_json(ok(inspect(second_run / "gradients", "--json")).stdout)
+    assert alone["gradients"]["second_moment"] == second
+    text = ok(inspect(second_run)).stdout
+    assert "Per-sample gradient variance per layer (grad_sq, step 11)" in text
+    assert f"{second['layers'][0]['snr']:.4g}" in text
+
+
+def test_no_second_moment_summary_without_grad_sq(run: Path) -> None:
+    summary = strict_json(ok(inspect(run, "--json")).stdout)
+    assert summary["gradients"]["second_moment"] is None
+    assert "grad_sq" not in ok(inspect(run)).stdout
+
+
+def test_noise_scale_per_layer_in_the_summary(second_run: Path) -> None:
+    noise = strict_json(ok(inspect(second_run, "--json")).stdout)["noise_scale"]
+    metrics = pq.read_table(second_run / "metrics").to_pylist()
+    assert [r["layer"] for r in noise["layers"]] == [1, 2, 3]
+    for r in noise["layers"]:
+        values = [(m["step"], m[f"noise_scale_l{r['layer']}"]) for m in metrics
+                  if m[f"noise_scale_l{r['layer']}"] is not None]
+        assert (r["latest_step"], r["latest"]) == values[-1]
+        window = [v for s, v in values if s >= noise["window_steps"][0]]
+        if window:
+            assert r["median_last"] == pytest.approx(float(np.median(window)), rel=1e-12)
+        else:
+            assert r["median_last"] is None
+    assert any(r["median_last"] is not None for r in noise["layers"])
+    text = ok(inspect(second_run)).stdout
+    assert "layer 3" in text and f"{noise['layers'][2]['latest']:.4g}" in text
+
+
+def test_per_sample_summary_shows_el2n_accuracy_and_predictions(second_run: Path) -> None:
+    per_sample = strict_json(ok(inspect(second_run, "--json", "--top", "3")).stdout)["per_sample"]
+    table = pq.read_table(second_run / "per_sample" / "step=11")
+    el2n = table.column("el2n").to_numpy()
+    np.testing.assert_allclose(per_sample["el2n"]["mean"], el2n.mean(), rtol=1e-12)
+    assert per_sample["el2n"]["max"] == el2n.max()
+    assert per_sample["accuracy"] == table.column("correct").to_numpy().mean()
+    rows = {r["sample"]: r for r in table.to_pylist()}
+    for r in per_sample["top"]:
+        for column in ("prediction", "correct", "confidence", "el2n"):
+            assert r[column] == rows[r["sample"]][column]
+    text = " ".join(ok(inspect(second_run, "--top", "3")).stdout.split())  # lines may wrap
+    assert "prediction" in text and "el2n" in text
+    assert f"accuracy {per_sample['accuracy']:.4f}" in text

@@ -113,6 +113,11 @@ def render(summary: dict, console: Any = None) -> None:
         if noise["samples_per_step"]:
             batch += f" (this run: {noise['samples_per_step']:,} per step)"
         t.add_row("suggested batch", batch)
+        for layer in noise.get("layers") or []:  # B_simple of each layer's parameters alone
+            latest = (f"{_num(layer['latest'], 4)} (step {layer['latest_step']})"
+                      if layer["latest"] is not None else "-")
+            t.add_row(f"layer {layer['layer']}",
+                      f"{latest}; median, last 10%: {_num(layer['median_last'], 4)}")
         console.print(t)
         console.print(noise["explanation"], style="dim")
 
@@ -124,6 +129,16 @@ def render(summary: dict, console: Any = None) -> None:
         if summary["kind"] == "gradients":  # a run shows the same norms from metrics
             _norm_table(console, table, "Gradient norm |dC/dtheta| per layer",
                         gradients["curve"], gradients["layers"])
+        if second := gradients.get("second_moment"):
+            t = table(f"Per-sample gradient variance per layer (grad_sq, step {second['step']})",
+                      "layer", "parameters", "|grad|^2", "sum variance", "mean variance",
+                      "snr")
+            for r in second["layers"]:
+                t.add_row(str(r["layer"]), _num(r["parameters"]), _num(r["signal"], 5),
+                          _num(r["variance"], 5), _num(r["mean_variance"], 5),
+                          _num(r["snr"], 4))
+            console.print(t)
+            console.print(second["explanation"], style="dim")
 
     if (per_sample := summary.get("per_sample")) is not None:
         gn = per_sample["grad_norm"]
@@ -132,21 +147,30 @@ def render(summary: dict, console: Any = None) -> None:
         console.print(
             f"per-sample rows at step {step if step is not None else '?'} (steps with "
             f"per-sample files: {steps}): {per_sample['samples']:,} samples")
-        console.print(
-            f"  grad_norm mean {_num(gn.get('mean'), 4)}, median {_num(gn.get('median'), 4)}, "
-            f"p99 {_num(gn.get('p99'), 4)}, max {_num(gn.get('max'), 4)}; "
-            f"mean loss {_num(per_sample['loss'].get('mean'))}")
+        line = (f"  grad_norm mean {_num(gn.get('mean'), 4)}, median {_num(gn.get('median'), 4)}, "
+                f"p99 {_num(gn.get('p99'), 4)}, max {_num(gn.get('max'), 4)}; "
+                f"mean loss {_num(per_sample['loss'].get('mean'))}")
+        if el2n := per_sample.get("el2n"):
+            line += f"; el2n mean {_num(el2n.get('mean'), 4)}, max {_num(el2n.get('max'), 4)}"
+        if per_sample.get("accuracy") is not None:
+            line += f"; accuracy {per_sample['accuracy']:.4f}"
+        console.print(line)
         if per_sample["top"]:
-            has_label = "label" in per_sample["top"][0]
+            first = per_sample["top"][0]
+            has_label = "label" in first
+            extra = [c for c in ("prediction", "confidence") if c in first]
             t = table(f"Top {len(per_sample['top'])} samples by gradient norm",
-                      "rank", "sample", *(["label"] if has_label else []), "loss", "grad_norm")
+                      "rank", "sample", *(["label"] if has_label else []), *extra, "loss",
+                      "grad_norm", *(["el2n"] if "el2n" in first else []))
             t.caption = ("the hardest samples, or likely mislabeled ones" if has_label else
                          "the hardest samples, or outliers in the targets")
             t.caption_justify = "left"
             for rank, r in enumerate(per_sample["top"], start=1):
                 t.add_row(str(rank), str(r["sample"]),
                           *([str(r.get("label"))] if has_label else []),
-                          _num(r["loss"]), _num(r["grad_norm"]))
+                          *(str(r[c]) if c == "prediction" else _num(r[c], 4) for c in extra),
+                          _num(r["loss"]), _num(r["grad_norm"]),
+                          *([_num(r["el2n"], 4)] if "el2n" in first else []))
             console.print(t)
     elif summary["kind"] == "run":
         console.print("no per-sample files: train with --per-sample norms to rank samples")

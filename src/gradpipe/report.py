@@ -47,8 +47,15 @@ NOISE_EXPLANATION = (
     "are dominated by gradient noise, much larger ones cost samples without speeding up "
     "training per step."
 )
+SECOND_MOMENT_EXPLANATION = (
+    "Per layer l, from gradients/ with --second-moment: signal = sum grad^2 = |dC/dtheta_l|^2; "
+    "variance = sum (grad_sq - grad^2) over the layer's P_l parameters, the trace of the "
+    "per-sample gradients' covariance (1/N); mean_variance = variance / P_l; "
+    "snr = signal / variance (below 1: one sample's gradient is mostly noise)."
+)
 _STEP_DIR = re.compile(r"^step=(-?\d+)$")
 _LAYER_COL = re.compile(r"^grad_norm_l(\d+)$")
+_NOISE_COL = re.compile(r"^noise_scale_l(\d+)$")
 
 
 @dataclass
@@ -227,7 +234,8 @@ def _spaced(n: int, points: int = CURVE_POINTS) -> list[int]:
 def read_metrics(path: Path) -> pa.Table:
     """A run's metrics (its folder, or one file), checked to be metrics."""
     try:
-        table = pa.concat_tables([pq.read_table(p) for p in _files(path)])
+        table = pa.concat_tables([pq.read_table(p) for p in _files(path)],
+                                 promote_options="default")  # rows of older versions
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"{path}: not a readable Parquet file ({e})") from None
     missing = KINDS["metrics"] - set(table.column_names)
@@ -261,38 +269,54 @@ def metrics_summary(table: pa.Table) -> dict:
     }
 
 
-def noise_summary(table: pa.Table, dataset_rows: int | None = None) -> dict | None:
-    """B_simple from metrics: the latest finite value, and the median over the last 10% of steps."""
-    if "noise_scale" not in table.column_names or table.num_rows == 0:
-        return None
+def _latest_and_median(table: pa.Table, column: str) -> dict:
+    """The latest finite value of a metrics column, and its median over the last 10% of steps."""
     steps = table.column("step").to_numpy()
-    values = table.column("noise_scale").to_numpy(zero_copy_only=False).astype(np.float64)
+    values = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)  # null: NaN
     finite = np.isfinite(values)
     window = max(1, math.ceil(NOISE_WINDOW * len(values)))
     tail, tail_ok = values[-window:], finite[-window:]
     latest = int(np.flatnonzero(finite)[-1]) if finite.any() else None
-    median = float(np.median(tail[tail_ok])) if tail_ok.any() else None
-    basis = median if median is not None else (values[latest] if latest is not None else None)
+    return {
+        "latest": None if latest is None else float(values[latest]),
+        "latest_step": None if latest is None else int(steps[latest]),
+        "median_last": float(np.median(tail[tail_ok])) if tail_ok.any() else None,
+        "window_steps": [int(steps[-window]), int(steps[-1])],
+        "window_finite": int(tail_ok.sum()),
+        "finite_steps": int(finite.sum()),
+    }
+
+
+def noise_summary(table: pa.Table, dataset_rows: int | None = None) -> dict | None:
+    """B_simple from metrics: the latest finite value, and the median over the last 10% of
+    steps; the same for each layer's B_simple (noise_scale_l1..) where the metrics have it."""
+    if "noise_scale" not in table.column_names or table.num_rows == 0:
+        return None
+    found = _latest_and_median(table, "noise_scale")
+    median, latest = found["median_last"], found["latest"]
+    basis = median if median is not None else latest
     samples = table.column("samples")[-1].as_py() if "samples" in table.column_names else None
     suggested = None if basis is None else max(1, int(round(basis)))
     if suggested is not None and dataset_rows:
         suggested = min(suggested, int(dataset_rows))
+    layers = sorted((int(m.group(1)), n) for n in table.column_names
+                    if (m := _NOISE_COL.match(n)))
     return {
-        "latest": None if latest is None else float(values[latest]),
-        "latest_step": None if latest is None else int(steps[latest]),
-        "median_last": median,
-        "window_steps": [int(steps[-window]), int(steps[-1])],
-        "window_finite": int(tail_ok.sum()),
-        "finite_steps": int(finite.sum()),
+        **found,
         "suggested_batch": suggested,
         "samples_per_step": samples,
+        "layers": [{"layer": l, **{k: v for k, v in _latest_and_median(table, name).items()
+                                   if k in ("latest", "latest_step", "median_last")}}
+                   for l, name in layers],
         "explanation": NOISE_EXPLANATION,
     }
 
 
 def per_sample_columns(schema: pa.Schema) -> list[str]:
-    """The per-sample columns inspect reads: sample, [label], loss, grad_norm; never `grad`."""
-    return [c for c in ("sample", "label", "loss", "grad_norm") if c in schema.names]
+    """The per-sample columns inspect reads: sample, [label], loss, grad_norm, and what the
+    model did where written (prediction, correct, confidence, el2n); never `grad`."""
+    return [c for c in ("sample", "label", "prediction", "correct", "confidence", "loss",
+                        "grad_norm", "el2n") if c in schema.names]
 
 
 def per_sample_summary(
@@ -319,6 +343,8 @@ def per_sample_summary(
     best: pa.Table | None = None
     norms: list[F64] = []
     losses: list[F64] = []
+    el2n: list[F64] = []
+    correct = 0
     try:
         # Stream the files batch by batch: only the norms and the current top K stay in memory.
         for batch in dataset.to_batches(columns=columns):
@@ -326,6 +352,10 @@ def per_sample_summary(
                 continue
             norms.append(batch.column("grad_norm").to_numpy(zero_copy_only=False))
             losses.append(batch.column("loss").to_numpy(zero_copy_only=False))
+            if "el2n" in columns:
+                el2n.append(batch.column("el2n").to_numpy(zero_copy_only=False))
+            if "correct" in columns:
+                correct += int(pc.sum(batch.column("correct")).as_py() or 0)
             if top:
                 table = pa.Table.from_batches([batch])
                 if best is not None:
@@ -357,6 +387,9 @@ def per_sample_summary(
         "samples": int(grad_norm.size),
         "grad_norm": stats(grad_norm),
         "loss": stats(loss),
+        "el2n": stats(np.concatenate(el2n)) if el2n else None,
+        "accuracy": correct / grad_norm.size if "correct" in columns and grad_norm.size
+        else None,
         "top": rows,
     }
     return summary, grad_norm
@@ -364,20 +397,30 @@ def per_sample_summary(
 
 def gradient_norms(path: Path) -> tuple[dict, list[dict]]:
     """Per-layer |dC/dtheta| at every recorded step of a run's gradients, read file by file and
-    column by column."""
-    sq: dict[tuple[int, int], float] = defaultdict(float)
+    column by column; with grad_sq (--second-moment), each layer's variance and SNR too."""
+    sq: dict[tuple[int, int], float] = defaultdict(float)  # sum of grad^2
+    var: dict[tuple[int, int], float] = defaultdict(float)  # sum of grad_sq - grad^2
+    count: dict[tuple[int, int], int] = defaultdict(int)  # parameters with a grad_sq
     n_rows = 0
     for file in _files(path):
         pf = _parquet_file(file)
         n_rows += pf.metadata.num_rows
+        second = "grad_sq" in pf.schema_arrow.names
         try:
-            for batch in pf.iter_batches(columns=["step", "layer", "grad"], batch_size=1 << 20):
+            for batch in pf.iter_batches(columns=["step", "layer", "grad"] + (
+                    ["grad_sq"] if second else []), batch_size=1 << 20):
                 grad = batch.column("grad")
-                table = pa.table({"step": batch.column("step"), "layer": batch.column("layer"),
-                                  "sq": pc.multiply(grad, grad)})
-                for agg in table.group_by(["step", "layer"]).aggregate(
-                        [("sq", "sum")]).to_pylist():
-                    sq[(agg["step"], agg["layer"])] += agg["sq_sum"] or 0.0
+                g2 = pc.multiply(grad, grad)
+                cols = {"step": batch.column("step"), "layer": batch.column("layer"), "sq": g2}
+                if second:
+                    cols["var"] = pc.subtract(batch.column("grad_sq"), g2)
+                aggs = [("sq", "sum")] + ([("var", "sum"), ("var", "count")] if second else [])
+                for agg in pa.table(cols).group_by(["step", "layer"]).aggregate(aggs).to_pylist():
+                    key = (agg["step"], agg["layer"])
+                    sq[key] += agg["sq_sum"] or 0.0
+                    if second:
+                        var[key] += agg["var_sum"] or 0.0
+                        count[key] += agg["var_count"]
         except (pa.ArrowInvalid, OSError, KeyError) as e:
             raise ConfigError(f"{file}: not a readable gradients file ({e})") from None
     steps = sorted({s for s, _ in sq})
@@ -393,8 +436,34 @@ def gradient_norms(path: Path) -> tuple[dict, list[dict]]:
         "parameters": n_rows // len(steps) if steps else 0,
         "layers": layers,
         "curve": [rows[i] for i in _spaced(len(rows))] if rows else [],
+        "second_moment": _second_moment(steps, layers, sq, var, count),
     }
     return summary, rows
+
+
+def _second_moment(steps: list[int], layers: list[int], sq: dict, var: dict,
+                   count: dict) -> dict | None:
+    """Each layer's mean per-parameter variance and SNR (SECOND_MOMENT_EXPLANATION) at the
+    last recorded step with grad_sq, and the SNR at evenly spaced such steps."""
+    have = [s for s in steps if all(count[(s, l)] for l in layers)]
+    if not have:
+        return None
+
+    def layer(s: int, l: int) -> dict:
+        v = var[(s, l)]
+        return {"layer": l, "parameters": count[(s, l)], "signal": sq[(s, l)],
+                "variance": v, "mean_variance": v / count[(s, l)],
+                "snr": sq[(s, l)] / v if v > 0 else None}
+
+    last = have[-1]
+    return {
+        "step": last,
+        "steps": len(have),
+        "layers": [layer(last, l) for l in layers],
+        "curve": [{"step": have[i], **{f"snr_l{l}": layer(have[i], l)["snr"] for l in layers}}
+                  for i in _spaced(len(have))],
+        "explanation": SECOND_MOMENT_EXPLANATION,
+    }
 
 
 def _parquet_file(path: Path) -> pq.ParquetFile:

@@ -341,6 +341,24 @@ class BlockSet:
             self._executor.shutdown()
             self._executor = None
 
+    def scores(self, req: Any) -> list[tuple[int, int, list[dict]]]:
+        """Score each block from its own per-sample parts across req.steps and write its part
+        of the scores (scores.scores_block); (block, rows, top rows) per block, in block
+        order. The blocks' data is not read: the per-sample files hold all it takes."""
+        from .scores import scores_block  # here: scores.py starts pools through this module
+
+        return [scores_block(b.index, req) for b in self.blocks]
+
+    def influence(self, req: Any) -> list:
+        """The top proponents and opponents among this worker's training samples for every
+        test sample (influence.influence_block on each block, merged here): one
+        (proponents, opponents) pair."""
+        from .influence import influence_block, merge
+
+        found = self._each_block(influence_block, req, req.target_scale)
+        return [tuple(merge([f[i] for f in found], req.top, kind)
+                      for i, kind in enumerate(("proponent", "opponent")))]
+
 
 def assign_blocks(blocks: tuple[Block, ...], workers: int) -> list[list[Block]]:
     """Split blocks into `workers` contiguous runs of about equal rows (some may be empty)."""
@@ -535,6 +553,15 @@ class Pool:
         except ray.exceptions.RayTaskError as e:
             raise _unwrap(e) from None
         return [r for per_worker in results for r in per_worker]
+
+    def scores(self, req: Any) -> list[tuple[int, int, list[dict]]]:
+        """Every worker scores its blocks and writes their parts; (block, rows, top rows) per
+        block."""
+        return self._fan("scores", req)
+
+    def influence(self, req: Any) -> list:
+        """Every worker's (proponents, opponents) pair; influence.merge joins them."""
+        return self._fan("influence", req)
 
 
 # Work below this many floating-point operations runs in-process by default: starting a

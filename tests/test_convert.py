@@ -81,8 +81,9 @@ def test_csv_round_trip_and_layout(tmp_path: Path) -> None:
     csv = write_csv(tmp_path / "in.csv", rows=60)
     out = tmp_path / "out"
     result = ok(import_(csv, out, "--files", "3", "--row-group-size", "7"))
-    assert result.stdout.strip() == \
+    assert result.stdout.splitlines()[0] == \
         f"wrote 60 rows of csv {csv} in 3 files (9 row groups) to {out}"
+    assert result.stdout.splitlines()[1].startswith("  classification on 'label'")
     same_as_csv(csv, out)
     # In order, too: the sample id (global row index) is the CSV's row.
     expected = pacsv.read_csv(csv)

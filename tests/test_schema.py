@@ -239,7 +239,7 @@ def test_labels_outside_the_model_are_refused_by_name_and_value(tmp_path: Path) 
     with pytest.raises(DataError) as e:
         plan(DataSpec(str(d), classes=(0, 1, 2)))
     assert str(e.value) == (f"{f}: column 'label' has labels 4, 5, not among the model's 3 "
-                            "classes (0..2). Check --target or --weights.")
+                            "classes (0..2): a model can only be used on its own classes.")
     # Bools are not the ints 0 and 1 here, nor strings ints.
     b = one_file(tmp_path / "b", {"x": np.arange(2.0), "label": [True, False]})
     with pytest.raises(DataError, match=r"has labels False, True, not among the model's"):
@@ -256,7 +256,7 @@ def test_read_block_refuses_a_label_outside_the_classes(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         read_block(ds, ds.blocks[0], "float64")
     assert str(e.value) == (f"{f}: column 'label' has label 'q' at row 2, not one of the 2 "
-                            "classes ('a', 'b'). Check --target or --weights.")
+                            "classes ('a', 'b'): a model can only be used on its own classes.")
 
 
 def test_class_scan_is_file_by_file_and_bounded(tmp_path: Path,

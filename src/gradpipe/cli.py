@@ -45,6 +45,9 @@ class Group(click.Group):
             raise RunFailed(str(e)) from None
         except RunInterrupted as e:
             raise Interrupted(str(e)) from None
+        except KeyboardInterrupt:  # before a run began (or outside one): nothing was written
+            raise Interrupted("interrupted before any work began; nothing was written") \
+                from None
         except GradpipeError as e:
             raise UserError(str(e)) from None
 
@@ -176,11 +179,24 @@ class Progress:
             self.bar.__exit__(*exc)
 
 
-def _note(params: dict) -> Callable[[str], None]:
-    """Where the schema line goes: stderr, unless --quiet or --json."""
-    if params.get("quiet") or params.get("as_json"):
-        return lambda line: None
-    return lambda line: click.echo(line, err=True)
+class Note:
+    """The schema line: on stderr (above the progress bar, if one is drawn) unless --quiet or
+    --json; kept in `line` for the --json summary."""
+
+    def __init__(self, params: dict, progress: "Progress | None" = None) -> None:
+        self.quiet = bool(params.get("quiet") or params.get("as_json"))
+        self.progress = progress
+        self.line: str | None = None
+
+    def __call__(self, line: str) -> None:
+        self.line = line
+        if self.quiet:
+            return
+        if self.progress is not None and self.progress.bar is not None:
+            self.progress.bar.console.print(line, markup=False, highlight=False,
+                                            soft_wrap=True)
+        else:
+            click.echo(line, err=True)
 
 
 def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None = None) -> None:
@@ -194,9 +210,9 @@ def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None =
              f"grad_norm {metrics['grad_norm']:.6g}"]
     if "accuracy" in metrics:
         parts.append(f"accuracy {metrics['accuracy']:.4f}")
-    for key in ("val_loss", "val_accuracy", "val_mse"):
+    for key, form in (("val_loss", ".6g"), ("val_accuracy", ".4f"), ("val_mse", ".6g")):
         if metrics.get(key) is not None:
-            parts.append(f"{key} {metrics[key]:.6g}")
+            parts.append(f"{key} {metrics[key]:{form}}")
     click.echo("  ".join(parts))
     for warning in metrics.get("warnings", []):
         click.echo(f"gradpipe: warning: {warning}", err=True)
@@ -226,12 +242,13 @@ def train(ctx: click.Context, data: str | None, **params: Any) -> None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         config = dataclasses.replace(config, out=f"runs/train-{stamp}")
     with Progress(config.steps, not params["quiet"]) as progress:
-        metrics = run_train(config, progress, note=_note(params))
+        note = Note(params, progress)
+        metrics = run_train(config, progress, note=note)
     if not metrics:  # a resumed run that had already finished
         click.echo(f"{config.out}: the run is complete ({config.steps} steps); nothing to do. "
                    "Pass a larger --steps to extend it.")
         return
-    _summary(config.out, metrics, params["as_json"])
+    _summary(config.out, metrics, params["as_json"], {"schema": note.line})
 
 
 @cli.command()
@@ -254,8 +271,9 @@ def grad(ctx: click.Context, data: str | None, **params: Any) -> None:
     if params.get("out") is None and not params.get("job"):
         raise click.UsageError("missing --out DIR")
     config = build_config(ctx, data, params, update=False, steps=1)
-    metrics = run_train(config, note=_note(params))
-    _summary(config.out, metrics, params["as_json"])
+    note = Note(params)
+    metrics = run_train(config, note=note)
+    _summary(config.out, metrics, params["as_json"], {"schema": note.line})
 
 
 def _model_data_options(f: Callable) -> Callable:
@@ -292,12 +310,6 @@ def _eval_config(ctx: click.Context, run: str, data: str, params: dict, **extra:
                       verbose=ctx.obj["verbose"], **extra)
 
 
-def _schema_note(params: dict) -> Callable[[str], None] | None:
-    if params["quiet"] or params["as_json"]:
-        return None
-    return lambda line: click.echo(line, err=True)
-
-
 def _finite(obj: dict) -> dict:
     """JSON has no NaN or infinity: such values become null."""
     return {k: (None if isinstance(v, float) and (v != v or abs(v) == float("inf")) else v)
@@ -323,7 +335,7 @@ def evaluate(ctx: click.Context, run: str, data: str, **params: Any) -> None:
     from .evaluate import evaluate as run_evaluate
     from .evaluate import render_metrics
 
-    metrics = run_evaluate(_eval_config(ctx, run, data, params), note=_schema_note(params))
+    metrics = run_evaluate(_eval_config(ctx, run, data, params), note=Note(params))
     if params["as_json"]:
         click.echo(json.dumps(_finite(metrics)))
         return
@@ -358,12 +370,121 @@ def predict(ctx: click.Context, run: str, data: str, **params: Any) -> None:
 
     config = _eval_config(ctx, run, data, params, out=params["out"],
                           overwrite=params["overwrite"], id_column=params["id_column"])
-    summary = run_predict(config, note=_schema_note(params))
+    summary = run_predict(config, note=Note(params))
     if params["as_json"]:
         click.echo(json.dumps(summary))
         return
     click.echo(f"wrote {summary['rows']} predictions in {summary['parts']} "
                f"part{'s' * (summary['parts'] != 1)} to {summary['out']}")
+
+
+def _pool_options(f: Callable) -> Callable:
+    """--workers and --address, as evaluate and predict take them."""
+    f = click.option("--address", metavar="ADDR",
+                     help="Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: the "
+                          "group's --address, RAY_ADDRESS, else a private local instance).")(f)
+    return click.option("--workers", type=click.IntRange(min=0), default=None,
+                        help="Ray workers (actors). Default: in this process for small work, "
+                             "else the CPUs Ray offers; 0 computes in this process.")(f)
+
+
+@cli.command()
+@click.argument("run", metavar="RUN")
+@click.option("--out", metavar="FOLDER",
+              help="Folder of part-BLOCK.parquet files to write (an earlier scores folder is "
+                   "replaced). Default: RUN/scores.")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Samples to print, the most suspicious first (0: none).")
+@click.option("--by", default="self_influence", show_default=True,
+              type=click.Choice(["self_influence", "el2n_mean", "grand_mean", "loss_last",
+                                 "forgetting_events"]),
+              help="Score that ranks the --top samples, largest first (ties: smaller id).")
+@_pool_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="Leave out the line on what is scored.")
+@click.pass_context
+def scores(ctx: click.Context, run: str, **params: Any) -> None:
+    """Score every sample of a run from its recorded per-sample rows, one row per sample:
+    self_influence (TracIn-CP, sum_t lr_t |grad C_i(w_t)|^2), el2n_mean, grand_mean,
+    loss_last, forgetting_events and first_learned, over the steps with per-sample rows
+    (train --per-sample norms --per-sample-every K).
+
+    The workers read their blocks' per-sample files and write the parts themselves; the
+    output appears only once complete.
+
+    \b
+    Example:
+      gradpipe scores runs/digits --top 20
+    """
+    from .scores import ScoresConfig, render_top
+    from .scores import scores as run_scores
+
+    config = ScoresConfig(run=run, out=params["out"], top=params["top"], by=params["by"],
+                          workers=params["workers"],
+                          address=params["address"] or ctx.obj["address"],
+                          verbose=ctx.obj["verbose"])
+    summary = run_scores(config, note=Note(params))
+    if params["as_json"]:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"wrote scores of {summary['rows']} samples over {len(summary['steps'])} "
+               f"recorded steps in {summary['parts']} part{'s' * (summary['parts'] != 1)} "
+               f"to {summary['out']}")
+    for line in render_top(summary):
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("run", metavar="RUN")
+@click.option("--test", required=True, metavar="DATA",
+              help="Test data (Parquet file, folder or URI) with the model's feature columns "
+                   "and target.")
+@click.option("--out", required=True, metavar="FILE.parquet",
+              help="Parquet file to write: test_sample, kind, rank, train_sample, influence.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Proponents and opponents to keep per test sample.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
+              help="Compute dtype. Default: the model's.")
+@_pool_options
+@click.option("--memory-budget", type=click.IntRange(min=1), default=None, metavar="BYTES",
+              help="Bytes of training data per worker above which it streams its blocks.")
+@click.option("--id-column", metavar="NAME",
+              help="Integer column of the test data to use as its sample id. Default: the "
+                   "run's id column if the test data has it, else the global row index.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="Leave out the data's schema lines.")
+@click.pass_context
+def influence(ctx: click.Context, run: str, **params: Any) -> None:
+    """TracIn-CP influence of every training sample of RUN on every test sample:
+    sum over the run's checkpoints S of lr_S grad C_i(w_S) . grad C_j(w_S), by ghost dot
+    products (no per-sample gradient is formed). Keeps the --top most positive
+    (proponents) and most negative (opponents) training samples per test sample.
+
+    The training data is the run's DATA (run.json), read as training read it.
+
+    \b
+    Example:
+      gradpipe influence runs/digits --test data/digits-test --top 5 --out influence.parquet
+    """
+    from .influence import InfluenceConfig
+    from .influence import influence as run_influence
+
+    config = InfluenceConfig(run=run, test=params["test"], out=params["out"],
+                             top=params["top"], dtype=params["dtype"],
+                             workers=params["workers"],
+                             address=params["address"] or ctx.obj["address"],
+                             memory_budget=params["memory_budget"],
+                             id_column=params["id_column"], overwrite=params["overwrite"],
+                             verbose=ctx.obj["verbose"])
+    summary = run_influence(config, note=Note(params))
+    if params["as_json"]:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"wrote {summary['rows']} rows (top {summary['top']} proponents and opponents "
+               f"of {summary['test_samples']} test samples among "
+               f"{summary['training_samples']} training samples, "
+               f"{len(summary['checkpoints'])} checkpoints) to {summary['out']}")
 
 
 @cli.command()
@@ -591,11 +712,19 @@ def jobs_list(ctx: click.Context, address: str | None, as_json: bool) -> None:
     render_jobs(records)
 
 
-@jobs.command("status")
-@click.argument("job_id", metavar="ID")
-@_address_option
+def _job_command(name: str) -> Callable[[Callable], Callable]:
+    """A `gradpipe jobs NAME ID` command with --address."""
+    def decorate(f: Callable) -> Callable:
+        f = click.pass_context(f)
+        f = _address_option(f)
+        f = click.argument("job_id", metavar="ID")(f)
+        return jobs.command(name)(f)
+
+    return decorate
+
+
+@_job_command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line.")
-@click.pass_context
 def jobs_status(ctx: click.Context, job_id: str, address: str | None, as_json: bool) -> None:
     """Show a job's status, message, times and entrypoint.
 
@@ -613,11 +742,8 @@ def jobs_status(ctx: click.Context, job_id: str, address: str | None, as_json: b
     click.echo(f"entrypoint: {r['entrypoint']}")
 
 
-@jobs.command("logs")
-@click.argument("job_id", metavar="ID")
-@_address_option
+@_job_command("logs")
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the job ends.")
-@click.pass_context
 def jobs_logs(ctx: click.Context, job_id: str, address: str | None, follow: bool) -> None:
     """Print a job's logs (its stdout and stderr).
 
@@ -632,10 +758,7 @@ def jobs_logs(ctx: click.Context, job_id: str, address: str | None, follow: bool
         click.echo(client.logs(job_id), nl=False)
 
 
-@jobs.command("stop")
-@click.argument("job_id", metavar="ID")
-@_address_option
-@click.pass_context
+@_job_command("stop")
 def jobs_stop(ctx: click.Context, job_id: str, address: str | None) -> None:
     """Stop a running job (SIGTERM to its driver, then SIGKILL); its actors go with it.
 
@@ -706,9 +829,14 @@ def inspect_(path: str, top: int, step: int | None, as_json: bool, plot_file: st
 @click.option("--files", type=int, default=1, show_default=True,
               help="Parquet files to write; the rows are split evenly over them, in order.")
 @click.option("--target", callback=_names, default="label", show_default=True,
-              help="Target: one integer class column, or comma-separated float columns.")
+              help="Target: one class column (integer, bool or string), or comma-separated "
+                   "float columns for regression.")
+@click.option("--task", type=click.Choice(["auto", "classification", "regression"]),
+              default="auto", show_default=True,
+              help="What the target is: auto takes integer, bool and string columns as classes "
+                   "and float columns as regression targets.")
 @click.option("--features", callback=_names, help="Feature columns to keep: comma-separated "
-              "names or globs (x*). Default: all but the target.")
+              "names or globs (x*). Default: all but the target and index columns.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds only Parquet files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def data_import(src: str, out: str, as_json: bool, **params: Any) -> None:
@@ -726,9 +854,14 @@ def data_import(src: str, out: str, as_json: bool, **params: Any) -> None:
 
     params["features"] = params["features"] or ()
     summary = import_dataset(src, out, **params)
-    click.echo(json.dumps(summary) if as_json else
-               f"wrote {summary['rows']} rows of {summary['format']} {src} in "
-               f"{summary['files']} files ({summary['row_groups']} row groups) to {out}")
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    files, groups = summary["files"], summary["row_groups"]
+    click.echo(f"wrote {summary['rows']} rows of {summary['format']} {src} in {files} "
+               f"file{'s' * (files != 1)} ({groups} row group{'s' * (groups != 1)}) to {out}")
+    if summary.get("schema"):
+        click.echo(f"  {summary['schema']}")  # what `train OUT` will take it to mean
 
 
 def main() -> None:

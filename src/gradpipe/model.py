@@ -43,7 +43,7 @@ class Architecture:
                 f"Choose one of: {', '.join(HIDDEN_ACTIVATIONS)}."
             )
         # softmax has no elementwise g'; it is supported only fused with cross_entropy,
-        # where delta[L] = a[L] - y. cross_entropy needs probabilities that sum to one.
+        # where delta[L] = a[L] sum_j y_j - y (a[L] - y for targets that sum to one).
         if (self.output_activation == "softmax") != (self.loss == "cross_entropy"):
             raise ConfigError(
                 "--loss cross_entropy goes with --output-activation softmax and softmax with "

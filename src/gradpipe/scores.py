@@ -154,8 +154,10 @@ def _column(table: pa.Table, name: str, dtype: Any) -> np.ndarray | None:
 
 def read_step_rows(path: Path, step: int, eta: float) -> StepRows:
     """One per-sample part as StepRows; a missing or unreadable part is refused by name."""
+    wanted = ("sample", "label", "loss", "grad_norm", "el2n", "correct")  # not `grad`
     try:
-        table = pq.read_table(path)
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=[c for c in wanted if c in names])
     except FileNotFoundError:
         raise DataError(f"{path}: missing: the run recorded step {step} for other blocks "
                         "but not this one. Was the run folder copied in part?") from None

@@ -86,7 +86,7 @@ main()
 """
 
 
-@pytest.mark.parametrize("kill_at", [9, 26])
+@pytest.mark.parametrize("kill_at", [5, 14])
 def test_a_driver_killed_while_writing_a_record_resumes_bitwise(tmp_path, kill_at):
     data = make_classification(tmp_path / "data", rows=300, features=5, classes=3,
                                row_group_size=100)

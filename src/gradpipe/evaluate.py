@@ -388,7 +388,8 @@ def plan_for_model(config: EvalConfig, model: Model, read_target: bool) -> Datas
     return dataset
 
 
-def start_pool(config: EvalConfig, dataset: Dataset, dtype: str, flops: float) -> Pool:
+def start_pool(config: EvalConfig, dataset: Dataset, dtype: str, flops: tuple[float, int]
+               ) -> Pool:
     """The workers, as in training (worker.start_pool; small work runs in-process)."""
     from .worker import start_pool  # here: worker.py imports this module's math
 
@@ -403,7 +404,7 @@ Note = Callable[[str], None]
 def _pool(config: EvalConfig, dataset: Dataset, model: Model, note: Note | None) -> Pool:
     """The workers (one forward pass: about 2 N P operations), then the schema line."""
     pool = start_pool(config, dataset, model.arch.dtype,
-                      flops=2.0 * dataset.n_rows * model.arch.n_params)
+                      flops=(2.0 * dataset.n_rows * model.arch.n_params, 1))
     if note is not None:
         where = "; in-process: small work, --workers N to use Ray" if pool.small else ""
         note(schema_line(dataset) + where)

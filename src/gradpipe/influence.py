@@ -325,7 +325,7 @@ def influence(config: InfluenceConfig, note: Note | None = None) -> dict:
                             + 6.0 * (train.n_rows + test.n_rows) * arch.n_params)
     pool: Pool = start_pool(train, config.workers, dtype, address=config.address,
                             memory_budget=config.memory_budget, verbose=config.verbose,
-                            flops=flops)
+                            flops=(flops, 1))
     if note is not None:
         where = "; in-process: small work, --workers N to use Ray" if pool.small else ""
         note(f"training data: {schema_line(train)}{where}")

@@ -1,18 +1,20 @@
 """The run folder's one owner: writes every record append-only, and reads them back.
 
     RUN/run.json                        configuration, dataset, model, status (rewritten)
-    RUN/metrics/step-SSSSSSSS.parquet   one row per step
+    RUN/metrics/step-SSSSSSSS.parquet   one row per step, a file per checkpoint interval
     RUN/gradients/step-SSSSSSSS.parquet the recorded steps: step, layer, param, j, k, value, grad,
                                         [grad_sq]
     RUN/per_sample/step=S/part-BLOCK.parquet   written by the workers
     RUN/checkpoints/step-SSSSSS/        weights.parquet (+ velocity), state.json written last
     RUN/weights.parquet                 the final weights
 
-A step's records are new files, written once through atomic.py and never rewritten, so the
-driver holds no record in memory and writing one costs the same at any step. Only
-run.json (the status) and weights.parquet are replaced. A resumed run starts from its last
-complete checkpoint and first removes the records of the steps after it, so that nothing
-is duplicated; everything that reads a run (inspect, resume, tests) goes through here.
+Records are new files, written once through atomic.py and never rewritten: a recorded
+gradient at its step, the metrics rows of the steps since the last checkpoint at the next
+(at most METRICS_ROWS wait in memory), so the driver's memory and the cost of a record do
+not grow with the step number. Only run.json (the status) and weights.parquet are
+replaced. A resumed run starts from its last complete checkpoint and first removes the
+records of the steps after it, so that nothing is duplicated; everything that reads a run
+(inspect, resume, tests) goes through here.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from .outputs import (
 )
 
 F64 = NDArray[np.float64]
+# Steps whose metrics rows may wait in memory before they are written (besides every
+# checkpoint): bounds the driver's memory when checkpoints are rare.
+METRICS_ROWS = 1000
 _STEP_FILE = re.compile(r"^step-(\d+)\.parquet$")
 _STEP_DIR = re.compile(r"^step[-=](\d+)$")
 
@@ -92,6 +97,7 @@ class Recorder:
 
     def __init__(self, out: str | Path) -> None:
         self.out = Path(out)
+        self._pending: list[dict] = []  # metrics rows not yet written (< METRICS_ROWS)
 
     # --- the folder ----------------------------------------------------------------------
     def start(self, info: dict, *, overwrite: bool = False, resume_step: int | None = None) -> None:
@@ -108,11 +114,13 @@ class Recorder:
         self.status(info)
 
     def status(self, info: dict) -> None:
-        """Replace run.json (configuration, status, summary)."""
+        """Replace run.json (configuration, status, summary), the waiting metrics first."""
+        self.flush()
         write_json(info, self.out / "run.json")
 
     def drop_records_from(self, step: int) -> None:
         """Remove the records of steps >= step (written after the checkpoint resumed from)."""
+        # Every checkpoint flushes the metrics, so no metrics file spans a checkpoint.
         for kind in ("metrics", "gradients"):
             for s, path in _steps(self.out / kind, _STEP_FILE).items():
                 if s >= step:
@@ -126,7 +134,19 @@ class Recorder:
 
     # --- records, one file per step --------------------------------------------------------
     def metrics(self, row: dict) -> None:
-        write_table(metrics_table([row]), self.out / "metrics" / f"step-{row['step']:08d}.parquet")
+        """Add a step's metrics row; rows are written as one file per checkpoint interval
+        (metrics/step-FIRST.parquet), so a long run does not leave a file per step."""
+        self._pending.append(row)
+        if len(self._pending) >= METRICS_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the waiting metrics rows (at every checkpoint and status change)."""
+        if self._pending:
+            first = self._pending[0]["step"]
+            write_table(metrics_table(self._pending),
+                        self.out / "metrics" / f"step-{first:08d}.parquet")
+            self._pending = []
 
     def gradients(self, step: int, sizes: tuple[int, ...], value: F64, grad: F64,
                   grad_sq: F64 | None = None) -> None:
@@ -141,6 +161,7 @@ class Recorder:
     def checkpoint(self, step: int, arch: Architecture, params: Params, velocity: F64,
                    standardize: Any = None, meta: dict | None = None) -> None:
         """checkpoints/step-S/: the weights w_S and the momentum buffer before step S."""
+        self.flush()  # the metrics of the steps before S are on disk before S is complete
         d = self.out / "checkpoints" / f"step-{step:06d}"
         write_table(weights_table(arch, params, standardize=standardize, velocity=velocity,
                                   meta=meta), d / "weights.parquet")

@@ -323,7 +323,8 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
     from .worker import start_pool  # here: worker.py imports this module's block function
 
     pool: Pool = start_pool(dataset, config.workers, "float64", address=config.address,
-                            verbose=config.verbose, flops=50.0 * dataset.n_rows * len(steps))
+                            verbose=config.verbose,
+                            flops=(50.0 * dataset.n_rows * len(steps), 1))
     if note is not None:
         where = "; in-process: small work, --workers N to use Ray" if pool.small else ""
         note(f"scoring {dataset.n_rows} samples in {len(dataset.blocks)} blocks over "

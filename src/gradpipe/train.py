@@ -219,7 +219,7 @@ class Run:
         self.pool = start_pool(self.dataset, config.workers, config.dtype,
                                address=config.address, memory_budget=config.memory_budget,
                                verbose=config.verbose,
-                               flops=6.0 * rows * self.arch.n_params * steps)
+                               flops=(6.0 * rows * self.arch.n_params, steps))
         self.n_workers = self.pool.workers
         self.data_bytes = self.pool.load()  # reads and checks every block
         if config.standardize and not config.weights:  # the weights bring their own
@@ -229,9 +229,11 @@ class Run:
         if config.val:
             self.val_pool = self._val_pool()
         # Said once the data is read and checked, before the first step.
+        model = self.describe_model() + (f", lr {config.lr:g}" if config.update else "")
         where = ("; in-process: small work, --workers N to use Ray" if self.pool.small else "")
-        self.note(f"{schema_line(self.dataset)}; model {self.describe_model()}, lr "
-                  f"{config.lr:g}{where}")
+        resumed = (f"; resuming at step {self.step} of {config.steps} (its last checkpoint)"
+                   if config.resume else "")
+        self.note(f"{schema_line(self.dataset)}; model {model}{where}{resumed}")
 
     def _val_pool(self) -> Pool:
         """The --val data, read as the model reads its data: the same feature columns by
@@ -347,12 +349,13 @@ class Run:
                 due = self._due(config.record_every, last)
                 metrics.update(self._val_metrics() if due else dict.fromkeys(self._val_keys()))
             first = first or metrics
-            if not (math.isfinite(grad.loss) and np.isfinite(g).all()):
-                self._diverged(metrics)
             # record: the metrics row always, the whole gradient every --record-every steps
-            converged = config.tol > 0 and metrics["grad_norm"] < config.tol
             if rec is not None:
                 rec.metrics(metrics)
+            if not (math.isfinite(grad.loss) and np.isfinite(g).all()):
+                self._diverged(metrics)
+            converged = config.tol > 0 and metrics["grad_norm"] < config.tol
+            if rec is not None:
                 if converged or self._due(config.record_every, last):
                     rec.gradients(step, arch.sizes, flat, g,
                                   self._grad_sq(grad, flat, mask) if config.second_moment
@@ -448,7 +451,6 @@ class Run:
 
     def _diverged(self, metrics: dict) -> None:
         if self.recorder is not None:
-            self.recorder.metrics(metrics)
             self.recorder.status(self.info("diverged", started=self.started,
                                            diverged_at=metrics["step"]))
         raise DivergenceError(

@@ -564,26 +564,28 @@ class Pool:
         return self._fan("influence", req)
 
 
-# Work below this many floating-point operations runs in-process by default: starting a
-# local Ray instance takes 5-10 s here, more than such work takes on one core (about
-# 20 GFLOP/s in float32 for an MLP step), so Ray could only make it slower.
-SMALL_WORK_FLOPS = 2e10
+# Work runs in-process by default when Ray could only make it slower (measured here: a
+# local instance starts in 5-10 s, a step on Ray costs 7-9 ms more than in-process, one core
+# computes an MLP step at about 20 GFLOP/s in float32, and in-process already uses every
+# core): when the whole run is below SMALL_WORK_FLOPS, or each step below SMALL_STEP_FLOPS.
+SMALL_WORK_FLOPS = 2e10  # about 1 s of compute: less than Ray's start
+SMALL_STEP_FLOPS = 3e8  # about 15 ms a step: Ray's per-step overhead would eat any gain
 
 
 def start_pool(dataset: Dataset, workers: int | None, dtype: str, *, address: str | None = None,
                memory_budget: int | None = None, verbose: bool = False,
-               flops: float | None = None) -> Pool:
+               flops: tuple[float, int] | None = None) -> Pool:
     """The workers of a command: `workers` Ray actors (None: one per CPU Ray offers) on a
     private local instance or the cluster at `address`, or in-process for 0. A worker
     streams its blocks from Parquet each step when its share of the rows exceeds
     `memory_budget` bytes (default: half this machine's memory over the workers; on a
     cluster, set it for the nodes).
 
-    With neither `workers` nor `address` given, work of at most SMALL_WORK_FLOPS
-    (`flops`, the caller's estimate) runs in-process (`Pool.small` is then True); the bits
-    are the same either way."""
+    With neither `workers` nor `address` given, small work runs in-process (`Pool.small` is
+    then True): `flops`, the caller's estimate (operations per step, steps), below
+    SMALL_WORK_FLOPS in all or SMALL_STEP_FLOPS a step. The bits are the same either way."""
     small = (workers is None and address is None and flops is not None
-             and flops <= SMALL_WORK_FLOPS)
+             and (flops[0] * flops[1] <= SMALL_WORK_FLOPS or flops[0] <= SMALL_STEP_FLOPS))
     if small:
         workers = 0
     if workers != 0:

@@ -45,7 +45,8 @@ FULL_CHUNK_BYTES = 8 * 2**20
 class Partial:
     """Sums over the samples of one block: what a worker returns to the reducer.
 
-    Sums and a count, never means, so the reducer can add blocks in any grouping.
+    Sums and a count, never means, so the reducer can add blocks in any grouping: a
+    Partial is also a node of reduce's tree, the sums over blocks [block, block + span).
     """
 
     block: int
@@ -60,6 +61,8 @@ class Partial:
     # With second_moment: sum_i (dC_i/dw[l])^2 and sum_i (dC_i/db[l])^2, elementwise, float64.
     sq_w: list[F64] | None = None  # (n_l, n_{l-1}); index 0 unused
     sq_b: list[F64] | None = None  # (n_l,)
+    # Blocks summed: [block, block + span), a node of reduce's tree (1: one block's sums).
+    span: int = 1
 
 
 # Sink for per-sample rows:

@@ -1,9 +1,11 @@
 """The reducer: block partials -> the full-batch gradient dC/dw = (1/N) sum_i dC_i/dw.
 
-Partials are added in block order, in float64, and divided by N once at the end. The
-order is the blocks' and not the workers', so the result has the same bits for any number
-of workers and after any retry. Also here: the gradient noise scale, over all parameters
-and per layer, estimated from the same sums, and the second moment (1/N) sum_i g_i^2.
+Partials are added along a binary tree fixed by the block indices alone (tree.py), in
+float64, and divided by N once at the end: the workers send the nodes they hold whole,
+and `reduce` completes the tree from whatever nodes arrive. Every addition is fixed by the
+blocks, so the result has the same bits for any number of workers and after any retry.
+Also here: the gradient noise scale, over all parameters and per layer, estimated from the
+same sums, and the second moment (1/N) sum_i g_i^2.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .backprop import Partial
+from .tree import complete, partial_bytes
 
 F64 = NDArray[np.float64]
 
@@ -36,6 +39,9 @@ class Gradient:
     # With second moments: (1/N) sum_i (dC_i/dw[l])^2 and (1/N) sum_i (dC_i/db[l])^2.
     sq_w: list[F64] | None = None
     sq_b: list[F64] | None = None
+    # What reached the reducer: tree nodes (partials) and the bytes of their arrays.
+    partials: int = 0
+    partial_bytes: int = 0
 
     @property
     def L(self) -> int:
@@ -118,39 +124,17 @@ def b_simple(n: int, g2: float, sq_sum: float, eps: float) -> float:
 
 
 def reduce(partials: list[Partial]) -> Gradient:
-    """Sum block partials in block order, in float64, and divide by N once."""
-    if not partials:
-        raise ValueError("no partials to reduce")
-    ordered = sorted(partials, key=lambda p: p.block)
-    assert len({p.block for p in ordered}) == len(ordered), "a block was reduced twice"
-    first = ordered[0]
-    sum_w = [np.array(w, dtype=np.float64, copy=True) for w in first.sum_w]
-    sum_b = [np.array(b, dtype=np.float64, copy=True) for b in first.sum_b]
-    sq = np.array(first.sq_norm_sum, dtype=np.float64, copy=True)
-    second = first.sq_w is not None and first.sq_b is not None
-    assert all((p.sq_w is not None) == second for p in ordered), "mixed second moments"
-    sq_w = [np.array(w, dtype=np.float64, copy=True) for w in first.sq_w or []]
-    sq_b = [np.array(b, dtype=np.float64, copy=True) for b in first.sq_b or []]
-    loss, n, correct = float(first.loss_sum), first.n, first.correct
-    eps = max(p.eps for p in ordered)
-    for p in ordered[1:]:
-        for l in range(1, len(sum_w)):
-            sum_w[l] += p.sum_w[l]
-            sum_b[l] += p.sum_b[l]
-            if p.sq_w is not None and p.sq_b is not None:
-                sq_w[l] += p.sq_w[l]
-                sq_b[l] += p.sq_b[l]
-        sq += p.sq_norm_sum
-        loss += p.loss_sum
-        n += p.n
-        correct += p.correct
+    """Complete the tree from its nodes (block partials, or workers' subtrees), in float64,
+    and divide by N once."""
+    root = complete(partials)
+    n = root.n
     if n == 0:
         raise ValueError("the partials hold zero samples")
-    for l in range(1, len(sum_w)):
-        sum_w[l] /= n
-        sum_b[l] /= n
-        if second:
-            sq_w[l] /= n
-            sq_b[l] /= n
-    return Gradient(n, loss / n, sum_w, sum_b, sq, correct, eps,
-                    sq_w if second else None, sq_b if second else None)
+    second = root.sq_w is not None and root.sq_b is not None
+    # New arrays (the root may be a caller's partial): x / n has the bits of x /= n.
+    return Gradient(
+        n, root.loss_sum / n, [w / n for w in root.sum_w], [b / n for b in root.sum_b],
+        np.array(root.sq_norm_sum, dtype=np.float64), root.correct, root.eps,
+        [w / n for w in root.sq_w] if second and root.sq_w is not None else None,
+        [b / n for b in root.sq_b] if second and root.sq_b is not None else None,
+        partials=len(partials), partial_bytes=sum(partial_bytes(p) for p in partials))

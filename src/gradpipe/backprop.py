@@ -16,6 +16,9 @@ asked, a bounded number of rows at a time. Sums over samples are accumulated in 
 within a chunk of at most CHUNK_ROWS rows the matrix product runs in the compute dtype
 (float32 by default, about 2e-7 relative), and chunks, biases, losses and norms add in
 float64 (second-moment biases excepted: a product in the compute dtype, like the weights).
+With clip=C (DP-SGD's clipping, ghost style) each delta[l]_i is scaled by
+min(1, C / |g_i|) before the sums, |g_i|^2 = sum_l |delta[l]_i|^2 (|a[l-1]_i|^2 + 1): the
+same products then give sum_i clip(g_i), and no per-sample gradient is materialized.
 """
 
 from __future__ import annotations
@@ -138,6 +141,22 @@ def per_sample_sq_norms(delta: list[Array], a: list[Array]) -> F64:
     return out
 
 
+def clip_factors(delta: list[Array], a: list[Array], clip: float) -> F64:
+    """min(1, C / |g_i|) for each sample, (n,) float64, |g_i| over all layers.
+
+    |g_i|^2 = sum_l |delta[l]_i|^2 (|a[l-1]_i|^2 + 1), with the row sums in float64 (the
+    factor decides each sample's sensitivity: a few microseconds a chunk, for its last
+    digits). A sample with a zero gradient keeps factor 1.
+    """
+    n = a[0].shape[0]
+    total = np.zeros(n)
+    for l in range(1, len(delta)):
+        d64, a64 = delta[l].astype(np.float64), a[l - 1].astype(np.float64)
+        total += np.einsum("nj,nj->n", d64, d64) * (np.einsum("nk,nk->n", a64, a64) + 1.0)
+    norm = np.sqrt(total)
+    return np.minimum(1.0, clip / np.maximum(norm, np.finfo(np.float64).tiny))
+
+
 def per_sample_grads(delta: list[Array], a: list[Array]) -> Array:
     """BP3/BP4 materialized: row i is dC_i/dtheta, (n, P) in gradients row order.
 
@@ -176,6 +195,7 @@ def block_partial(
     chunk_rows: int = CHUNK_ROWS,
     second_moment: bool = False,
     outputs: OutputSink | None = None,
+    clip: float | None = None,
 ) -> Partial:
     """Sum the per-sample gradients, losses and squared norms of one block of samples.
 
@@ -187,6 +207,10 @@ def block_partial(
     a[L] and y first. With `second_moment=True` the Partial also holds the elementwise
     sums of squares sum_i grad_w[l]_i^2 = (delta[l]^2).T @ (a[l-1]^2) and
     sum_i grad_b[l]_i^2 = sum_i delta[l]_i^2, one more matrix product per layer.
+
+    With `clip` = C every sum is over the clipped gradients clip(g_i) = g_i min(1, C/|g_i|)
+    (ghost clipping: delta[l]_i scaled by the factor, then the same products), sq_norm_sum
+    included; the sink still receives the unclipped per-sample values.
     """
     L = arch.L
     sum_w = [np.zeros((0, 0))] + [np.zeros(w.shape) for w in params.w[1:]]
@@ -207,19 +231,25 @@ def block_partial(
         delta = deltas(arch, params, a, z, yc)
         losses = output_losses(arch, a[L], z[L], yc)  # (m,)
         sq = per_sample_sq_norms(delta, a)  # (m, L+1)
+        summed, sq_summed = delta, sq
+        if clip is not None:
+            factor = clip_factors(delta, a, clip)  # (m,)
+            scale = factor.astype(xc.dtype)[:, None]  # (m, 1)
+            summed = [d if l == 0 else d * scale for l, d in enumerate(delta)]
+            sq_summed = sq * (factor * factor)[:, None]
         for l in range(1, L + 1):
-            sum_w[l] += delta[l].T @ a[l - 1]  # (n_l, n_{l-1}), BP4 summed
-            sum_b[l] += delta[l].sum(axis=0, dtype=np.float64)  # BP3 summed
+            sum_w[l] += summed[l].T @ a[l - 1]  # (n_l, n_{l-1}), BP4 summed
+            sum_b[l] += summed[l].sum(axis=0, dtype=np.float64)  # BP3 summed
         if sq_w is not None and sq_b is not None:
             ones = np.ones(xc.shape[0], xc.dtype)  # (m,)
             for l in range(1, L + 1):
-                dd = delta[l] * delta[l]  # (m, n_l)
+                dd = summed[l] * summed[l]  # (m, n_l)
                 sq_w[l] += dd.T @ (a[l - 1] * a[l - 1])  # (n_l, n_{l-1}), BP4 squared, summed
                 # BP3 squared, summed as a product in the compute dtype like sq_w: a tenth of
                 # the time of a float64 sum, which cost a tenth of the second moment's time.
                 sq_b[l] += ones @ dd  # (n_l,)
         loss_sum += float(losses.sum())
-        sq_norm_sum += sq.sum(axis=0)
+        sq_norm_sum += sq_summed.sum(axis=0)
         if classify:
             correct += int((a[L].argmax(axis=1) == yc.argmax(axis=1)).sum())
         if outputs is not None:

@@ -1,0 +1,227 @@
+"""Differential privacy for training (DP-SGD): the Poisson draw, the noise and the accountant.
+
+Each step s draws every sample into its batch with probability q, from a counter-based
+hash of (key, seed, s, sample id), so each worker draws its own rows; the workers sum the
+clipped per-sample gradients (backprop.block_partial, clip=C); the driver adds
+N(0, sigma^2 C^2) to the summed gradient once, from a generator keyed by (key, seed, s),
+and divides by the expected batch q N. The run's secret key keeps the draw and the noise
+unknown to whoever reads run.json. The accounting is Google's dp-accounting (RDP), never
+written here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .errors import ConfigError
+from .reduce import Gradient
+
+F64 = NDArray[np.float64]
+
+# Domain tags, so that the draw, the noise and optim.draw_batch never share a stream.
+_SAMPLE_TAG = 0x5053  # "PS": Poisson sampling
+_NOISE_TAG = 0x474E  # "GN": Gaussian noise
+KEY_BYTES = 32
+KEY_FILE = "privacy-key"
+
+ACCOUNTANT = "RDP accountant (Poisson-subsampled Gaussian, add/remove one sample)"
+# What a private run writes that the accountant does not cover (run.json lists it).
+NOT_PROTECTED = (
+    "per_sample/: exact per-sample rows (only with --dp-allow-per-sample)",
+    "metrics loss, accuracy and samples: exact statistics of each step's batch",
+    "the class list and the row count N (read from the data; N sets the divisor q N)",
+    "--weights statistics and classes: protected only if that model's data was public",
+)
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+def new_key() -> str:
+    """A fresh secret key: 32 random bytes from the OS, as hex."""
+    return secrets.token_hex(KEY_BYTES)
+
+
+def read_key(path: str | Path) -> str:
+    """The hex key in `path` (a file written by new_key or by hand: 64 hex digits)."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"--dp-key {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        if len(bytes.fromhex(text)) < 16:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--dp-key {path}: expected at least 32 hex digits (128 bits), "
+                          "e.g. from `python -c 'import secrets; print(secrets.token_hex(32))'`"
+                          ) from None
+    return text
+
+
+def _entropy(key: str | None, seed: int, step: int, tag: int) -> list[int]:
+    """The SeedSequence entropy of one stream: the key's 64-bit words, then seed, step, tag."""
+    raw = bytes.fromhex(key) if key else b""
+    words = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
+    return [*words, seed, step, tag]
+
+
+# --- Poisson sampling ---------------------------------------------------------------------
+
+
+def sample_key(key: str | None, seed: int, step: int) -> tuple[int, int]:
+    """The two 64-bit words that decide step's batch; workers get these, not the key."""
+    state = np.random.SeedSequence(_entropy(key, seed, step, _SAMPLE_TAG)).generate_state(
+        2, np.uint64)
+    return int(state[0]), int(state[1])
+
+
+def _splitmix64(z: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    """splitmix64's finalizer (Steele et al., 2014): a bijection of uint64 with full
+    avalanche. uint64 arithmetic wraps modulo 2^64, as the algorithm wants."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(ids: NDArray[np.int64], skey: tuple[int, int]) -> F64:
+    """u_i in [0, 1) for each sample id, a function of (step key, id) alone, (n,) float64.
+
+    Two keyed splitmix64 rounds, the top 53 bits: counter-based, so any worker computes
+    the value of any id without the others.
+    """
+    z = np.ascontiguousarray(ids, dtype=np.int64).view(np.uint64)
+    z = _splitmix64(_splitmix64(z ^ np.uint64(skey[0])) ^ np.uint64(skey[1]))
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def poisson_rows(ids: NDArray[np.int64], skey: tuple[int, int], q: float) -> NDArray[np.int64]:
+    """Indexes into `ids` of the samples in this step's batch: u_i < q (each with
+    probability q, independently), sorted."""
+    if q >= 1.0:
+        return np.arange(len(ids), dtype=np.int64)
+    return np.flatnonzero(uniforms(ids, skey) < q).astype(np.int64)
+
+
+# --- noise --------------------------------------------------------------------------------
+
+
+def standard_noise(key: str | None, seed: int, step: int, size: int) -> F64:
+    """z ~ N(0, I), (size,) float64, keyed by (key, seed, step): numpy's PCG64."""
+    rng = np.random.default_rng(np.random.SeedSequence(_entropy(key, seed, step, _NOISE_TAG)))
+    return rng.standard_normal(size)
+
+
+def noisy_gradient(grad: Gradient, z: F64, noise_std: float, expected_batch: float
+                   ) -> Gradient:
+    """The private gradient (sum_i clip(g_i) + noise_std z) / expected_batch.
+
+    `grad` is the reducer's mean over the n sampled rows, so n grad is the clipped sum
+    (exact up to the division's rounding, which is the same bits for any worker count);
+    z is in the flat parameter order (layer, w then b, j, k). Loss, n and the correct
+    count are kept (exact batch statistics); the second moments are dropped.
+    """
+    w, b = [np.zeros((0, 0))], [np.zeros(0)]
+    pos = 0
+    for l in range(1, grad.L + 1):
+        size_w, size_b = grad.w[l].size, grad.b[l].size
+        zw = z[pos:pos + size_w].reshape(grad.w[l].shape)
+        zb = z[pos + size_w:pos + size_w + size_b]
+        pos += size_w + size_b
+        w.append((grad.w[l] * grad.n + noise_std * zw) / expected_batch)
+        b.append((grad.b[l] * grad.n + noise_std * zb) / expected_batch)
+    assert pos == len(z), "the noise does not match the parameters"
+    return dataclasses.replace(grad, w=w, b=b, sq_w=None, sq_b=None)
+
+
+def empty_gradient(sizes: tuple[int, ...]) -> Gradient:
+    """The gradient of a step whose Poisson draw took no sample: zero, loss NaN."""
+    w = [np.zeros((0, 0))] + [np.zeros((sizes[l], sizes[l - 1])) for l in range(1, len(sizes))]
+    b = [np.zeros(0)] + [np.zeros(sizes[l]) for l in range(1, len(sizes))]
+    return Gradient(0, float("nan"), w, b, np.zeros(len(sizes)), 0)
+
+
+# --- accounting ---------------------------------------------------------------------------
+
+
+def _event(q: float, sigma: float, steps: int = 1):  # -> dp_accounting.DpEvent
+    import dp_accounting  # type: ignore[import-untyped]
+
+    one = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    return one if steps == 1 else dp_accounting.SelfComposedDpEvent(one, steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Accountant:
+    """epsilon at delta after any number of DP-SGD steps with sampling rate q and noise
+    multiplier sigma, from dp-accounting's RDP accountant (add/remove one sample).
+
+    The accountant composes one step's event once; RDP composes by addition, so the
+    epsilon of s steps is dp-accounting's conversion of s times that vector
+    (`compute_epsilon`, the same numbers as `RdpAccountant.compose(event, s)`), about 0.3 ms
+    a step instead of 70 ms.
+    """
+
+    q: float
+    sigma: float
+
+    @cached_property
+    def _one_step(self) -> tuple[F64, F64]:
+        from dp_accounting import rdp  # type: ignore[import-untyped]
+
+        accountant = rdp.RdpAccountant()  # NeighboringRelation.ADD_OR_REMOVE_ONE
+        accountant.compose(_event(self.q, self.sigma))
+        return np.asarray(accountant.orders, dtype=np.float64), np.asarray(accountant.rdp)
+
+    def epsilon(self, steps: int, delta: float) -> float:
+        """epsilon after `steps` steps (0 for none)."""
+        if steps <= 0:
+            return 0.0
+        from dp_accounting.rdp import rdp_privacy_accountant  # type: ignore[import-untyped]
+
+        orders, rdp = self._one_step
+        return float(rdp_privacy_accountant.compute_epsilon(orders, steps * rdp, delta)[0])
+
+
+def noise_multiplier(epsilon: float, delta: float, q: float, steps: int) -> float:
+    """The smallest sigma whose `steps` steps at rate q spend at most epsilon at delta:
+    dp-accounting's calibrate_dp_mechanism (Brent's method) over fresh RDP accountants,
+    as Opacus's make_private_with_epsilon does with its own."""
+    import dp_accounting  # type: ignore[import-untyped]
+    from dp_accounting import rdp  # type: ignore[import-untyped]
+
+    try:
+        sigma = dp_accounting.calibrate_dp_mechanism(
+            rdp.RdpAccountant, lambda s: _event(q, s, steps), epsilon, delta,
+            bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-6)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"--dp-epsilon {epsilon:g}: no noise multiplier reaches it at "
+                          f"--dp-delta {delta:g} with --batch-rate {q:g} over {steps} steps "
+                          f"({e})") from None
+    # Brent's tolerance is on sigma: step up to the first sigma that meets the budget.
+    sigma = float(sigma)
+    accountant = Accountant(q, sigma)
+    while accountant.epsilon(steps, delta) > epsilon:
+        sigma *= 1 + 1e-6
+        accountant = Accountant(q, sigma)
+    return sigma
+
+
+def accountant_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dp-accounting")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__all__ = ["ACCOUNTANT", "Accountant", "KEY_FILE", "NOT_PROTECTED", "empty_gradient",
+           "new_key", "noise_multiplier", "noisy_gradient", "poisson_rows", "read_key",
+           "sample_key", "standard_noise", "uniforms"]

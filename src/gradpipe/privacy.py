@@ -11,10 +11,13 @@ written here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from numpy.typing import NDArray
@@ -150,6 +153,20 @@ def empty_gradient(sizes: tuple[int, ...]) -> Gradient:
 # --- accounting ---------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _quiet_accountant() -> Iterator[None]:
+    """dp-accounting logs through absl when a series for a fractional RDP order does not
+    converge (small orders at large q), and then leaves that order out of the minimum,
+    which keeps the bound valid: not a line for the user's terminal."""
+    log = logging.getLogger("absl")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _event(q: float, sigma: float, steps: int = 1):  # -> dp_accounting.DpEvent
     import dp_accounting  # type: ignore[import-untyped]
 
@@ -176,7 +193,8 @@ class Accountant:
         from dp_accounting import rdp  # type: ignore[import-untyped]
 
         accountant = rdp.RdpAccountant()  # NeighboringRelation.ADD_OR_REMOVE_ONE
-        accountant.compose(_event(self.q, self.sigma))
+        with _quiet_accountant():
+            accountant.compose(_event(self.q, self.sigma))
         return np.asarray(accountant.orders, dtype=np.float64), np.asarray(accountant.rdp)
 
     def epsilon(self, steps: int, delta: float) -> float:
@@ -197,9 +215,10 @@ def noise_multiplier(epsilon: float, delta: float, q: float, steps: int) -> floa
     from dp_accounting import rdp  # type: ignore[import-untyped]
 
     try:
-        sigma = dp_accounting.calibrate_dp_mechanism(
-            rdp.RdpAccountant, lambda s: _event(q, s, steps), epsilon, delta,
-            bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-6)
+        with _quiet_accountant():
+            sigma = dp_accounting.calibrate_dp_mechanism(
+                rdp.RdpAccountant, lambda s: _event(q, s, steps), epsilon, delta,
+                bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-6)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"--dp-epsilon {epsilon:g}: no noise multiplier reaches it at "
                           f"--dp-delta {delta:g} with --batch-rate {q:g} over {steps} steps "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import secrets
 from functools import cached_property
 from pathlib import Path
@@ -84,32 +85,47 @@ def sample_key(key: str | None, seed: int, step: int) -> tuple[int, int]:
     return int(state[0]), int(state[1])
 
 
-def _splitmix64(z: NDArray[np.uint64]) -> NDArray[np.uint64]:
-    """splitmix64's finalizer (Steele et al., 2014): a bijection of uint64 with full
-    avalanche. uint64 arithmetic wraps modulo 2^64, as the algorithm wants."""
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment (the golden ratio)
+
+
+def _hashes(ids: NDArray[np.int64], skey: tuple[int, int]) -> NDArray[np.uint64]:
+    """splitmix64's output for counter `id` under the step's seed: mix(k0 + id gamma),
+    then mixed again with k1 (Steele, Lea and Flood, 2014), (n,) uint64.
+
+    Counter-based: any worker computes the value of any id without the others. uint64
+    arithmetic wraps modulo 2^64, as the algorithm wants; in place, so that a step costs
+    a few passes over the ids.
+    """
+    z = np.ascontiguousarray(ids, dtype=np.int64).view(np.uint64) * _GAMMA
+    t = np.empty_like(z)
+    for k in skey:
+        z += np.uint64(k)
+        np.right_shift(z, np.uint64(30), out=t)
+        z ^= t
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        np.right_shift(z, np.uint64(27), out=t)
+        z ^= t
+        z *= np.uint64(0x94D049BB133111EB)
+        np.right_shift(z, np.uint64(31), out=t)
+        z ^= t
+    return z
 
 
 def uniforms(ids: NDArray[np.int64], skey: tuple[int, int]) -> F64:
-    """u_i in [0, 1) for each sample id, a function of (step key, id) alone, (n,) float64.
-
-    Two keyed splitmix64 rounds, the top 53 bits: counter-based, so any worker computes
-    the value of any id without the others.
-    """
-    z = np.ascontiguousarray(ids, dtype=np.int64).view(np.uint64)
-    z = _splitmix64(_splitmix64(z ^ np.uint64(skey[0])) ^ np.uint64(skey[1]))
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    """u_i in [0, 1) for each sample id, a function of (step key, id) alone, (n,) float64:
+    the top 53 bits of its hash."""
+    return (_hashes(ids, skey) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def poisson_rows(ids: NDArray[np.int64], skey: tuple[int, int], q: float) -> NDArray[np.int64]:
     """Indexes into `ids` of the samples in this step's batch: u_i < q (each with
-    probability q, independently), sorted."""
+    probability q, independently), sorted; compared as integers, without the floats."""
     if q >= 1.0:
         return np.arange(len(ids), dtype=np.int64)
-    return np.flatnonzero(uniforms(ids, skey) < q).astype(np.int64)
+    z = _hashes(ids, skey)
+    z >>= np.uint64(11)
+    # u < q  <=>  top53 < q 2^53  <=>  top53 < ceil(q 2^53) (q 2^53 is exact in float64)
+    return np.flatnonzero(z < np.uint64(math.ceil(q * 2.0**53))).astype(np.int64)
 
 
 # --- noise --------------------------------------------------------------------------------

@@ -57,6 +57,47 @@ def local_init_kwargs() -> dict[str, Any]:
     return {"_node_ip_address": LOOPBACK_IP}
 
 
+# Why: Ray (2.52 on) turns token authentication on for a new local instance only when
+# RAY_AUTH_MODE is unset (RAY_AUTH_MODE=disabled in the environment starts it open, and so
+# do older Rays), and then takes its token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+# ~/.ray/auth_token, writing the last when missing: one long-lived token for every instance
+# and cluster of this user. gradpipe decides instead: the mode and a fresh token of its own
+# go into the environment that the instance's processes (GCS, raylet, workers) inherit.
+# This process read the mode when Ray was imported and caches the token once loaded, so
+# both are read again: `Config.initialize` and the token loader's `reset_cache` (private).
+# If Ray changes them: ImportError or AttributeError at the start of every local run
+# (loudly), and tests/test_security.py fails by name; if Ray renames the variables, the
+# instance starts without authentication and the same test fails.
+AUTH_MODE = "RAY_AUTH_MODE"
+AUTH_TOKEN = "RAY_AUTH_TOKEN"
+AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
+
+
+@contextlib.contextmanager
+def token_auth(token: str) -> Iterator[None]:
+    """Token authentication on, with `token` and no other, for a Ray instance started inside.
+
+    The environment is restored on exit, so the token does not reach processes this one
+    starts later; this process keeps the mode and the token it loaded for the instance's
+    lifetime.
+    """
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+    saved = {k: os.environ.get(k) for k in (AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH)}
+    os.environ.pop(AUTH_TOKEN_PATH, None)
+    os.environ.update({AUTH_MODE: "token", AUTH_TOKEN: token})
+    Config.initialize("")  # this process: token mode
+    AuthenticationTokenLoader.instance().reset_cache()  # this process: this token
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @contextlib.contextmanager
 def stderr_to_devnull() -> Iterator[None]:
     """Point file descriptor 2 at /dev/null for the duration (C++ logs bypass sys.stderr)."""

@@ -311,3 +311,18 @@ def test_readme_query_runs_on_the_scores(tmp_path):
         for statement in [s for s in q.split(";") if s.strip()]:
             rows = duckdb.sql(statement.replace("RUN", str(out))).fetchall()
             assert rows
+
+
+def test_inspect_shows_the_scores_of_a_run_that_has_them(tmp_path):
+    data = make_classification(tmp_path / "d", rows=45, features=4, classes=CLASSES)
+    out = train(data, tmp_path / "run")
+    assert json.loads(run("inspect", out, "--json").stdout)["scores"] is None
+    scores(out, "--top", "0")
+    summary = json.loads(run("inspect", out, "--json", "--top", "4").stdout)["scores"]
+    table = pq.read_table(out / "scores").to_pylist()
+    want = sorted(table, key=lambda r: (-r["self_influence"], r["sample"]))[:4]
+    assert summary["samples"] == 45 and summary["top"] == want
+    assert summary["never_learned"] == sum(r["first_learned"] is None for r in table)
+    assert sum(summary["forgetting_events"].values()) == 45
+    text = run("inspect", out, "--top", "4").stdout
+    assert "Scores of 45 samples (gradpipe scores): top 4 by self_influence" in text

@@ -185,6 +185,20 @@ def render(summary: dict, console: Any = None) -> None:
                       _num(r["w_norm"], 5), _num(r["b_norm"], 5), _num(r["w_abs_max"], 5))
         console.print(t)
 
+    if scores := summary.get("scores"):
+        keys = [k for k in ("label", "self_influence", "el2n_mean", "grand_mean", "loss_last",
+                            "forgetting_events", "first_learned") if k in scores["columns"]]
+        t = table(f"Scores of {scores['samples']:,} samples (gradpipe scores): top "
+                  f"{len(scores['top'])} by self_influence", "sample", *keys)
+        for r in scores["top"]:
+            t.add_row(str(r["sample"]), *[_num(r[k], 5) if isinstance(r[k], float) else
+                                          ("-" if r[k] is None else str(r[k])) for k in keys])
+        console.print(t)
+        if "never_learned" in scores:
+            spread = ", ".join(f"{n:,} with {k}" for k, n in scores["forgetting_events"].items())
+            console.print(f"never learned: {scores['never_learned']:,}; forgetting events: "
+                          f"{spread}")
+
 
 def _norm_table(console: Any, table: Any, title: str, curve: list[dict],
                 layers: list[int]) -> None:

@@ -499,7 +499,7 @@ def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) 
         )
     summary: dict = {"path": str(output.path), "kind": output.kind, "run": None,
                      "metrics": None, "noise_scale": None, "per_sample": None,
-                     "gradients": None, "weights": None}
+                     "gradients": None, "weights": None, "scores": None}
     result = Inspection(summary)
     if output.run is not None:
         summary["run"] = run_info(output.run)
@@ -515,7 +515,28 @@ def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) 
         summary["gradients"], result.recorded_norms = gradient_norms(output.gradients)
     if output.weights is not None:
         summary["weights"] = weights_summary(output.weights)
+    if output.kind == "run":
+        from .scores import read_scores
+
+        table = read_scores(output.path)
+        summary["scores"] = None if table is None else scores_summary(table, top)
     return result
+
+
+def scores_summary(table: pa.Table, top: int) -> dict:
+    """`gradpipe scores` of a run: the `top` samples by self-influence, how many were never
+    learned, and how forgetting events spread."""
+    rows = table.to_pylist()
+    ranked = sorted(rows, key=lambda r: (-(r["self_influence"] or 0.0), r["sample"]))
+    out: dict = {"samples": len(rows), "top": ranked[:top], "columns": table.column_names}
+    if "first_learned" in table.column_names:
+        out["never_learned"] = sum(r["first_learned"] is None for r in rows)
+        counts: dict[int, int] = defaultdict(int)
+        for r in rows:
+            if r["forgetting_events"] is not None:
+                counts[int(r["forgetting_events"])] += 1
+        out["forgetting_events"] = dict(sorted(counts.items()))
+    return out
 
 
 def jsonable(obj: Any) -> Any:

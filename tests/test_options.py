@@ -50,6 +50,19 @@ def bad_value(option) -> tuple[str, str] | None:
     return None
 
 
+def companions(name: str) -> list[str]:
+    """The flags a --dp-* option needs beside it to make a valid private run (test_privacy
+    tests the refusals)."""
+    if not name.startswith("dp_"):
+        return []
+    private = {"dp_clip": "1", "dp_noise": "1", "dp_delta": "1e-5", "batch_rate": "0.1"}
+    if name == "dp_epsilon":
+        private.pop("dp_noise")
+    private.pop(name, None)
+    return [x for k, v in private.items() for x in ("--" + k.replace("_", "-"), v)] + [
+        "--no-standardize"]
+
+
 @pytest.fixture
 def captured(monkeypatch):
     """Run the CLI without training: the TrainConfig it builds is captured instead."""
@@ -73,7 +86,7 @@ def test_every_option_means_the_same_as_a_flag_and_in_a_job_file(name, captured,
     flag_text, toml_text, expected = good_value(name, option)
     flag = "--" + name.replace("_", "-")
     command = command_for(name)
-    base = ["--out", str(tmp_path / "run")] if name != "out" else []
+    base = (["--out", str(tmp_path / "run")] if name != "out" else []) + companions(name)
     if option.kind == "bool":  # a flag that is on by default is turned off with --no-...
         args = [flag if expected else "--no-" + name.replace("_", "-")]
     else:

@@ -1,4 +1,5 @@
-"""The local instance gradpipe starts is reachable from this machine only; nothing is unpickled."""
+"""The local instance gradpipe starts is reachable from this machine only, and only with the
+token gradpipe gave it; nothing is unpickled."""
 
 from __future__ import annotations
 
@@ -118,6 +119,71 @@ def test_the_local_instance_refuses_clients_without_its_token(ray_local, tmp_pat
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
                             timeout=60)
     assert result.returncode == 3, result.stderr.decode()[-2000:]
+
+
+# Run in a clean process: starts gradpipe's local instance, checks it from inside, then asks
+# clients without its token (in processes of their own) to connect. Exit 0 when all is well.
+CLEAN_START = """
+import json, os, subprocess, sys
+from pathlib import Path
+from gradpipe.worker import ray_init
+import ray
+
+ray_init("local", num_cpus=1)
+address = ray.get_runtime_context().gcs_address
+report = {"env_after": {k: os.environ.get(k) for k in
+                        ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}}
+
+@ray.remote
+def mode():
+    return os.environ.get("RAY_AUTH_MODE")
+
+report["worker_mode"] = ray.get(mode.remote())  # a worker started after ray_init returned
+from gradpipe.raycompat import gcs_refuses_token
+report["self_refused"] = gcs_refuses_token(address)  # this process holds the token
+probe = ("import sys\\nfrom gradpipe.raycompat import gcs_refuses_token\\n"
+         f"sys.exit(3 if gcs_refuses_token({address!r}) else 0)\\n")
+clients = {}
+for name, extra in (("no mode", {}), ("disabled", {"RAY_AUTH_MODE": "disabled"}),
+                    ("wrong token", {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64})):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    done = subprocess.run([sys.executable, "-c", probe], env={**env, **extra},
+                          capture_output=True, timeout=60)
+    clients[name] = done.returncode
+report["clients"] = clients
+report["home"] = sorted(str(p.relative_to(Path.home())) for p in Path.home().rglob("*"))
+ray.shutdown()
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.parametrize("environment_mode", [None, "disabled"])
+def test_gradpipe_turns_token_authentication_on_in_a_clean_environment(
+        tmp_path, environment_mode):
+    """No RAY_AUTH_MODE (or RAY_AUTH_MODE=disabled) and no ~/.ray/auth_token: the local
+    instance still has token authentication, with a token of its own that reaches neither
+    the disk nor the processes gradpipe starts afterwards, and refuses clients without it."""
+    import json
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env["HOME"] = str(home)
+    if environment_mode is not None:
+        env["RAY_AUTH_MODE"] = environment_mode
+    done = subprocess.run([sys.executable, "-c", CLEAN_START], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["clients"] == {"no mode": 3, "disabled": 3, "wrong token": 3}, report
+    assert report["self_refused"] is False  # the probe tells a refusal from a connection
+    assert report["worker_mode"] == "token"
+    assert report["env_after"] == {"RAY_AUTH_MODE": environment_mode, "RAY_AUTH_TOKEN": None,
+                                   "RAY_AUTH_TOKEN_PATH": None}
+    assert not any(p.startswith(".ray") for p in report["home"]), report["home"]
 
 
 def test_a_run_writes_only_inside_its_run_folder(cls_data, tmp_path, monkeypatch):

@@ -42,7 +42,9 @@ def test_gradients_are_bitwise_identical_for_any_worker_count(ray_local, tmp_pat
                           per_sample="norms"))
         tables[workers] = {name: pq.read_table(out / name) for name in
                            ("gradients", "weights.parquet")}
-        tables[workers]["metrics"] = pq.read_table(out / "metrics").drop(["seconds"])
+        # seconds, and the partials that reached the driver, depend on the run, not the math
+        tables[workers]["metrics"] = pq.read_table(out / "metrics").drop(
+            ["seconds", "partials", "partial_bytes"])
     for workers in (1, 2, 3, 4):
         for name, table in tables[workers].items():
             assert table.equals(tables[0][name]), (workers, name)

@@ -213,6 +213,8 @@ def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None =
     for key, form in (("val_loss", ".6g"), ("val_accuracy", ".4f"), ("val_mse", ".6g")):
         if metrics.get(key) is not None:
             parts.append(f"{key} {metrics[key]:{form}}")
+    if metrics.get("epsilon") is not None:  # a private run: the privacy spent
+        parts.append(f"epsilon {metrics['epsilon']:.4g} at delta {metrics['delta']:g}")
     click.echo("  ".join(parts))
     for warning in metrics.get("warnings", []):
         click.echo(f"gradpipe: warning: {warning}", err=True)

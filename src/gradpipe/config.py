@@ -86,12 +86,41 @@ class TrainConfig:
     batch: int | None = opt(None, "full, or N rows per step drawn by a seeded generator.",
                             kind="batch", low=1, optional=True, metavar="full|N",
                             commands=TRAIN)
+    batch_rate: float | None = opt(
+        None, "Poisson sampling: each sample in a step's batch with probability Q, decided by "
+        "a generator keyed by the seed, the step and the sample id (the same batch on any "
+        "number of workers); the gradient is the mean over the rows drawn (with --dp-clip: "
+        "the noisy sum over Q N).", kind="float", low=0, low_open=True, high=1,
+        optional=True, metavar="Q", commands=TRAIN)
     tol: float = opt(0.0, "Stop when the gradient norm falls below this (0: never).",
                      kind="float", low=0, commands=TRAIN)
     val: str | None = opt(None, "Held-out data (same columns): its loss and accuracy (or mse) "
                           "at every recorded step and the last, as val_* in the metrics. "
                           "Evaluated in this process.", optional=True, commands=TRAIN,
                           metavar="DATA")
+    # differential privacy (DP-SGD; privacy.py)
+    dp_clip: float | None = opt(None, "Train with differential privacy: clip each sample's "
+                                "gradient to norm C (needs --batch-rate, --dp-delta and "
+                                "--dp-noise or --dp-epsilon).", kind="float", low=0,
+                                low_open=True, optional=True, metavar="C", commands=TRAIN)
+    dp_noise: float | None = opt(None, "Noise multiplier sigma: N(0, sigma^2 C^2) is added to "
+                                 "each step's summed clipped gradient.", kind="float", low=0,
+                                 low_open=True, optional=True, metavar="SIGMA",
+                                 commands=TRAIN)
+    dp_epsilon: float | None = opt(None, "Target epsilon instead of --dp-noise: sigma is "
+                                   "chosen so that --steps steps at --batch-rate spend it.",
+                                   kind="float", low=0, low_open=True, optional=True,
+                                   metavar="EPS", commands=TRAIN)
+    dp_delta: float | None = opt(None, "delta of the (epsilon, delta) guarantee, e.g. 1e-5 "
+                                 "(below 1/N).", kind="float", low=0, low_open=True, high=1,
+                                 high_open=True, optional=True, metavar="DELTA",
+                                 commands=TRAIN)
+    dp_key: str | None = opt(None, "File with the secret (64 hex digits) that keys the "
+                             "Poisson draw and the noise. Default: a fresh one, kept in the "
+                             "run folder as privacy-key.", optional=True, metavar="FILE",
+                             commands=TRAIN, resume="free")
+    dp_allow_per_sample: bool = opt(False, "Write --per-sample rows in a private run: they are "
+                                    "exact, hence not private.", kind="bool", commands=TRAIN)
     # execution
     workers: int | None = opt(None, "Ray workers (actors); 0 computes in this process. "
                               "Default: in this process for small work (the schema line says "
@@ -140,9 +169,54 @@ class TrainConfig:
         options.check(self)
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite cannot be used together")
+        if self.batch is not None and self.batch_rate is not None:
+            raise ConfigError("--batch N and --batch-rate Q cannot be used together: N rows, "
+                              "or each row with probability Q")
+        check_privacy(self)
+
+    @property
+    def private(self) -> bool:
+        """True for a differentially private run (--dp-clip)."""
+        return self.dp_clip is not None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-__all__ = ["ALL", "TrainConfig"]
+def check_privacy(config: TrainConfig) -> None:
+    """Refuse, in one line, a private run that the accountant would not cover."""
+    if config.dp_clip is None:
+        given = [n for n in ("dp_noise", "dp_epsilon", "dp_delta", "dp_key")
+                 if getattr(config, n) is not None] + (
+            ["dp_allow_per_sample"] if config.dp_allow_per_sample else [])
+        if given:
+            raise ConfigError(f"{options.flag(given[0])} needs --dp-clip C: private training "
+                              "clips each sample's gradient to norm C")
+        return
+    if (config.dp_noise is None) == (config.dp_epsilon is None):
+        raise ConfigError("--dp-clip needs exactly one of --dp-noise SIGMA and --dp-epsilon "
+                          "EPS")
+    if config.dp_delta is None:
+        raise ConfigError("--dp-clip needs --dp-delta DELTA, the delta of the (epsilon, delta) "
+                          "guarantee (e.g. 1e-5, below 1 / the number of rows)")
+    if config.batch is not None:
+        raise ConfigError("--batch N with --dp-clip: a fixed number of rows per step is not "
+                          "what the accountant analyses (Poisson sampling); use --batch-rate Q")
+    if config.batch_rate is None:
+        raise ConfigError("--dp-clip needs --batch-rate Q: each sample in a step's batch with "
+                          "probability Q (1: every sample at every step)")
+    if config.standardize and not config.weights:
+        raise ConfigError("--standardize (on by default) computes the features' mean and std "
+                          "from the private data, outside the privacy accounting: pass "
+                          "--no-standardize (scale the features beforehand with public "
+                          "statistics), or --weights of a model with public statistics")
+    if config.per_sample != "none" and not config.dp_allow_per_sample:
+        raise ConfigError(f"--per-sample {config.per_sample} with --dp-clip writes exact "
+                          "per-sample rows, which are not private: add --dp-allow-per-sample "
+                          "to write them anyway")
+    if config.second_moment:
+        raise ConfigError("--second-moment with --dp-clip: the exact second moments of the "
+                          "private data are not private")
+
+
+__all__ = ["ALL", "TrainConfig", "check_privacy"]

@@ -15,12 +15,15 @@ import platform
 import signal
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 from numpy.typing import NDArray
 
-from . import options
+from . import options, privacy
+from .atomic import atomic_file
+from .backprop import Partial
 from .config import LR, TrainConfig
 from .data import Dataset, DataSpec, plan, schema_line
 from .errors import ConfigError, DataError, DivergenceError, RunInterrupted
@@ -214,8 +217,11 @@ class Run:
                 self.step >= config.steps or bool(info.get("converged")))
             if self.done:
                 return
+        self._prepare_privacy()
         steps = (config.steps - self.step) if config.update else 1
         rows = min(config.batch or self.dataset.n_rows, self.dataset.n_rows)
+        if config.batch_rate is not None:
+            rows = max(1, round(config.batch_rate * self.dataset.n_rows))
         self.pool = start_pool(self.dataset, config.workers, config.dtype,
                                address=config.address, memory_budget=config.memory_budget,
                                verbose=config.verbose,
@@ -233,7 +239,93 @@ class Run:
         where = ("; in-process: small work, --workers N to use Ray" if self.pool.small else "")
         resumed = (f"; resuming at step {self.step} of {config.steps} (its last checkpoint)"
                    if config.resume else "")
-        self.note(f"{schema_line(self.dataset)}; model {model}{where}{resumed}")
+        self.note(f"{schema_line(self.dataset)}; model {model}{self._describe_privacy()}"
+                  f"{where}{resumed}")
+
+    def _prepare_privacy(self) -> None:
+        """The noise multiplier, the accountant and the secret key of a private run.
+
+        sigma is --dp-noise, or the one that --dp-epsilon chose when the run began (kept in
+        run.json, so a resumed run, even with more --steps, keeps its noise); the key is
+        --dp-key, the run folder's privacy-key on --resume, else a fresh one.
+        """
+        config = self.config
+        self.sigma: float | None = None
+        self.key: str | None = None
+        if not config.private:
+            return
+        assert config.batch_rate is not None and config.dp_delta is not None
+        kept = (read_run_json(config.out or "").get("privacy") or {}) if config.resume else {}
+        if config.dp_noise is not None:
+            self.sigma = config.dp_noise
+        elif kept.get("noise_multiplier") is not None:
+            self.sigma = float(kept["noise_multiplier"])
+        else:
+            assert config.dp_epsilon is not None
+            self.sigma = privacy.noise_multiplier(config.dp_epsilon, config.dp_delta,
+                                                  config.batch_rate, config.steps)
+        self.accountant = privacy.Accountant(config.batch_rate, self.sigma)
+        stored = Path(config.out or "", privacy.KEY_FILE)
+        if config.resume:
+            if not stored.is_file():
+                raise ConfigError(f"--resume {config.out}: the run's {privacy.KEY_FILE} is "
+                                  "missing, and without it the Poisson draws and the noise "
+                                  "cannot be repeated")
+            self.key = privacy.read_key(stored)
+            # run.json names the --dp-key file the run began with: it may be gone since
+            if (config.dp_key and Path(config.dp_key).is_file()
+                    and privacy.read_key(config.dp_key) != self.key):
+                raise ConfigError(f"--dp-key {config.dp_key} is not the key the run in "
+                                  f"{config.out} was started with")
+        else:
+            self.key = privacy.read_key(config.dp_key) if config.dp_key else privacy.new_key()
+        spent = self.accountant.epsilon(config.steps, config.dp_delta)
+        if config.dp_epsilon is not None and spent > config.dp_epsilon:
+            self.warnings.append(
+                f"epsilon will be {spent:.4g} after {config.steps} steps, above --dp-epsilon "
+                f"{config.dp_epsilon:g}: the noise was chosen for the steps the run began with")
+        if config.dp_delta >= 1 / self.dataset.n_rows:
+            self.warnings.append(
+                f"--dp-delta {config.dp_delta:g} is not below 1/N = "
+                f"{1 / self.dataset.n_rows:.3g}: a mechanism that publishes a random sample "
+                "outright meets such a delta")
+
+    def _describe_privacy(self) -> str:
+        if not self.config.private:
+            return ""
+        c = self.config
+        assert self.sigma is not None and c.batch_rate is not None
+        return (f"; DP-SGD: clip {c.dp_clip:g}, noise multiplier {self.sigma:.4g}, batch rate "
+                f"{c.batch_rate:g} (expected batch {c.batch_rate * self.dataset.n_rows:.6g}), "
+                f"epsilon {self.accountant.epsilon(c.steps, c.dp_delta or 0):.4g} at delta "
+                f"{c.dp_delta:g} after {c.steps} steps")
+
+    def privacy_info(self) -> dict | None:
+        """run.json's `privacy`: the mechanism, its parameters, the epsilon spent so far, the
+        accountant, and what the guarantee does not cover."""
+        c = self.config
+        if not c.private:
+            return None
+        assert self.sigma is not None and c.batch_rate is not None and c.dp_clip is not None
+        done = getattr(self, "step", 0)
+        return {
+            "mechanism": "DP-SGD: Poisson sampling, per-sample clipping, Gaussian noise",
+            "neighbouring": "add or remove one sample (one row; --id-column values must be "
+                            "unique)",
+            "clip": c.dp_clip,
+            "noise_multiplier": self.sigma,
+            "noise_std": self.sigma * c.dp_clip,
+            "sampling_rate": c.batch_rate,
+            "expected_batch": c.batch_rate * self.dataset.n_rows,
+            "delta": c.dp_delta,
+            "target_epsilon": c.dp_epsilon,
+            "steps": done,
+            "epsilon": self.accountant.epsilon(done, c.dp_delta or 0),
+            "accountant": f"dp-accounting {privacy.accountant_version()}, {privacy.ACCOUNTANT}",
+            "key": f"{privacy.KEY_FILE} in the run folder (secret: it regenerates the noise)",
+            "per_sample_outputs_private": False,
+            "not_protected": list(privacy.NOT_PROTECTED),
+        }
 
     def _val_pool(self) -> Pool:
         """The --val data, read as the model reads its data: the same feature columns by
@@ -288,6 +380,7 @@ class Run:
             "versions": versions(),
             "standardize": self.standardize is not None,
             "streaming": self.pool.stream,
+            **({"privacy": p} if (p := self.privacy_info()) is not None else {}),
             **extra,
         }
 
@@ -318,6 +411,10 @@ class Run:
         if rec is not None:
             rec.start(self.info("running", started=self.started), overwrite=config.overwrite,
                       resume_step=self.step if config.resume else None)
+            if self.key is not None and not config.resume:  # for --resume; not in run.json
+                with atomic_file(rec.out / privacy.KEY_FILE) as tmp:
+                    tmp.touch(mode=0o600)
+                    tmp.write_text(self.key + "\n")
             if config.update and not config.resume:
                 self._checkpoint()  # step 0: a diverged or killed run still has w_0
         last = config.steps - 1 if config.update else 0
@@ -333,7 +430,7 @@ class Run:
             per_sample = self._due(config.per_sample_every, last) and config.per_sample
             # Second moments only where the gradient is recorded (any step may converge).
             recorded = self._due(config.record_every, last) or config.tol > 0
-            grad = reduce(self.pool.step(StepRequest(
+            grad = self._reduce(self.pool.step(StepRequest(
                 step=step, arch=arch, params=self.params,
                 per_sample=per_sample if per_sample and rec is not None else "none",
                 out_dir=rec.per_sample_dir() if rec is not None else None,
@@ -341,7 +438,18 @@ class Run:
                 standardize=self.standardize, target_scale=self.target_scale,
                 second_moment=config.second_moment and recorded and rec is not None,
                 classes=self.dataset.classes if self.dataset.classify else None,
-                class_type=self.dataset.class_type)))
+                class_type=self.dataset.class_type,
+                batch_rate=config.batch_rate,
+                sample_key=(privacy.sample_key(self.key, config.seed, step)
+                            if config.batch_rate is not None else None),
+                clip=config.dp_clip)))
+            if config.private:
+                # DP-SGD: noise once per step on the clipped sum, divided by q N, the
+                # expected batch (the same divisor whatever the draw took)
+                assert self.sigma is not None and config.batch_rate is not None
+                z = privacy.standard_noise(self.key, config.seed, step, arch.n_params)
+                grad = privacy.noisy_gradient(grad, z, self.sigma * (config.dp_clip or 0),
+                                              config.batch_rate * self.dataset.n_rows)
             g = with_weight_decay(grad.flat(), flat, config.weight_decay, mask)
             lr = lr_at(config.schedule, config.lr, config.steps, step)
             metrics = self._metrics(step, grad, lr, time.perf_counter() - t0)
@@ -352,7 +460,7 @@ class Run:
             # record: the metrics row always, the whole gradient every --record-every steps
             if rec is not None:
                 rec.metrics(metrics)
-            if not (math.isfinite(grad.loss) and np.isfinite(g).all()):
+            if not ((grad.n == 0 or math.isfinite(grad.loss)) and np.isfinite(g).all()):
                 self._diverged(metrics)
             converged = config.tol > 0 and metrics["grad_norm"] < config.tol
             if rec is not None:
@@ -391,6 +499,8 @@ class Run:
         that vanished (saturated outputs, dead units) while the loss is still high."""
         if not self.config.update or not first or first is last:
             return
+        if not (math.isfinite(first["loss"]) and math.isfinite(last["loss"])):
+            return  # a Poisson draw that took no sample
         if not last["loss"] < first["loss"]:
             self.warnings.append(
                 f"the loss did not decrease ({first['loss']:.6g} at step {first['step']}, "
@@ -419,18 +529,32 @@ class Run:
             "lr": lr,
             "samples": grad.n,
             "seconds": seconds,
+            # what reached the driver: tree nodes and their bytes (these vary with workers)
+            "partials": grad.partials,
+            "partial_bytes": grad.partial_bytes,
             # null where undefined (n < 2, or |G|^2 below its own noise): NaN would not compare.
             "noise_scale": None if math.isnan(noise := grad.noise_scale()) else noise,
         }
+        if self.config.private:
+            # B_simple needs the exact per-sample sums, which are not private
+            row["noise_scale"] = None
+            row["epsilon"] = self.accountant.epsilon(step + 1, self.config.dp_delta or 0)
         if self.dataset.classify:
-            row["accuracy"] = grad.correct / grad.n
+            row["accuracy"] = grad.correct / grad.n if grad.n else float("nan")
         for l, norm in enumerate(grad.layer_norms()[1:], start=1):
             row[f"grad_norm_l{l}"] = float(norm)
         # B_simple of each layer alone: the same sums restricted to layer l, so every row has
         # these columns whether or not second moments are recorded.
         for l, noise in enumerate(grad.layer_noise_scales()[1:], start=1):
-            row[f"noise_scale_l{l}"] = None if math.isnan(noise) else float(noise)
+            row[f"noise_scale_l{l}"] = (None if math.isnan(noise) or self.config.private
+                                        else float(noise))
         return row
+
+    def _reduce(self, partials: list[Partial]) -> Gradient:
+        """The reducer's gradient, or zero for a Poisson draw that took no sample."""
+        if any(p.n for p in partials):
+            return reduce(partials)
+        return privacy.empty_gradient(self.arch.sizes)
 
     def _grad_sq(self, grad: Gradient, flat: F64, mask: F64) -> F64:
         """(1/N) sum_i g_i^2 for the per-sample gradients g_i whose mean is the recorded
@@ -469,6 +593,8 @@ def train(config: TrainConfig, progress: Progress | None = None,
     try:
         run.prepare()
         metrics = run.execute(progress)
+        if metrics and config.private:
+            metrics = {**metrics, "delta": config.dp_delta}
         return {**metrics, "warnings": run.warnings} if metrics else metrics
     finally:
         run.close()

@@ -1,8 +1,9 @@
 """Workers: blocks -> Partials. A plain class does the work; Ray actors are a thin wrapper.
 
 `BlockSet` loads its blocks once (checking them) and keeps them, or streams them from
-Parquet each step when they exceed the memory budget; per step it returns one Partial per
-block and, when asked, writes the blocks' per-sample rows itself. `Pool` plans which
+Parquet each step when they exceed the memory budget; per step it folds its blocks'
+Partials into the nodes of the reduction tree (tree.py) inside its blocks, O(log B) of
+them, and, when asked, writes the blocks' per-sample rows itself. `Pool` plans which
 worker holds which blocks and fans each step out: to Ray actors, or in-process when
 workers == 0. Nothing here depends on which worker holds a block, so any split gives the
 same bits.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import secrets
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +37,8 @@ from .evaluate import (
 )
 from .model import Architecture, Params
 from .outputs import PerSampleWriter, per_sample_path
+from .privacy import poisson_rows
+from .tree import held_nodes, tree_fold
 
 F64 = NDArray[np.float64]
 
@@ -54,6 +58,11 @@ class StepRequest:
     second_moment: bool = False  # also sum_i (dC_i/dtheta)^2 (Partial.sq_w, sq_b)
     classes: tuple | None = None  # class values in output order, for per-sample metadata
     class_type: str | None = None
+    # Poisson sampling (privacy.poisson_rows): each sample in the batch with probability
+    # batch_rate, decided by this step's key and the sample's id alone.
+    batch_rate: float | None = None
+    sample_key: tuple[int, int] | None = None
+    clip: float | None = None  # DP-SGD: sum the clipped per-sample gradients (backprop)
 
 
 @dataclass
@@ -124,6 +133,11 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
         rows = req.batch[lo:hi] - first
         x, y, ids = x[rows], y[rows], ids[rows]
         labels = labels[rows] if labels is not None else None
+    if req.batch_rate is not None and req.batch_rate < 1.0:
+        assert req.sample_key is not None, "Poisson sampling without the step's key"
+        rows = poisson_rows(ids, req.sample_key, req.batch_rate)
+        x, y, ids = x[rows], y[rows], ids[rows]
+        labels = labels[rows] if labels is not None else None
     writer = None
     if req.per_sample != "none" and req.out_dir is not None:
         writer = PerSampleWriter(
@@ -167,6 +181,7 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
             full=req.per_sample == "full",
             second_moment=req.second_moment,
             outputs=on_outputs if writer is not None else None,
+            clip=req.clip,
         )
     except BaseException:
         if writer is not None:
@@ -277,11 +292,12 @@ class BlockSet:
         return out
 
     def step(self, req: StepRequest) -> list[Partial]:
-        """One Partial per block. Each block is computed with one BLAS thread, and cores are
-        used by computing `threads` blocks at once (numpy releases the GIL): a block's bits
-        must not depend on how many threads its matrix products were split over, which
-        OpenBLAS does not promise."""
-        return self._each_block(block_step, req, req.target_scale)
+        """The nodes of the reduction tree inside this worker's blocks, each the sum of
+        its blocks' Partials along the tree (tree.held_nodes: one node for all the blocks
+        in-process, O(log B) for a run of them), folded as the blocks are computed, so
+        that a few partials are held at a time, not one per block."""
+        nodes = held_nodes((b.index for b in self.blocks), len(self.dataset.blocks))
+        return tree_fold(self._map_blocks(block_step, req, req.target_scale), nodes)
 
     def nbytes(self) -> int:
         return sum(d.nbytes for d in self.data) if self.data is not None else 0
@@ -313,7 +329,12 @@ class BlockSet:
 
     def _each_block(self, fn: Any, req: Any, target_scale: tuple[F64, F64] | None = None
                     ) -> list:
-        """fn(block data, req, classify) for every block, in block order.
+        """fn(block data, req, classify) for every block, in block order, as a list."""
+        return list(self._map_blocks(fn, req, target_scale))
+
+    def _map_blocks(self, fn: Any, req: Any, target_scale: tuple[F64, F64] | None = None
+                    ) -> Iterator:
+        """fn(block data, req, classify) for every block, yielded in block order.
 
         Each block is computed with one BLAS thread, and cores are used by computing
         `threads` blocks at once (numpy releases the GIL): a block's bits must not depend on
@@ -324,17 +345,18 @@ class BlockSet:
         with one_blas_thread():
             blocks = self.iter_blocks(req.standardize, target_scale)
             if self.threads == 1:
-                return [fn(d, req, classify) for d in blocks]
+                for d in blocks:
+                    yield fn(d, req, classify)
+                return
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=self.threads)
-            results: list = []
             running: deque = deque()
             for d in blocks:
                 running.append(self._executor.submit(fn, d, req, classify))
                 if len(running) >= self.threads:  # bounds streamed blocks in memory
-                    results.append(running.popleft().result())
-            results += [f.result() for f in running]
-            return results
+                    yield running.popleft().result()
+            while running:
+                yield running.popleft().result()
 
     def close(self) -> None:
         if self._executor is not None:
@@ -377,7 +399,9 @@ def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool 
     """Start a local Ray instance on 127.0.0.1, or connect to the cluster at `address`.
 
     "local" or None starts a private instance (never joins another cluster by accident),
-    with the dashboard off; "auto", HOST:PORT and ray://HOST:PORT connect to a cluster.
+    with the dashboard off and token authentication on, with a fresh token that only this
+    process and the instance's own processes hold (nothing in ~/.ray); "auto", HOST:PORT
+    and ray://HOST:PORT connect to a cluster.
     Ray's own logs stay out of the terminal unless `verbose`; errors still reach us.
     """
     import logging
@@ -394,13 +418,16 @@ def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool 
         "log_to_driver": verbose,
     }
     if local:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            **raycompat.local_init_kwargs(),
-            **quiet,
-        )
+        # Token authentication on, with a token of this instance's own (256 bits, never
+        # written to disk), whatever the environment or Ray's default says.
+        with raycompat.token_auth(secrets.token_hex(32)):
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                **raycompat.local_init_kwargs(),
+                **quiet,
+            )
     else:
         assert address is not None
         if address != "auto" and not address.startswith("ray://"):
@@ -504,17 +531,10 @@ class Pool:
         return combine_moments([m for ms in self._call("moments", targets) for m in ms])
 
     def step(self, req: StepRequest) -> list[Partial]:
-        """Fan one step out; the weights travel once, as one object-store reference."""
-        if self.local is not None:
-            return self.local.step(req)
-        import ray
-
-        ref = ray.put(req)
-        try:
-            results = ray.get([a.step.remote(ref) for a in self.actors])
-        except ray.exceptions.RayTaskError as e:
-            raise _unwrap(e) from None
-        return [p for partials in results for p in partials]
+        """Fan one step out, the weights travelling once as one object-store reference;
+        the tree nodes of every worker (reduce.reduce completes the tree): at most
+        (W - 1) log2(B) + 1 partials for W workers over B blocks, 1 in-process."""
+        return self._fan("step", req)
 
     def pids(self) -> list[int]:
         return self._call("pid")

@@ -18,7 +18,7 @@ import pytest
 from gradpipe import raycompat
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "gradpipe"
-PRIVATE = re.compile(r"ray\._|_raylet|_private|_node_ip")
+PRIVATE = re.compile(r"ray\._|_raylet|\b_private\b|_node_ip")  # not make_private etc.
 
 
 def test_only_raycompat_names_rays_private_parts() -> None:

@@ -199,6 +199,15 @@ class Note:
             click.echo(line, err=True)
 
 
+def _report(summary: dict, as_json: bool, *lines: str) -> None:
+    """A command's result: one JSON object with --json, else the lines for people."""
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    for line in lines:
+        click.echo(line)
+
+
 def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None = None) -> None:
     summary = {"out": out, **metrics, **(extra or {})}
     if as_json:
@@ -222,11 +231,17 @@ def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None =
         click.echo(f"wrote {out}")
 
 
-@cli.command()
-@click.argument("data", required=False)
-@config_options("train")
-@output_options
-@click.pass_context
+def run_command(name: str) -> Callable[[Callable], Callable]:
+    """`gradpipe NAME [DATA]` with the options NAME takes, --job, --quiet and --json."""
+    def decorate(f: Callable) -> Callable:
+        f = output_options(click.pass_context(f))
+        f = click.argument("data", required=False)(config_options(name)(f))
+        return cli.command(name)(f)
+
+    return decorate
+
+
+@run_command("train")
 def train(ctx: click.Context, data: str | None, **params: Any) -> None:
     """Train a network with full-batch (or mini-batch) SGD; every step's gradient is exact.
 
@@ -253,11 +268,7 @@ def train(ctx: click.Context, data: str | None, **params: Any) -> None:
     _summary(config.out, metrics, params["as_json"], {"schema": note.line})
 
 
-@cli.command()
-@click.argument("data", required=False)
-@config_options("grad")
-@output_options
-@click.pass_context
+@run_command("grad")
 def grad(ctx: click.Context, data: str | None, **params: Any) -> None:
     """Compute one full-batch gradient, at the seeded initial weights or at --weights.
 
@@ -426,14 +437,10 @@ def scores(ctx: click.Context, run: str, **params: Any) -> None:
                           address=params["address"] or ctx.obj["address"],
                           verbose=ctx.obj["verbose"])
     summary = run_scores(config, note=Note(params))
-    if params["as_json"]:
-        click.echo(json.dumps(summary))
-        return
-    click.echo(f"wrote scores of {summary['rows']} samples over {len(summary['steps'])} "
-               f"recorded steps in {summary['parts']} part{'s' * (summary['parts'] != 1)} "
-               f"to {summary['out']}")
-    for line in render_top(summary):
-        click.echo(line)
+    _report(summary, params["as_json"],
+            f"wrote scores of {summary['rows']} samples over {len(summary['steps'])} "
+            f"recorded steps in {summary['parts']} part{'s' * (summary['parts'] != 1)} to "
+            f"{summary['out']}", *render_top(summary))
 
 
 @cli.command()
@@ -480,13 +487,11 @@ def influence(ctx: click.Context, run: str, **params: Any) -> None:
                              id_column=params["id_column"], overwrite=params["overwrite"],
                              verbose=ctx.obj["verbose"])
     summary = run_influence(config, note=Note(params))
-    if params["as_json"]:
-        click.echo(json.dumps(summary))
-        return
-    click.echo(f"wrote {summary['rows']} rows (top {summary['top']} proponents and opponents "
-               f"of {summary['test_samples']} test samples among "
-               f"{summary['training_samples']} training samples, "
-               f"{len(summary['checkpoints'])} checkpoints) to {summary['out']}")
+    _report(summary, params["as_json"],
+            f"wrote {summary['rows']} rows (top {summary['top']} proponents and opponents of "
+            f"{summary['test_samples']} test samples among {summary['training_samples']} "
+            f"training samples, {len(summary['checkpoints'])} checkpoints) to "
+            f"{summary['out']}")
 
 
 @cli.command()

@@ -115,3 +115,22 @@ def ray_session():
 def ray_local(ray_session):
     """Use in @pytest.mark.ray tests."""
     return ray_session
+
+
+def kill_one_worker_during(run, step_to_hit: int, kills: list[int]):
+    """Progress hook: after step `step_to_hit` - 1 ends, SIGKILL a worker shortly after."""
+    import threading
+    import time
+
+    def progress(done: int, metrics: dict) -> None:
+        if done == step_to_hit:
+            pid = run.pool.pids()[0]
+
+            def kill() -> None:
+                time.sleep(0.02)  # inside the next step's compute
+                os.kill(pid, signal.SIGKILL)
+                kills.append(pid)
+
+            threading.Thread(target=kill).start()
+
+    return progress

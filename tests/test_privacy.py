@@ -5,17 +5,13 @@ across worker counts, a killed worker and --resume."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import stat
-import threading
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import make_classification, one_line_error
+from conftest import kill_one_worker_during, make_classification, one_line_error
 from reference import flat, naive_sample
 
 from gradpipe.backprop import block_partial
@@ -348,22 +344,6 @@ def test_private_runs_are_bitwise_identical_for_any_worker_count(ray_local, tmp_
         assert a.equals(b)
 
 
-def _kill_one_worker_during(run: Run, step_to_hit: int, kills: list[int]):
-    """Progress hook: after step `step_to_hit` - 1 ends, SIGKILL a worker shortly after."""
-    def progress(done: int, metrics: dict) -> None:
-        if done == step_to_hit:
-            pid = run.pool.pids()[0]
-
-            def kill() -> None:
-                time.sleep(0.02)  # inside the next step's compute
-                os.kill(pid, signal.SIGKILL)
-                kills.append(pid)
-
-            threading.Thread(target=kill).start()
-
-    return progress
-
-
 @pytest.mark.ray
 def test_a_killed_worker_leaves_a_private_run_bitwise_unchanged(ray_local, tmp_path, key_file):
     data = make_classification(tmp_path / "data", rows=40000, features=32, classes=5,
@@ -377,7 +357,7 @@ def test_a_killed_worker_leaves_a_private_run_bitwise_unchanged(ray_local, tmp_p
     kills: list[int] = []
     run.prepare()
     try:
-        run.execute(_kill_one_worker_during(run, 2, kills))
+        run.execute(kill_one_worker_during(run, 2, kills))
         after = run.pool.pids()
     finally:
         run.close()

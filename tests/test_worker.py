@@ -4,14 +4,11 @@ across worker counts, and survives killed workers."""
 from __future__ import annotations
 
 import os
-import signal
-import threading
-import time
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import DIGITS, make_classification
+from conftest import DIGITS, kill_one_worker_during, make_classification
 from reference import naive_full_batch
 from test_train import gradients, load_xy
 
@@ -84,22 +81,6 @@ def test_per_sample_files_are_written_by_the_workers(ray_local, tmp_path):
     assert list(ids) == list(range(90))
 
 
-def _kill_one_worker_during(run: Run, step_to_hit: int, kills: list[int]):
-    """Progress hook: after step `step_to_hit` - 1 ends, SIGKILL a worker shortly after."""
-    def progress(done: int, metrics: dict) -> None:
-        if done == step_to_hit:
-            pid = run.pool.pids()[0]
-
-            def kill() -> None:
-                time.sleep(0.02)  # inside the next step's compute
-                os.kill(pid, signal.SIGKILL)
-                kills.append(pid)
-
-            threading.Thread(target=kill).start()
-
-    return progress
-
-
 def test_a_killed_worker_restarts_and_the_run_is_bitwise_unchanged(ray_local, tmp_path):
     data = make_classification(tmp_path / "data", rows=40000, features=32, classes=5,
                                files=2, row_group_size=5000)
@@ -113,8 +94,8 @@ def test_a_killed_worker_restarts_and_the_run_is_bitwise_unchanged(ray_local, tm
     kills: list[int] = []
     run.prepare()
     try:
-        hook = _kill_one_worker_during(run, 2, kills)
-        second = _kill_one_worker_during(run, 4, kills)
+        hook = kill_one_worker_during(run, 2, kills)
+        second = kill_one_worker_during(run, 4, kills)
         run.execute(lambda d, m: (hook(d, m), second(d, m)))
         new_pids = run.pool.pids()
     finally:

@@ -26,7 +26,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
+from . import store
 from .errors import ConfigError, DataError
+from .store import filesystem
 
 # Rows per block when a row group is larger: bounds the memory of one block's pass.
 BLOCK_ROWS = 65536
@@ -134,24 +136,12 @@ class Dataset:
         }
 
 
-def filesystem(source: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of a path or URI, and the path inside it."""
-    if "://" in source:
-        try:
-            return pafs.FileSystem.from_uri(source)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-            raise DataError(f"{source}: cannot open: {e}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(source)
-
-
 def existing(source: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
     """The filesystem, path and file info of a file or folder that exists (else DataError)."""
     fs, path = filesystem(source)
-    try:
-        info = fs.get_file_info(path)
-    except OSError as e:
-        raise DataError(f"{source}: cannot read: {' '.join(str(e).split())}") from None
+    info = store.info(source)
     if info.type == pafs.FileType.NotFound:
+        store.check_bucket(source)
         raise DataError(f"{source}: no such file or folder")
     return fs, path, info
 
@@ -179,6 +169,8 @@ def _open(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(fs.open_input_file(path))
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        if "AWS Error" in str(e):
+            raise store.failure(path, e) from None
         if path.lower().endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
             raise DataError(f"{path}: a CSV file, not Parquet. Convert it first: gradpipe data "
                             f"import {path} OUT_FOLDER") from None
@@ -714,16 +706,26 @@ def check_probability_rows(y: NDArray, columns: tuple[str, ...], block: Block) -
 
 
 def read_block(
-    dataset: Dataset, block: Block, dtype: str, fs: pafs.FileSystem | None = None
+    dataset: Dataset, block: Block, dtype: str, fs: pafs.FileSystem | None = None,
+    opened: dict[str, pq.ParquetFile] | None = None,
 ) -> BlockData:
-    """Read one block with an explicit column list, check it, and convert it to arrays."""
+    """Read one block with an explicit column list, check it, and convert it to arrays.
+
+    `opened` keeps each file open (its footer parsed once) across the blocks of a caller:
+    reopening a file of G row groups for each of its blocks costs O(G^2).
+    """
     if fs is None:
         fs, _ = filesystem(dataset.source)
     target = dataset.target if dataset.has_target else ()
     columns = list(dict.fromkeys(
         [*dataset.features, *target, *([dataset.id_column] if dataset.id_column else [])]
     ))
-    pf = _open(fs, block.file)
+    if opened is None:
+        pf = _open(fs, block.file)
+    elif block.file not in opened:
+        pf = opened[block.file] = _open(fs, block.file)
+    else:
+        pf = opened[block.file]
     try:
         table = pf.read_row_group(block.row_group, columns=columns)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
@@ -785,6 +787,7 @@ def read_rows(
 ) -> tuple[NDArray[np.int64], NDArray[np.floating], NDArray[np.floating]]:
     """Read the samples at these global row indexes: (ids, x, y), in the order given."""
     fs, _ = filesystem(dataset.source)
+    opened: dict[str, pq.ParquetFile] = {}
     starts = np.array([b.first_id for b in dataset.blocks])
     cache: dict[int, BlockData] = {}
     ids, xs, ys = [], [], []
@@ -794,7 +797,7 @@ def read_rows(
                             f"the rows of {dataset.source}")
         b = int(np.searchsorted(starts, r, side="right")) - 1
         if b not in cache:
-            cache[b] = read_block(dataset, dataset.blocks[b], dtype, fs)
+            cache[b] = read_block(dataset, dataset.blocks[b], dtype, fs, opened)
         d = cache[b]
         i = r - d.block.first_id
         ids.append(d.ids[i])

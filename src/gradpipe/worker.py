@@ -227,6 +227,7 @@ class BlockSet:
         self.stream = stream
         self.threads = max(1, threads)  # blocks computed at once, one BLAS thread each
         self.fs, _ = filesystem(dataset.source)
+        self._opened: dict = {}  # each file opened once (its footer parsed once)
         self._scaled = False  # in-memory blocks are scaled once, at their first step
         self._executor: ThreadPoolExecutor | None = None  # started at the first step
         self.data: list[BlockData] | None = None
@@ -249,7 +250,7 @@ class BlockSet:
         return self.nbytes()
 
     def _read(self, block: Block) -> BlockData:
-        return read_block(self.dataset, block, self.dtype, self.fs)
+        return read_block(self.dataset, block, self.dtype, self.fs, self._opened)
 
     def _apply(self, data: BlockData, standardize: tuple[F64, F64] | None,
                target_scale: tuple[F64, F64] | None = None) -> BlockData:

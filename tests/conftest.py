@@ -99,6 +99,21 @@ def reg_data(tmp_path: Path) -> Path:
     return make_regression(tmp_path / "reg")
 
 
+@pytest.fixture(autouse=True)
+def _aws_environment():
+    """A test that sets an S3 endpoint (--s3-endpoint sets AWS_ENDPOINT_URL in the process)
+    leaves the environment as it found it."""
+    from gradpipe.store import WORKER_VARS
+
+    saved = {k: os.environ.get(k) for k in WORKER_VARS}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (starting one costs 5-10 s)."""

@@ -34,6 +34,8 @@ def good_value(name: str, option) -> tuple[str, object, str]:
         return "4,3", "[4, 3]", (4, 3)
     if option.kind == "names":
         return "a,b", '["a", "b"]', ("a", "b")
+    if option.kind == "url":
+        return "http://127.0.0.1:9", '"http://127.0.0.1:9"', "http://127.0.0.1:9"
     return "some/where", '"some/where"', "some/where"
 
 
@@ -47,6 +49,8 @@ def bad_value(option) -> tuple[str, str] | None:
         return ("-1", "-1") if option.low is not None else ("abc", '"abc"')
     if option.kind == "sizes":
         return "0,2", "[0, 2]"
+    if option.kind == "url":
+        return "some/where", '"some/where"'
     return None
 
 

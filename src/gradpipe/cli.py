@@ -56,10 +56,14 @@ class Group(click.Group):
 @click.option("--address", envvar="RAY_ADDRESS", default=None, metavar="ADDR",
               help="Ray cluster to use: HOST:PORT, ray://HOST:PORT or auto (env RAY_ADDRESS). "
                    "Default: a private local instance on 127.0.0.1.")
+@click.option("--s3-endpoint", default=None, metavar="URL",
+              help="S3-compatible endpoint for s3:// paths, e.g. http://127.0.0.1:9000, for "
+                   "this command and its Ray workers. Default: AWS_ENDPOINT_URL, else AWS.")
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's own logs.")
 @click.version_option(package_name="gradpipe")
 @click.pass_context
-def cli(ctx: click.Context, address: str | None, verbose: bool) -> None:
+def cli(ctx: click.Context, address: str | None, s3_endpoint: str | None,
+        verbose: bool) -> None:
     """Exact per-sample backpropagation over Parquet, on Ray.
 
     \b
@@ -67,6 +71,10 @@ def cli(ctx: click.Context, address: str | None, verbose: bool) -> None:
       gradpipe train data/digits --out runs/digits
     """
     ctx.obj = {"address": address, "verbose": verbose}
+    if s3_endpoint:
+        from .store import configure
+
+        configure(s3_endpoint)
 
 
 def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
@@ -123,6 +131,10 @@ def build_config(ctx: click.Context, data: str | None, params: dict, **fixed: An
             group_given or "address" not in values):
         values["address"] = ctx.obj["address"]
     values.update(fixed)
+    if values.get("s3_endpoint"):  # before anything reads DATA or the run folder
+        from .store import configure
+
+        configure(values["s3_endpoint"])
     if values.get("resume"):
         if not values.get("out"):
             raise click.UsageError("--resume needs --out RUN, the run folder to continue")

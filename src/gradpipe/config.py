@@ -131,6 +131,11 @@ class TrainConfig:
                               "(default: the group's --address, RAY_ADDRESS, else a private "
                               "local instance).", optional=True, commands=RUNS,
                               resume="free", metavar="ADDR")
+    s3_endpoint: str | None = opt(None, "S3-compatible endpoint for s3:// paths, e.g. "
+                                  "http://127.0.0.1:9000, for this command and its Ray "
+                                  "workers (default: the group's --s3-endpoint, "
+                                  "AWS_ENDPOINT_URL, else AWS).", kind="url",
+                                  optional=True, commands=ALL, resume="free", metavar="URL")
     memory_budget: int | None = opt(None, "Bytes of data per worker above which it streams "
                                     "its blocks from Parquet each step. Default: half the "
                                     "machine's memory over the workers.", kind="int", low=1,

@@ -321,8 +321,9 @@ class ShardWriter:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
+    local_only(out)
     """OUT may be new, an empty folder, or (with overwrite) a folder holding only Parquet files."""
-    def foreign(folder: Path) -> str | None:
+    def foreign(folder: str) -> str | None:
         for dirpath, _, filenames in os.walk(folder):
             for name in filenames:
                 if not (name.endswith(".parquet") or name.startswith((".", "_"))):
@@ -351,15 +352,24 @@ def refuse_own_source(source: str, out: Path) -> None:
     raise ConfigError(f"{out}: {where}; write the dataset to a folder outside it.")
 
 
+def local_only(out: str | Path) -> None:
+    """`data import` and `data synth` write a local folder (Path("s3://b/x") would quietly
+    become the local folder s3:/b/x)."""
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:/", str(out)):
+        raise ConfigError(f"{out}: data import and data synth write a local folder; write it "
+                          "here, then copy it to the store (e.g. aws s3 cp --recursive)")
+
+
 @contextlib.contextmanager
 def new_folder(out: Path) -> Iterator[Path]:
     """A temporary folder to fill that replaces OUT on success (atomic.atomic_dir); on any
     error or Ctrl-C it goes, and so do the parent folders made for it."""
+    local_only(out)
     out = out.absolute()
     created = next((p for p in reversed(out.parents) if not p.exists()), None)
     try:
         with atomic_dir(out) as tmp:
-            yield tmp
+            yield Path(tmp)
     except BaseException:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)

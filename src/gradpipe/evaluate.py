@@ -11,7 +11,6 @@ and fan out through a worker Pool.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
+from . import store
 from .atomic import atomic_dir, check_replaceable
 from .backprop import CHUNK_ROWS, output_losses
 from .data import (
@@ -36,7 +36,7 @@ from .data import (
 )
 from .errors import ConfigError, DataError
 from .model import Architecture, Params, forward
-from .outputs import Model, read_model, read_run_json, write_table
+from .outputs import Model, read_model, read_run_json, write_json, write_table
 from .recorder import check_apart
 
 if TYPE_CHECKING:
@@ -280,8 +280,8 @@ def prediction_table(ids: NDArray[np.int64], index: NDArray[np.int64] | None, va
     return pa.table(cols)
 
 
-def part_path(out_dir: str | Path, block: int) -> Path:
-    return Path(out_dir) / f"part-{block:05d}.parquet"
+def part_path(out_dir: str | Path, block: int) -> str:
+    return store.join(str(out_dir), f"part-{block:05d}.parquet")
 
 
 def predict_block(data: BlockData, req: PredictRequest, classify: bool) -> tuple[int, int]:
@@ -338,8 +338,8 @@ def exact_name(name: str) -> str:
 
 def _model_id_column(model: Model) -> str | None:
     """The id column the model's run used (its run.json), if RUN is a run folder."""
-    run = Path(model.path)
-    if not (run / "run.json").is_file():
+    run = model.path
+    if not store.is_file(store.join(run, "run.json")):
         return None
     return read_run_json(run).get("dataset", {}).get("id_column")
 
@@ -428,7 +428,7 @@ def evaluate(config: EvalConfig, note: Note | None = None) -> dict:
 def _check_out(out: str, overwrite: bool) -> None:
     """Refuse an existing --out, unless --overwrite and it is an earlier predictions folder."""
     check_replaceable(out, overwrite, name=f"--out {out}",
-                      foreign=lambda folder: None if (folder / MARKER).is_file() else
+                      foreign=lambda folder: None if store.is_file(store.join(folder, MARKER)) else
                       f"is not a gradpipe predictions folder (no {MARKER})")
 
 
@@ -450,7 +450,7 @@ def predict(config: EvalConfig, note: Note | None = None) -> dict:
     try:
         with atomic_dir(config.out) as tmp:
             req = PredictRequest(
-                model.arch, model.params, str(tmp.resolve()), model.standardize,
+                model.arch, model.params, tmp, model.standardize,
                 model.target_scale, classes=dataset.classes if classify else (),
                 class_type=model.class_type, targets=() if classify else dataset.target)
             written = pool.predict(req)
@@ -464,7 +464,7 @@ def predict(config: EvalConfig, note: Note | None = None) -> dict:
                 "targets": None if classify else list(dataset.target),
                 "sample": dataset.id_column or "global row index",
             }
-            (tmp / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(summary, store.join(tmp, MARKER))
     finally:
         pool.close()
     return summary

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 from numpy.typing import NDArray
 
+from . import store
 from .backprop import deltas
 from .data import BlockData, Dataset, filesystem, read_block, schema_line
 from .errors import ConfigError, DataError
@@ -257,23 +258,23 @@ class InfluenceConfig:
             raise ConfigError(f"--dtype {self.dtype}: choose float32 or float64")
 
 
-def checkpoint_rates(run: str | Path) -> list[tuple[int, float, Path]]:
+def checkpoint_rates(run: str | Path) -> list[tuple[int, float, str]]:
     """(S, eta_S, weights.parquet) of every complete checkpoint: eta_S is the learning rate
     of step S (its metrics row); the last checkpoint, written after the last step, has no
     step S and takes the rate of step S-1, the step that produced w_S."""
     from .scores import step_rates
 
-    run = Path(run)
+    run = store.resolve(str(run))
     found = []
     rates = step_rates(run)
     for step in recorded_steps(run, "checkpoints"):
-        folder = run / "checkpoints" / f"step-{step:06d}"
-        if not (folder / "state.json").is_file():
+        folder = store.join(run, "checkpoints", f"step-{step:06d}")
+        if not store.is_file(store.join(folder, "state.json")):
             continue  # written last: an incomplete checkpoint
         eta = rates.get(step, rates.get(step - 1))
         if eta is None:
             continue  # no step at or just before it was completed
-        found.append((step, float(eta), folder / "weights.parquet"))
+        found.append((step, float(eta), store.join(folder, "weights.parquet")))
     if not found:
         raise ConfigError(
             f"{run}: no complete checkpoints with a learning rate (gradpipe train writes "
@@ -290,15 +291,16 @@ def influence(config: InfluenceConfig, note: Note | None = None) -> dict:
     from .evaluate import EvalConfig, plan_for_model
     from .worker import start_pool  # here: worker.py imports this module's block function
 
-    run = Path(config.run)
+    run = config.run
     info = read_run_json(run)
     if info.get("command") != "train":
         raise ConfigError(f"{run}: not a training run (run.json command "
                           f"{info.get('command')!r}); influence needs its checkpoints")
     checkpoints = checkpoint_rates(run)
     data = str(info.get("data_path") or info.get("config", {}).get("data", ""))
-    out = Path(config.out)
-    if out.exists() and (out.is_dir() or not config.overwrite):
+    out = config.out
+    store.check_bucket(out)
+    if store.exists(out) and (store.is_dir(out) or not config.overwrite):
         raise ConfigError(f"--out {out}: exists. Pass --overwrite to replace the file, or "
                           "choose another --out.")
     check_apart(out, DATA=data, **{"--test": config.test})

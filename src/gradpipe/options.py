@@ -29,7 +29,7 @@ class Option:
     """How one config field is spelled, parsed, checked and compared on --resume."""
 
     help: str
-    kind: str = "str"  # str | int | float | bool | choice | names | sizes | batch
+    kind: str = "str"  # str | int | float | bool | choice | names | sizes | batch | url
     choices: tuple[str, ...] = ()
     low: float | None = None  # smallest allowed value
     low_open: bool = False  # True: the value must be above `low`
@@ -122,6 +122,8 @@ def parse(name: str, option: Option, value: Any) -> Any:
         raise _bad(name, value, "comma-separated layer sizes, e.g. 64,32")
     if not isinstance(value, str):
         raise _bad(name, value, "a string")
+    if kind == "url" and "://" not in value:
+        raise _bad(name, value, "a URL, such as http://127.0.0.1:9000")
     return value
 
 

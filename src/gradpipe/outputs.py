@@ -15,7 +15,6 @@ recorder.py decides where each record goes and when; this module says what a fil
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
-from .atomic import atomic_file, tmp_name
+from . import store
+from .atomic import Staged, atomic_file
 from .errors import ConfigError
 from .model import Architecture, Params
 
@@ -195,13 +195,14 @@ def read_model(path: str | Path) -> Model:
 
 
 def _read_weights_table(path: str | Path) -> tuple[pa.Table, dict]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "weights.parquet"
-    if not path.is_file():
+    path = str(path)
+    if store.is_dir(path):
+        path = store.join(path, "weights.parquet")
+    if not store.is_file(path):
+        store.check_bucket(path)
         raise ConfigError(f"{path}: no such weights file. Pass a run folder or a weights.parquet.")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(store.open_input(path))
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"{path}: not a readable Parquet file ({e})") from None
     meta = (table.schema.metadata or {}).get(META_KEY)
@@ -251,9 +252,8 @@ class PerSampleWriter:
     def __init__(self, path: str | Path, L: int, *, full: bool, classify: bool,
                  dtype: str = "float64", outputs: bool = False,
                  classes: tuple | None = None, class_type: str | None = None) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = tmp_name(self.path)
+        self.path = str(path)
+        self.staged = Staged(path)  # a local temporary, committed whole at close
         fields = [pa.field("sample", pa.int64())]
         if classify:
             fields.append(pa.field("label", pa.int64()))
@@ -280,7 +280,7 @@ class PerSampleWriter:
         # Statistics on the scalar columns only (sample ranges prune reads); on the grad
         # list they would cost a pass over every value for nothing.
         scalars = [f.name for f in fields if f.name != "grad"]
-        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="lz4",
+        self.writer = pq.ParquetWriter(self.staged.tmp, self.schema, compression="lz4",
                                        use_dictionary=False, write_statistics=scalars)
 
     def write(
@@ -321,22 +321,23 @@ class PerSampleWriter:
             self.writer.write_table(pa.concat_tables(self.pending))
             self.pending = []
         self.writer.close()
-        os.replace(self.tmp, self.path)
+        self.staged.commit()
 
     def abort(self) -> None:
         self.writer.close()
-        self.tmp.unlink(missing_ok=True)
+        self.staged.abort()
 
 
-def per_sample_path(out_dir: str | Path, step: int, block: int) -> Path:
-    return Path(out_dir) / "per_sample" / f"step={step}" / f"part-{block:05d}.parquet"
+def per_sample_path(out_dir: str | Path, step: int, block: int) -> str:
+    return store.join(str(out_dir), "per_sample", f"step={step}", f"part-{block:05d}.parquet")
 
 
 def read_run_json(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
+    path = store.join(str(run_dir), "run.json")
+    if not store.is_file(path):
+        store.check_bucket(str(run_dir))
         raise ConfigError(f"{run_dir}: not a gradpipe run folder (no run.json)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(store.read_text(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None

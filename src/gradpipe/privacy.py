@@ -23,7 +23,8 @@ from typing import Iterator
 import numpy as np
 from numpy.typing import NDArray
 
-from .errors import ConfigError
+from . import store
+from .errors import ConfigError, DataError
 from .reduce import Gradient
 
 F64 = NDArray[np.float64]
@@ -55,7 +56,9 @@ def new_key() -> str:
 def read_key(path: str | Path) -> str:
     """The hex key in `path` (a file written by new_key or by hand: 64 hex digits)."""
     try:
-        text = Path(path).read_text().strip()
+        text = store.read_text(str(path)).strip()
+    except DataError as e:
+        raise ConfigError(f"--dp-key {path}: cannot read it ({e})") from None
     except OSError as e:
         raise ConfigError(f"--dp-key {path}: cannot read it ({e.strerror or e})") from None
     try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
+from . import store
 from .atomic import check_replaceable, sweep
 from .errors import ConfigError
 from .model import Architecture, Params
@@ -57,37 +57,35 @@ def metrics_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _steps(folder: Path, pattern: re.Pattern[str]) -> dict[int, Path]:
-    if not folder.is_dir():
-        return {}
+def _steps(folder: str, pattern: re.Pattern[str]) -> dict[int, str]:
     found = {}
-    for p in folder.iterdir():
-        m = pattern.match(p.name)
+    for name in store.listdir(folder):
+        m = pattern.match(name)
         if m:
-            found[int(m.group(1))] = p
+            found[int(m.group(1))] = store.join(folder, name)
     return dict(sorted(found.items()))
 
 
-def prepare_run_dir(out: str | Path, *, overwrite: bool) -> Path:
+def prepare_run_dir(out: str | Path, *, overwrite: bool) -> str:
     """Check that `out` may be written: new, empty, or an old run with `overwrite`."""
     check_replaceable(out, overwrite, name=f"--out {out}", also=", --resume to continue it",
-                      foreign=lambda folder: None if (folder / "run.json").is_file() else
-                      "is not a gradpipe run folder (no run.json)")
-    return Path(out)
+                      foreign=lambda folder: None if store.is_file(store.join(folder, "run.json"))
+                      else "is not a gradpipe run folder (no run.json)")
+    return store.resolve(str(out))
 
 
 def check_apart(out: str | Path, **inputs: str | None) -> None:
     """Refuse a run folder inside an input (the next run would read it as data) or an input
     inside the run folder (--overwrite would delete it). Inputs are named by their flag."""
-    here = Path(out).resolve()
+    here = store.resolve(str(out))
     for name, path in inputs.items():
-        if not path or "://" in path:
+        if not path or store.is_remote(path) != store.is_remote(here):
             continue
-        there = Path(path).resolve()
-        if here == there or there in here.parents:
+        there = store.resolve(path)
+        if store.inside(here, there):
             raise ConfigError(f"--out {out} is inside {name} {path}: the run's files would "
                               f"become part of the data. Choose a folder outside it.")
-        if here in there.parents:
+        if store.inside(there, here):
             raise ConfigError(f"{name} {path} is inside --out {out}: choose a run folder that "
                               "does not hold the data.")
 
@@ -96,7 +94,7 @@ class Recorder:
     """Writes one run folder. `start` creates it (or, resuming, trims it to a checkpoint)."""
 
     def __init__(self, out: str | Path) -> None:
-        self.out = Path(out)
+        self.out = store.resolve(str(out))
         self._pending: list[dict] = []  # metrics rows not yet written (< METRICS_ROWS)
 
     # --- the folder ----------------------------------------------------------------------
@@ -105,9 +103,9 @@ class Recorder:
         `resume_step`: temporaries and the records of steps >= resume_step are removed."""
         if resume_step is None:
             prepare_run_dir(self.out, overwrite=overwrite)
-            if overwrite and self.out.exists():
-                shutil.rmtree(self.out)
-            self.out.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                store.remove(self.out)
+            store.makedirs(self.out)
         else:
             sweep(self.out)
             self.drop_records_from(resume_step)
@@ -116,21 +114,21 @@ class Recorder:
     def status(self, info: dict) -> None:
         """Replace run.json (configuration, status, summary), the waiting metrics first."""
         self.flush()
-        write_json(info, self.out / "run.json")
+        write_json(info, store.join(self.out, "run.json"))
 
     def drop_records_from(self, step: int) -> None:
         """Remove the records of steps >= step (written after the checkpoint resumed from)."""
         # Every checkpoint flushes the metrics, so no metrics file spans a checkpoint.
         for kind in ("metrics", "gradients"):
-            for s, path in _steps(self.out / kind, _STEP_FILE).items():
+            for s, path in _steps(store.join(self.out, kind), _STEP_FILE).items():
                 if s >= step:
-                    path.unlink()
-        for s, path in _steps(self.out / "per_sample", _STEP_DIR).items():
+                    store.remove(path)
+        for s, path in _steps(store.join(self.out, "per_sample"), _STEP_DIR).items():
             if s >= step:
-                shutil.rmtree(path)
-        for s, path in _steps(self.out / "checkpoints", _STEP_DIR).items():
+                store.remove(path)
+        for s, path in _steps(store.join(self.out, "checkpoints"), _STEP_DIR).items():
             if s > step:
-                shutil.rmtree(path)
+                store.remove(path)
 
     # --- records, one file per step --------------------------------------------------------
     def metrics(self, row: dict) -> None:
@@ -145,41 +143,41 @@ class Recorder:
         if self._pending:
             first = self._pending[0]["step"]
             write_table(metrics_table(self._pending),
-                        self.out / "metrics" / f"step-{first:08d}.parquet")
+                        store.join(self.out, "metrics", f"step-{first:08d}.parquet"))
             self._pending = []
 
     def gradients(self, step: int, sizes: tuple[int, ...], value: F64, grad: F64,
                   grad_sq: F64 | None = None) -> None:
         write_table(gradient_table(step, sizes, value, grad, grad_sq),
-                    self.out / "gradients" / f"step-{step:08d}.parquet")
+                    store.join(self.out, "gradients", f"step-{step:08d}.parquet"))
 
     def per_sample_dir(self) -> str:
-        """Where the workers write per_sample/step=S/ (an absolute path: they may run
-        elsewhere on this machine's file system)."""
-        return str(self.out.resolve())
+        """Where the workers write per_sample/step=S/ (an absolute path or a URI: they may
+        run elsewhere; on a store they write their parts straight to it)."""
+        return self.out
 
     def checkpoint(self, step: int, arch: Architecture, params: Params, velocity: F64,
                    standardize: Any = None, meta: dict | None = None) -> None:
         """checkpoints/step-S/: the weights w_S and the momentum buffer before step S."""
         self.flush()  # the metrics of the steps before S are on disk before S is complete
-        d = self.out / "checkpoints" / f"step-{step:06d}"
+        d = store.join(self.out, "checkpoints", f"step-{step:06d}")
         write_table(weights_table(arch, params, standardize=standardize, velocity=velocity,
-                                  meta=meta), d / "weights.parquet")
-        write_json({"step": step}, d / "state.json")  # last: marks it complete
+                                  meta=meta), store.join(d, "weights.parquet"))
+        write_json({"step": step}, store.join(d, "state.json"))  # last: marks it complete
 
     def weights(self, arch: Architecture, params: Params, standardize: Any = None,
                 meta: dict | None = None) -> None:
         write_table(weights_table(arch, params, standardize=standardize, meta=meta),
-                    self.out / "weights.parquet")
+                    store.join(self.out, "weights.parquet"))
 
 
 # --- reading a run ---------------------------------------------------------------------------
 
 
-def latest_checkpoint(out: str | Path) -> tuple[int, Path] | None:
+def latest_checkpoint(out: str | Path) -> tuple[int, str] | None:
     """The newest complete checkpoint (its state.json is written last): (step, folder)."""
-    done = [(s, p) for s, p in _steps(Path(out) / "checkpoints", _STEP_DIR).items()
-            if (p / "state.json").is_file()]
+    done = [(s, p) for s, p in _steps(store.join(str(out), "checkpoints"), _STEP_DIR).items()
+            if store.is_file(store.join(p, "state.json"))]
     return done[-1] if done else None
 
 
@@ -189,32 +187,32 @@ def read_checkpoint(out: str | Path) -> tuple[int, Params, F64 | None]:
     if found is None:
         raise ConfigError(f"--resume {out}: the run has no complete checkpoint to resume from")
     step, folder = found
-    assert int(json.loads((folder / "state.json").read_text())["step"]) == step
-    _, params, _, velocity = read_weights(folder / "weights.parquet")
+    assert int(json.loads(store.read_text(store.join(folder, "state.json")))["step"]) == step
+    _, params, _, velocity = read_weights(store.join(folder, "weights.parquet"))
     return step, params, velocity
 
 
-def _concat(files: list[Path]) -> pa.Table | None:
+def _concat(files: list[str]) -> pa.Table | None:
     # promote: a run resumed by a newer gradpipe has rows with columns its first ones lack
     # (null there), such as noise_scale_l1.. in the metrics.
-    return pa.concat_tables([pq.read_table(p) for p in files],
+    return pa.concat_tables([pq.read_table(store.open_input(p)) for p in files],
                             promote_options="default") if files else None
 
 
 def read_metrics(run: str | Path) -> pa.Table | None:
     """Every step's metrics row, in step order (None if none was written)."""
-    return _concat(list(_steps(Path(run) / "metrics", _STEP_FILE).values()))
+    return _concat(list(_steps(store.join(str(run), "metrics"), _STEP_FILE).values()))
 
 
 def read_gradients(run: str | Path) -> pa.Table | None:
     """The recorded gradients, in step order (None if none was recorded)."""
-    return _concat(list(_steps(Path(run) / "gradients", _STEP_FILE).values()))
+    return _concat(list(_steps(store.join(str(run), "gradients"), _STEP_FILE).values()))
 
 
 def recorded_steps(run: str | Path, kind: str) -> list[int]:
     """The steps of `kind` (metrics | gradients | per_sample | checkpoints) in a run."""
     pattern = _STEP_FILE if kind in ("metrics", "gradients") else _STEP_DIR
-    return list(_steps(Path(run) / kind, pattern))
+    return list(_steps(store.join(str(run), kind), pattern))
 
 
 __all__ = ["Recorder", "latest_checkpoint", "metrics_table", "prepare_run_dir",

@@ -9,6 +9,7 @@ JSON-ready summary plus the series the plot needs); render.py prints it, plot.py
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -24,6 +25,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
+from . import store
 from .data import describe_columns
 from .errors import ConfigError
 from .outputs import read_run_json, read_weights
@@ -62,13 +64,13 @@ _NOISE_COL = re.compile(r"^noise_scale_l(\d+)$")
 class Output:
     """What was found at a path: its kind and the files of each part of a run."""
 
-    path: Path
+    path: str
     kind: str  # run | metrics | gradients | per_sample | weights
     run: dict | None = None  # run.json
-    metrics: Path | None = None
-    gradients: Path | None = None
-    weights: Path | None = None
-    per_sample: dict[int | None, list[Path]] = field(default_factory=dict)  # step -> part files
+    metrics: str | None = None
+    gradients: str | None = None
+    weights: str | None = None
+    per_sample: dict[int | None, list[str]] = field(default_factory=dict)  # step -> part files
 
 
 @dataclass
@@ -84,16 +86,20 @@ class Inspection:
 # --------------------------------------------------------------------------- finding files
 
 
-def _read_schema(path: Path) -> pa.Schema:
+def _read_schema(path: str) -> pa.Schema:
+    return _parquet_file(path).schema_arrow
+
+
+def _parquet_file(path: str) -> pq.ParquetFile:
     try:
-        return pq.read_schema(path)
+        return pq.ParquetFile(store.open_input(path))
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"{path}: not a readable Parquet file ({e})") from None
 
 
 def detect_kind(path: str | Path) -> str:
     """Which gradpipe output a Parquet file is, from its columns: metrics, gradients, ..."""
-    path = Path(path)
+    path = str(path)
     names = _read_schema(path).names
     for kind, required in KINDS.items():
         if required <= set(names):
@@ -104,43 +110,49 @@ def detect_kind(path: str | Path) -> str:
     )
 
 
-def _part_files(folder: Path) -> list[Path]:
-    # part-*.parquet only: a writer's temporary file starts with a dot.
-    return sorted(p for p in folder.glob("part-*.parquet") if p.is_file())
+def _matching(folder: str, pattern: str) -> list[str]:
+    """The files in `folder` whose names match the glob, sorted (temporaries start with a
+    dot, so `part-*` and `step-*` never match them)."""
+    return [store.join(folder, n) for n in store.files(folder) if fnmatch.fnmatchcase(n, pattern)]
 
 
-def _step_folders(folder: Path) -> dict[int | None, list[Path]]:
-    out: dict[int | None, list[Path]] = {}
-    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
-        match = _STEP_DIR.match(sub.name)
-        if match and sub.is_dir() and (files := _part_files(sub)):
+def _part_files(folder: str) -> list[str]:
+    return _matching(folder, "part-*.parquet")
+
+
+def _step_folders(folder: str) -> dict[int | None, list[str]]:
+    out: dict[int | None, list[str]] = {}
+    for name in store.listdir(folder):
+        match = _STEP_DIR.match(name)
+        if match and (files := _part_files(store.join(folder, name))):
             out[int(match.group(1))] = files
     return dict(sorted(out.items(), key=lambda item: item[0] or 0))
 
 
-def _step_of(folder: Path) -> int | None:
-    match = _STEP_DIR.match(folder.name)
+def _step_of(folder: str) -> int | None:
+    match = _STEP_DIR.match(store.name(folder))
     return int(match.group(1)) if match else None
 
 
 def open_output(path: str | Path) -> Output:
     """Find what `path` holds: a run folder, per_sample/ or step=S/, or one output file."""
-    path = Path(path)
-    if not path.exists():
+    path = store.resolve(str(path))
+    if not store.exists(path):
+        store.check_bucket(path)
         raise ConfigError(
             f"{path}: no such file or folder. Pass a run folder or one of its outputs "
             "(metrics/, gradients/, weights.parquet, per_sample/)."
         )
-    if path.is_file() and path.name == "run.json":
-        path = path.parent
-    if path.is_dir():
-        if (path / "run.json").is_file():
+    if store.name(path) == "run.json" and store.is_file(path):
+        path = store.parent(path)
+    if store.is_dir(path):
+        if store.is_file(store.join(path, "run.json")):
             return Output(
                 path, "run", run=read_run_json(path),
                 metrics=_records(path, "metrics"),
                 gradients=_records(path, "gradients"),
-                weights=_file_or_none(path / "weights.parquet"),
-                per_sample=_step_folders(path / "per_sample"),
+                weights=_file_or_none(store.join(path, "weights.parquet")),
+                per_sample=_step_folders(store.join(path, "per_sample")),
             )
         if steps := _step_folders(path):
             return Output(path, "per_sample", per_sample=steps)
@@ -159,30 +171,30 @@ def open_output(path: str | Path) -> Output:
     kind = detect_kind(path)
     out = Output(path, kind)
     if kind == "per_sample":
-        out.per_sample = {_step_of(path.parent): [path]}
+        out.per_sample = {_step_of(store.parent(path)): [path]}
     else:
         setattr(out, kind, path)
     return out
 
 
-def _file_or_none(path: Path) -> Path | None:
-    return path if path.is_file() else None
+def _file_or_none(path: str) -> str | None:
+    return path if store.is_file(path) else None
 
 
-def _step_files(folder: Path) -> list[Path]:
+def _step_files(folder: str) -> list[str]:
     """A records folder's step-S.parquet files in step order (temporaries start with a dot)."""
-    return sorted(p for p in folder.glob("step-*.parquet") if p.is_file())
+    return _matching(folder, "step-*.parquet")
 
 
-def _records(run: Path, kind: str) -> Path | None:
+def _records(run: str, kind: str) -> str | None:
     """A run's metrics/ or gradients/ folder (or the single file of runs made before it)."""
-    if _step_files(run / kind):
-        return run / kind
-    return _file_or_none(run / f"{kind}.parquet")
+    if _step_files(store.join(run, kind)):
+        return store.join(run, kind)
+    return _file_or_none(store.join(run, f"{kind}.parquet"))
 
 
-def _files(path: Path) -> list[Path]:
-    return _step_files(path) if path.is_dir() else [path]
+def _files(path: str) -> list[str]:
+    return _step_files(path) if store.is_dir(path) else [path]
 
 
 # --------------------------------------------------------------------------- summaries
@@ -231,10 +243,10 @@ def _spaced(n: int, points: int = CURVE_POINTS) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, n - 1, min(n, points))})
 
 
-def read_metrics(path: Path) -> pa.Table:
+def read_metrics(path: str) -> pa.Table:
     """A run's metrics (its folder, or one file), checked to be metrics."""
     try:
-        table = pa.concat_tables([pq.read_table(p) for p in _files(path)],
+        table = pa.concat_tables([_parquet_file(p).read() for p in _files(path)],
                                  promote_options="default")  # rows of older versions
     except (pa.ArrowInvalid, OSError) as e:
         raise ConfigError(f"{path}: not a readable Parquet file ({e})") from None
@@ -320,7 +332,7 @@ def per_sample_columns(schema: pa.Schema) -> list[str]:
 
 
 def per_sample_summary(
-    steps: dict[int | None, list[Path]], top: int, step: int | None, where: Path
+    steps: dict[int | None, list[str]], top: int, step: int | None, where: str
 ) -> tuple[dict, F64]:
     """Top-`top` samples by gradient norm at one step, and statistics over all samples."""
     if step is not None and step not in steps:
@@ -332,9 +344,12 @@ def per_sample_summary(
     chosen = step if step is not None else list(steps)[-1]
     files = steps[chosen]
     try:
-        dataset = ds.dataset([str(f) for f in files], format="parquet")
+        fs, _ = store.filesystem(files[0])
+        dataset = ds.dataset([store.filesystem(f)[1] for f in files], format="parquet",
+                             filesystem=fs)
     except (pa.ArrowInvalid, OSError) as e:
-        raise ConfigError(f"{files[0].parent}: per-sample files are not readable ({e})") from None
+        raise ConfigError(f"{store.parent(files[0])}: per-sample files are not readable ({e})"
+                          ) from None
     columns = per_sample_columns(dataset.schema)
     missing = KINDS["per_sample"] - set(columns)
     if missing:
@@ -364,7 +379,8 @@ def per_sample_summary(
                                             sort_keys=[("grad_norm", "descending")])
                 best = table.take(keep)
     except (pa.ArrowInvalid, OSError) as e:
-        raise ConfigError(f"{files[0].parent}: per-sample files are not readable ({e})") from None
+        raise ConfigError(f"{store.parent(files[0])}: per-sample files are not readable ({e})"
+                          ) from None
     grad_norm = np.concatenate(norms) if norms else np.empty(0)
     loss = np.concatenate(losses) if losses else np.empty(0)
     rows: list[dict] = []
@@ -395,7 +411,7 @@ def per_sample_summary(
     return summary, grad_norm
 
 
-def gradient_norms(path: Path) -> tuple[dict, list[dict]]:
+def gradient_norms(path: str) -> tuple[dict, list[dict]]:
     """Per-layer |dC/dtheta| at every recorded step of a run's gradients, read file by file and
     column by column; with grad_sq (--second-moment), each layer's variance and SNR too."""
     sq: dict[tuple[int, int], float] = defaultdict(float)  # sum of grad^2
@@ -466,14 +482,7 @@ def _second_moment(steps: list[int], layers: list[int], sq: dict, var: dict,
     }
 
 
-def _parquet_file(path: Path) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ConfigError(f"{path}: not a readable Parquet file ({e})") from None
-
-
-def weights_summary(path: Path) -> dict:
+def weights_summary(path: str) -> dict:
     """The model stored with the weights, and |w[l]|, |b[l]| and max |w[l]_jk| per layer."""
     arch, params, standardize, velocity = read_weights(path)
     layers = []

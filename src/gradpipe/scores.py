@@ -18,7 +18,6 @@ marker and merges the workers' top rows. No per-sample row passes through the dr
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
+from . import store
 from .atomic import atomic_dir
 from .data import Block, Dataset
 from .errors import ConfigError, DataError
-from .outputs import per_sample_path, read_run_json, write_table
+from .outputs import per_sample_path, read_run_json, write_json, write_table
 from .recorder import read_metrics, recorded_steps
 
 if TYPE_CHECKING:
@@ -152,12 +152,18 @@ def _column(table: pa.Table, name: str, dtype: Any) -> np.ndarray | None:
     return col.to_numpy().astype(dtype, copy=False)
 
 
-def read_step_rows(path: Path, step: int, eta: float) -> StepRows:
+def read_step_rows(path: str, step: int, eta: float) -> StepRows:
     """One per-sample part as StepRows; a missing or unreadable part is refused by name."""
     wanted = ("sample", "label", "loss", "grad_norm", "el2n", "correct")  # not `grad`
     try:
-        names = pq.read_schema(path).names
-        table = pq.read_table(path, columns=[c for c in wanted if c in names])
+        pf = pq.ParquetFile(store.open_input(path))
+        names = pf.schema_arrow.names
+        table = pf.read(columns=[c for c in wanted if c in names])
+    except DataError:
+        if store.exists(path):
+            raise
+        raise DataError(f"{path}: missing: the run recorded step {step} for other blocks "
+                        "but not this one. Was the run folder copied in part?") from None
     except FileNotFoundError:
         raise DataError(f"{path}: missing: the run recorded step {step} for other blocks "
                         "but not this one. Was the run folder copied in part?") from None
@@ -195,8 +201,8 @@ def scores_table(cols: dict[str, np.ndarray], classify: bool) -> pa.Table:
     return pa.table(out)
 
 
-def part_path(out_dir: str | Path, block: int) -> Path:
-    return Path(out_dir) / f"part-{block:05d}.parquet"
+def part_path(out_dir: str | Path, block: int) -> str:
+    return store.join(str(out_dir), f"part-{block:05d}.parquet")
 
 
 def scores_block(block: int, req: ScoresRequest) -> tuple[int, int, list[dict]]:
@@ -271,15 +277,15 @@ def per_sample_dataset(run: str | Path, info: dict, last_step: int) -> Dataset:
     for b in range(n_blocks):
         path = per_sample_path(run, last_step, b)
         try:
-            rows = pq.read_metadata(path).num_rows
-        except (FileNotFoundError, OSError, pa.ArrowInvalid):
+            rows = pq.read_metadata(store.open_input(path)).num_rows
+        except (FileNotFoundError, OSError, pa.ArrowInvalid, DataError):
             raise DataError(f"{path}: missing or unreadable; the run's step {last_step} "
                             "is incomplete") from None
         blocks.append(Block(b, str(path), 0, 0, max(rows, 1), 0, first))
         first += rows
     classify = d.get("task") == "classification"
     return Dataset(
-        source=str(Path(run).resolve()), blocks=tuple(blocks), features=(), feature_list=False,
+        source=store.resolve(str(run)), blocks=tuple(blocks), features=(), feature_list=False,
         n_features=0, target=tuple(d.get("target", ())), task=d.get("task", "regression"),
         n_outputs=int(d.get("n_outputs", 1)), id_column=d.get("id_column"), n_rows=first,
         fingerprint=str(d.get("fingerprint", "")),
@@ -287,13 +293,12 @@ def per_sample_dataset(run: str | Path, info: dict, last_step: int) -> Dataset:
         class_type=d.get("class_type"))
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: str) -> None:
     """Refuse to replace a non-empty folder that is not an earlier scores folder."""
-    if not out.exists():
-        return
-    if not out.is_dir():
+    store.check_bucket(out)
+    if store.is_file(out):
         raise ConfigError(f"--out {out}: exists and is not a folder. Choose another --out.")
-    if any(out.iterdir()) and not (out / MARKER).is_file():
+    if store.listdir(out) and not store.is_file(store.join(out, MARKER)):
         raise ConfigError(f"--out {out}: exists and is not a gradpipe scores folder (no "
                           f"{MARKER}); choose another --out.")
 
@@ -314,10 +319,10 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
     """Score every sample of the run in config.run; the workers write the parts into a
     temporary folder that becomes the output (RUN/scores) only when complete. Returns the
     summary (written as _scores.json) with the `top` rows."""
-    run = Path(config.run)
+    run = store.resolve(config.run)
     info = read_run_json(run)
     steps, etas = scored_steps(run)
-    out = Path(config.out) if config.out else run / "scores"
+    out = store.resolve(config.out) if config.out else store.join(run, "scores")
     _check_out(out)
     dataset = per_sample_dataset(run, info, steps[-1])
     from .worker import start_pool  # here: worker.py imports this module's block function
@@ -332,18 +337,18 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
     classify = dataset.classify
     try:
         with atomic_dir(out) as tmp:
-            req = ScoresRequest(str(run.resolve()), tuple(steps), tuple(etas),
-                                str(tmp.resolve()), classify, config.top, config.by)
+            req = ScoresRequest(run, tuple(steps), tuple(etas), tmp, classify, config.top,
+                                config.by)
             written = pool.scores(req)
             rows = sum(r for _, r, _ in written)
             columns = [c for c in COLUMNS if classify or c != "label"]
             summary: dict[str, Any] = {
-                "out": str(out), "run": str(run), "rows": rows, "parts": len(written),
+                "out": config.out or out, "run": config.run, "rows": rows, "parts": len(written),
                 "steps": steps, "lr": etas, "columns": columns,
                 "el2n": _recorded(run, steps[-1], "el2n"),
                 "correct": classify and _recorded(run, steps[-1], "correct"),
             }
-            (tmp / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(summary, store.join(tmp, MARKER))
     finally:
         pool.close()
     summary["by"] = config.by
@@ -352,9 +357,10 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
     return summary
 
 
-def _recorded(run: Path, step: int, column: str) -> bool:
+def _recorded(run: str, step: int, column: str) -> bool:
     """Whether the run's per-sample rows have `column` (el2n and correct came later)."""
-    return column in pq.read_schema(per_sample_path(run, step, 0)).names
+    return column in pq.ParquetFile(store.open_input(per_sample_path(run, step, 0))
+                                    ).schema_arrow.names
 
 
 def _steps_text(steps: list[int]) -> str:
@@ -365,11 +371,12 @@ def _steps_text(steps: list[int]) -> str:
 
 def read_scores(path: str | Path) -> pa.Table | None:
     """A run's scores (RUN/scores) or a scores folder, in block order; None if there are none."""
-    path = Path(path)
-    folder = path / "scores" if (path / "run.json").is_file() else path
-    if not (folder / MARKER).is_file():
+    path = str(path)
+    folder = store.join(path, "scores") if store.is_file(store.join(path, "run.json")) else path
+    if not store.is_file(store.join(folder, MARKER)):
         return None
-    return pq.read_table(folder)
+    fs, root = store.filesystem(folder)
+    return pq.read_table(root, filesystem=fs)
 
 
 def render_top(summary: dict) -> list[str]:

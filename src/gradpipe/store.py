@@ -55,7 +55,6 @@ def configure(endpoint: str | None) -> None:
             raise DataError(f"--s3-endpoint {endpoint}: expected a URL, such as "
                             "http://127.0.0.1:9000 or https://s3.example.com")
         os.environ["AWS_ENDPOINT_URL"] = endpoint
-        _s3.cache_clear()
 
 
 def endpoint() -> str | None:
@@ -72,11 +71,15 @@ def worker_env() -> dict[str, str]:
 
 
 @lru_cache(maxsize=8)
-def _s3(endpoint_url: str | None, region: str | None) -> pafs.S3FileSystem:
+def _s3(endpoint_url: str | None, region: str | None, probe: bool = False
+        ) -> pafs.S3FileSystem:
+    # The probe (one HEAD of the bucket, the first time a process uses it) gives up after 3
+    # s without retrying, so that an endpoint that accepts connections and never answers is
+    # one line in seconds; the reads and writes after it wait longer and retry once.
     kwargs: dict = {
         "connect_timeout": 3.0,
-        "request_timeout": 30.0,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2),
+        "request_timeout": 3.0 if probe else 30.0,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=1 if probe else 2),
     }
     if endpoint_url:
         url = urlparse(endpoint_url)
@@ -96,9 +99,10 @@ def filesystem(loc: str) -> tuple[pafs.FileSystem, str]:
     loc = resolve(loc)
     if not is_remote(loc):
         return pafs.LocalFileSystem(), loc
-    scheme = loc.split("://", 1)[0]
+    scheme, path = loc.split("://", 1)
     if scheme in ("s3", "s3a"):
-        return _s3(endpoint(), _region()), loc.split("://", 1)[1]
+        _bucket_found(endpoint(), _region(), path.split("/", 1)[0], loc)
+        return _s3(endpoint(), _region()), path
     try:
         return pafs.FileSystem.from_uri(loc)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
@@ -122,6 +126,22 @@ def failure(loc: str, e: BaseException) -> DataError:
     return DataError(f"{loc}: {text}")
 
 
+_BUCKETS: dict[tuple, bool] = {}
+
+
+def _bucket_found(endpoint_url: str | None, region: str | None, bucket: str, loc: str) -> bool:
+    """Whether the bucket exists, asked once per process with the quick probe: an endpoint
+    that does not answer, or refuses the credentials, is one DataError line in seconds."""
+    key = (endpoint_url, region, bucket)
+    if key not in _BUCKETS:
+        try:
+            found = _s3(endpoint_url, region, True).get_file_info(bucket)
+        except OSError as e:
+            raise failure(loc, e) from None
+        _BUCKETS[key] = found.type != pafs.FileType.NotFound
+    return _BUCKETS[key]
+
+
 def info(loc: str) -> pafs.FileInfo:
     """The file info of a location (type NotFound if nothing is there); a store error
     becomes one DataError line."""
@@ -139,7 +159,7 @@ def check_bucket(loc: str) -> None:
     if not is_remote(loc):
         return
     bucket = loc.split("://", 1)[1].split("/", 1)[0]
-    if info(f"{loc.split('://', 1)[0]}://{bucket}").type == pafs.FileType.NotFound:
+    if not _bucket_found(endpoint(), _region(), bucket, loc):
         raise DataError(f"{loc}: no such bucket {bucket!r} at {endpoint() or 'AWS S3'}")
 
 
@@ -172,17 +192,28 @@ def name(loc: str) -> str:
 def inside(loc: str, folder: str) -> bool:
     """True if `loc` is `folder` or lies under it."""
     loc, folder = resolve(loc), resolve(folder)
+    if not is_remote(loc):
+        loc, folder = os.path.realpath(loc), os.path.realpath(folder)
     return loc == folder or loc.startswith(folder.rstrip("/") + "/")
 
 
-def listdir(loc: str) -> list[str]:
-    """The names directly inside a folder (empty if it does not exist)."""
+def _entries(loc: str) -> list[pafs.FileInfo]:
     fs, path = filesystem(loc)
     try:
-        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     except OSError as e:
         raise failure(resolve(loc), e) from None
-    return sorted(posixpath.basename(e.path.rstrip("/")) for e in entries)
+
+
+def listdir(loc: str) -> list[str]:
+    """The names directly inside a folder (empty if it does not exist), in one listing."""
+    return sorted(posixpath.basename(e.path.rstrip("/")) for e in _entries(loc))
+
+
+def files(loc: str) -> list[str]:
+    """The names of the files directly inside a folder, sorted, in one listing."""
+    return sorted(posixpath.basename(e.path) for e in _entries(loc)
+                  if e.type == pafs.FileType.File)
 
 
 def walk(loc: str) -> list[str]:
@@ -270,7 +301,7 @@ def move(src: str, dst: str) -> None:
         raise failure(resolve(src), e) from None
 
 
-__all__ = ["check_bucket", "configure", "endpoint", "exists", "failure", "filesystem", "info",
-           "inside", "is_dir", "is_file", "is_remote", "join", "listdir", "makedirs", "move",
-           "name", "open_input", "parent", "read_bytes", "read_text", "remove", "resolve",
-           "upload", "walk", "worker_env"]
+__all__ = ["check_bucket", "configure", "endpoint", "exists", "failure", "files",
+           "filesystem", "info", "inside", "is_dir", "is_file", "is_remote", "join", "listdir",
+           "makedirs", "move", "name", "open_input", "parent", "read_bytes", "read_text",
+           "remove", "resolve", "upload", "walk", "worker_env"]

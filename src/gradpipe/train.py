@@ -15,13 +15,12 @@ import platform
 import signal
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 from numpy.typing import NDArray
 
-from . import options, privacy
+from . import options, privacy, store
 from .atomic import atomic_file
 from .backprop import Partial
 from .config import LR, TrainConfig
@@ -265,15 +264,15 @@ class Run:
             self.sigma = privacy.noise_multiplier(config.dp_epsilon, config.dp_delta,
                                                   config.batch_rate, config.steps)
         self.accountant = privacy.Accountant(config.batch_rate, self.sigma)
-        stored = Path(config.out or "", privacy.KEY_FILE)
+        stored = store.join(config.out or "", privacy.KEY_FILE)
         if config.resume:
-            if not stored.is_file():
+            if not store.is_file(stored):
                 raise ConfigError(f"--resume {config.out}: the run's {privacy.KEY_FILE} is "
                                   "missing, and without it the Poisson draws and the noise "
                                   "cannot be repeated")
             self.key = privacy.read_key(stored)
             # run.json names the --dp-key file the run began with: it may be gone since
-            if (config.dp_key and Path(config.dp_key).is_file()
+            if (config.dp_key and store.is_file(config.dp_key)
                     and privacy.read_key(config.dp_key) != self.key):
                 raise ConfigError(f"--dp-key {config.dp_key} is not the key the run in "
                                   f"{config.out} was started with")
@@ -397,7 +396,7 @@ class Run:
             with _sigterm_as_interrupt():
                 return self._loop(progress)
         except KeyboardInterrupt:
-            if rec is not None and (rec.out / "run.json").is_file():
+            if rec is not None and store.is_file(store.join(rec.out, "run.json")):
                 rec.status(self.info("interrupted", started=self.started, steps_done=self.step))
             raise RunInterrupted(
                 f"interrupted after {self.step} steps; continue with "
@@ -412,7 +411,7 @@ class Run:
             rec.start(self.info("running", started=self.started), overwrite=config.overwrite,
                       resume_step=self.step if config.resume else None)
             if self.key is not None and not config.resume:  # for --resume; not in run.json
-                with atomic_file(rec.out / privacy.KEY_FILE) as tmp:
+                with atomic_file(store.join(rec.out, privacy.KEY_FILE)) as tmp:
                     tmp.touch(mode=0o600)
                     tmp.write_text(self.key + "\n")
             if config.update and not config.resume:

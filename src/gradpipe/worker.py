@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 from numpy.typing import NDArray
 
-from . import raycompat
+from . import raycompat, store
 from .backprop import Partial, block_partial
 from .data import Block, BlockData, Dataset, filesystem, read_block
 from .errors import JobError
@@ -228,6 +228,7 @@ class BlockSet:
         self.threads = max(1, threads)  # blocks computed at once, one BLAS thread each
         self.fs, _ = filesystem(dataset.source)
         self._opened: dict = {}  # each file opened once (its footer parsed once)
+        self._reads: dict[int, int] = {}  # block index -> times read (Pool.reads)
         self._scaled = False  # in-memory blocks are scaled once, at their first step
         self._executor: ThreadPoolExecutor | None = None  # started at the first step
         self.data: list[BlockData] | None = None
@@ -250,6 +251,7 @@ class BlockSet:
         return self.nbytes()
 
     def _read(self, block: Block) -> BlockData:
+        self._reads[block.index] = self._reads.get(block.index, 0) + 1
         return read_block(self.dataset, block, self.dtype, self.fs, self._opened)
 
     def _apply(self, data: BlockData, standardize: tuple[F64, F64] | None,
@@ -302,6 +304,10 @@ class BlockSet:
 
     def nbytes(self) -> int:
         return sum(d.nbytes for d in self.data) if self.data is not None else 0
+
+    def reads(self) -> dict[int, int]:
+        """How many times this worker read each block (its own blocks only, by design)."""
+        return dict(self._reads)
 
     def pid(self) -> int:
         return os.getpid()
@@ -433,8 +439,13 @@ def ray_init(address: str | None, *, num_cpus: int | None = None, verbose: bool 
         assert address is not None
         if address != "auto" and not address.startswith("ray://"):
             _probe(address)
+        # The S3 endpoint and region this command uses reach the cluster's workers (a
+        # local instance's workers inherit them); credentials stay with each node's own
+        # AWS configuration.
+        env = store.worker_env()
         try:
-            ray.init(address=address, **quiet)
+            ray.init(address=address, runtime_env={"env_vars": env} if env else None,
+                     **quiet)
         except ConnectionError as e:
             raise JobError(f"--address {address}: cannot connect to Ray ({e})") from None
 
@@ -542,6 +553,11 @@ class Pool:
 
     def nodes(self) -> list[str | None]:
         return self._call("node")
+
+    def reads(self) -> list[dict[int, int]]:
+        """Per worker: block index -> times read (a streaming worker reads its blocks at
+        every step)."""
+        return self._call("reads")
 
     def close(self) -> None:
         if self.local is not None:

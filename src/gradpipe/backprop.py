@@ -13,9 +13,10 @@ product, delta[l].T @ a[l-1]; and BP4 is rank one, so |grad_w[l]_i|_F^2 =
 so the second moment sum_i grad_w[l]_i^2 (BackPACK's SumGradSquared) is one more matrix
 product, (delta[l]^2).T @ (a[l-1]^2). Per-sample gradients are materialized only when
 asked, a bounded number of rows at a time. Sums over samples are accumulated in float64:
-within a chunk of at most CHUNK_ROWS rows the matrix product runs in the compute dtype
-(float32 by default, about 2e-7 relative), and chunks, biases, losses and norms add in
-float64 (second-moment biases excepted: a product in the compute dtype, like the weights).
+within a chunk (`chunk_rows_for`: about 1 MiB per layer's array, at most CHUNK_ROWS rows)
+the products for the weights and the biases (1^T delta) run in the compute dtype (float32
+by default, about 2e-7 relative), and chunks, losses and norms add in float64. Each block
+reuses one set of arrays for all its chunks (`Workspace`).
 With clip=C (DP-SGD's clipping, ghost style) each delta[l]_i is scaled by
 min(1, C / |g_i|) before the sums, |g_i|^2 = sum_l |delta[l]_i|^2 (|a[l-1]_i|^2 + 1): the
 same products then give sum_i clip(g_i), and no per-sample gradient is materialized.
@@ -36,9 +37,15 @@ from .model import Architecture, Params, forward
 Array = NDArray[np.floating]
 F64 = NDArray[np.float64]
 
-# Rows per forward/backward pass inside a block. Fixed, not tied to the worker count, so
-# that the float64 sums are the same whatever worker holds the block.
+# Rows per forward/backward pass inside a block: at most CHUNK_ROWS, and few enough that
+# the widest layer's (rows, n_l) array fits in about CHUNK_BYTES, so that the elementwise
+# work between the matrix products runs in cache (8,192-row chunks of a 256-unit float32
+# layer are 8 MiB: the elementwise passes then ran at memory speed and took a third of a
+# step). Chosen from the model alone (`chunk_rows_for`), never from the worker count, so
+# the float64 sums are the same whatever worker holds the block.
 CHUNK_ROWS = 8192
+CHUNK_BYTES = 2**20
+MIN_CHUNK_ROWS = 256  # below this the summed BP4 products get short (K = rows) and slow
 # Bytes of per-sample gradients materialized at once with per_sample="full": small enough
 # to stay in cache-friendly pieces (about 200 rows of a 10,000-parameter float32 model).
 FULL_CHUNK_BYTES = 8 * 2**20
@@ -111,17 +118,28 @@ def output_losses(arch: Architecture, a_L: Array, z_L: Array, y: Array) -> F64:
 
 
 def deltas(
-    arch: Architecture, params: Params, a: list[Array], z: list[Array], y: Array
+    arch: Architecture,
+    params: Params,
+    a: list[Array],
+    z: list[Array],
+    y: Array,
+    out: list[Array] | None = None,
+    scratch: list[Array] | None = None,
 ) -> list[Array]:
-    """delta[l] = dC_i/dz[l] for l = 1..L (BP1, then BP2 backwards); index 0 unused."""
+    """delta[l] = dC_i/dz[l] for l = 1..L (BP1, then BP2 backwards); index 0 unused.
+
+    With `out` (and `scratch`, for g'), arrays shaped like z[l], delta[l] for l < L is
+    written into out[l] (and g'(z[l]) into scratch[l]): the same numbers, no new arrays.
+    """
     L = arch.L
     delta: list[Array] = [np.empty((0, 0), a[0].dtype)] * (L + 1)
     delta[L] = output_delta(arch, a[L], z[L], y)
     for l in range(L - 1, 0, -1):
         prime_of_a = ACTIVATIONS[arch.g(l)].prime_of_a
         assert prime_of_a is not None  # hidden activations are elementwise
-        delta[l] = delta[l + 1] @ params.w[l + 1]  # (n, n_l)
-        delta[l] *= prime_of_a(a[l], z[l])  # g'(z[l]), from a[l] = g(z[l]) and z[l]
+        d = np.matmul(delta[l + 1], params.w[l + 1], out=None if out is None else out[l])
+        d *= prime_of_a(a[l], z[l], out=None if scratch is None else scratch[l])  # g'(z[l])
+        delta[l] = d  # (n, n_l)
     return delta
 
 
@@ -133,12 +151,23 @@ def per_sample_sq_norms(delta: list[Array], a: list[Array]) -> F64:
     n, L = a[0].shape[0], len(delta) - 1
     out = np.zeros((n, L + 1))
     for l in range(1, L + 1):
-        # Row sums of squares in the compute dtype (einsum's SIMD loop: 2.7e-7 relative in
-        # float32, 5x faster than casting each row to float64); the product is float64.
-        dd = np.einsum("nj,nj->n", delta[l], delta[l]).astype(np.float64)
-        aa = np.einsum("nk,nk->n", a[l - 1], a[l - 1]).astype(np.float64)
+        # Row sums of squares in the compute dtype (2.7e-7 relative in float32, 5x faster
+        # than casting each row to float64); the product is float64.
+        dd = row_sq(delta[l]).astype(np.float64)
+        aa = row_sq(a[l - 1]).astype(np.float64)
         out[:, l] = dd * (aa + 1.0)
     return out
+
+
+def row_sq(x: Array) -> Array:
+    """|x_i|^2 for each row of x (n, k), (n,) in the dtype of x.
+
+    numpy's vecdot (a SIMD dot product a row) is twice as fast as einsum's loop on rows of
+    a hundred values or more; einsum stays faster on short rows (and on numpy 1.x).
+    """
+    if x.shape[1] >= 32 and hasattr(np, "vecdot"):
+        return np.vecdot(x, x)
+    return np.einsum("nj,nj->n", x, x)
 
 
 def clip_factors(sq: F64, clip: float) -> F64:
@@ -152,18 +181,21 @@ def clip_factors(sq: F64, clip: float) -> F64:
     return np.minimum(1.0, clip / np.maximum(norm, np.finfo(np.float64).tiny))
 
 
-def per_sample_grads(delta: list[Array], a: list[Array]) -> Array:
+def per_sample_grads(delta: list[Array], a: list[Array], out: Array | None = None) -> Array:
     """BP3/BP4 materialized: row i is dC_i/dtheta, (n, P) in gradients row order.
 
     In the compute dtype: these are per-sample values, not sums, and writing them is
-    bound by memory bandwidth (float32 halves the bytes of float64).
+    bound by memory bandwidth (float32 halves the bytes of float64). Into `out`, a
+    C-contiguous (n, P) array, when given.
 
     grad_w[l]_i = einsum("nj,nk->njk", delta[l], a[l-1]) flattened (j, k) row-major,
     followed by grad_b[l]_i = delta[l]_i, layer after layer.
     """
     n = a[0].shape[0]
     sizes = [d.shape[1] * (a_l.shape[1] + 1) for d, a_l in zip(delta[1:], a[:-1], strict=True)]
-    out = np.empty((n, sum(sizes)), dtype=delta[-1].dtype)  # (n, P)
+    if out is None:
+        out = np.empty((n, sum(sizes)), dtype=delta[-1].dtype)  # (n, P)
+    assert out.shape == (n, sum(sizes)) and out.flags.c_contiguous
     pos = 0
     for l in range(1, len(delta)):
         n_l, n_k = delta[l].shape[1], a[l - 1].shape[1]
@@ -177,6 +209,43 @@ def per_sample_grads(delta: list[Array], a: list[Array]) -> Array:
     return out
 
 
+def chunk_rows_for(arch: Architecture) -> int:
+    """Rows per chunk for this model: a power of two in [MIN_CHUNK_ROWS, CHUNK_ROWS] whose
+    widest (rows, n_l) array takes at most CHUNK_BYTES (1,024 rows for 256 float32 units)."""
+    width = max(arch.sizes[1:]) * np.dtype(arch.dtype).itemsize
+    rows = max(1, CHUNK_BYTES // width)
+    rows = 1 << (rows.bit_length() - 1)  # the power of two at or below
+    return min(CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows))
+
+
+class Workspace:
+    """The arrays of one chunk's forward and backward pass, allocated once per block and
+    reused by every chunk: a[l], z[l], delta[l], g'(z[l]) (rows, n_l) and the summed BP4
+    product (n_l, n_{l-1}). A chunk of m rows uses their first m rows (C-contiguous views).
+    """
+
+    def __init__(self, arch: Architecture, rows: int) -> None:
+        dt = np.dtype(arch.dtype)
+        units = arch.sizes
+        empty = np.empty((0, 0), dt)
+
+        def per_layer() -> list[Array]:
+            return [empty] + [np.empty((rows, n), dt) for n in units[1:]]
+
+        self.rows = rows
+        self.a, self.z, self.delta, self.prime = per_layer(), per_layer(), per_layer(), per_layer()
+        self.product = [empty] + [np.empty((units[l], units[l - 1]), dt)
+                                  for l in range(1, len(units))]
+        self.ones = np.ones(rows, dt)
+
+    def views(self, m: int) -> tuple[list[Array], ...]:
+        """(a, z, delta, g') for a chunk of m rows: the arrays themselves or their first m rows."""
+        if m == self.rows:
+            return self.a, self.z, self.delta, self.prime
+        return tuple([x[0]] + [v[:m] for v in x[1:]]
+                     for x in (self.a, self.z, self.delta, self.prime))
+
+
 def block_partial(
     arch: Architecture,
     params: Params,
@@ -187,7 +256,7 @@ def block_partial(
     classify: bool = False,
     sink: Sink | None = None,
     full: bool = False,
-    chunk_rows: int = CHUNK_ROWS,
+    chunk_rows: int | None = None,
     second_moment: bool = False,
     outputs: OutputSink | None = None,
     clip: float | None = None,
@@ -195,8 +264,10 @@ def block_partial(
     """Sum the per-sample gradients, losses and squared norms of one block of samples.
 
     x is (n, n_0) and y (n, n_L), both in the compute dtype of `arch`. The block is
-    processed `chunk_rows` rows at a time; per chunk, sum_i grad_w[l]_i = delta[l].T @ a[l-1]
-    (one matrix product), added into float64 sums. When `sink` is given it receives each
+    processed `chunk_rows` rows at a time (default `chunk_rows_for(arch)`), in one set of
+    arrays reused by every chunk (`Workspace`); per chunk, sum_i grad_w[l]_i =
+    delta[l].T @ a[l-1] and sum_i grad_b[l]_i = 1^T delta[l] (one matrix product each, in
+    the compute dtype), added into float64 sums. When `sink` is given it receives each
     chunk's per-sample losses and squared norms, and with `full=True` the per-sample
     gradients too, in pieces of at most FULL_CHUNK_BYTES; `outputs` receives each chunk's
     a[L] and y first. With `second_moment=True` the Partial also holds the elementwise
@@ -208,6 +279,7 @@ def block_partial(
     included; the sink still receives the unclipped per-sample values.
     """
     L = arch.L
+    params = params.astype(arch.dtype)  # no copy when already in the compute dtype
     sum_w = [np.zeros((0, 0))] + [np.zeros(w.shape) for w in params.w[1:]]
     sum_b = [np.zeros(0)] + [np.zeros(b.shape) for b in params.b[1:]]
     sq_w: list[F64] | None = None
@@ -219,11 +291,18 @@ def block_partial(
     loss_sum = 0.0
     correct = 0
     n = x.shape[0]
+    rows = chunk_rows if chunk_rows is not None else chunk_rows_for(arch)
+    ws = Workspace(arch, min(rows, n))
+    # w[l].T once per block, C-ordered: BLAS's fastest layout for z = a @ w.T (twice as fast
+    # for the 10-unit output layer in float64); forward() makes the same copy.
+    weights_t = [np.ascontiguousarray(w.T) for w in params.w]
     full_rows = max(1, FULL_CHUNK_BYTES // (np.dtype(arch.dtype).itemsize * arch.n_params))
-    for start in range(0, n, chunk_rows):
-        xc, yc = x[start : start + chunk_rows], y[start : start + chunk_rows]
-        a, z = forward(arch, params, xc)
-        delta = deltas(arch, params, a, z, yc)
+    for start in range(0, n, rows):
+        xc, yc = x[start : start + rows], y[start : start + rows]
+        m = xc.shape[0]
+        a_out, z_out, delta_out, prime_out = ws.views(m)
+        a, z = forward(arch, params, xc, out=(a_out, z_out), weights_t=weights_t)
+        delta = deltas(arch, params, a, z, yc, delta_out, prime_out)
         losses = output_losses(arch, a[L], z[L], yc)  # (m,)
         sq = per_sample_sq_norms(delta, a)  # (m, L+1)
         summed, sq_summed = delta, sq
@@ -236,11 +315,14 @@ def block_partial(
             else:
                 summed = [d if l == 0 else d * scale for l, d in enumerate(delta)]
             sq_summed = sq * (factor * factor)[:, None]
+        ones = ws.ones[:m]  # (m,)
         for l in range(1, L + 1):
-            sum_w[l] += summed[l].T @ a[l - 1]  # (n_l, n_{l-1}), BP4 summed
-            sum_b[l] += summed[l].sum(axis=0, dtype=np.float64)  # BP3 summed
+            product = np.matmul(summed[l].T, a[l - 1], out=ws.product[l])  # BP4 summed
+            sum_w[l] += product  # (n_l, n_{l-1}), float64
+            # BP3 summed as a product in the compute dtype, like the weights: a float64
+            # column sum of a float32 array casts as it goes and took 6% of a step.
+            sum_b[l] += ones @ summed[l]  # (n_l,)
         if sq_w is not None and sq_b is not None:
-            ones = np.ones(xc.shape[0], xc.dtype)  # (m,)
             for l in range(1, L + 1):
                 dd = summed[l] * summed[l]  # (m, n_l)
                 sq_w[l] += dd.T @ (a[l - 1] * a[l - 1])  # (n_l, n_{l-1}), BP4 squared, summed
@@ -252,15 +334,15 @@ def block_partial(
         if classify:
             correct += int((a[L].argmax(axis=1) == yc.argmax(axis=1)).sum())
         if outputs is not None:
-            outputs(start, a[L], yc)
+            outputs(start, a[L].copy(), yc)  # a copy: the next chunk reuses a[L]
         if sink is None:
             continue
         if not full:
             sink(start, losses, sq, None)
             continue
-        for s in range(0, xc.shape[0], full_rows):
-            rows = slice(s, s + full_rows)
-            grads = per_sample_grads([d[rows] for d in delta], [a_l[rows] for a_l in a])
-            sink(start + s, losses[rows], sq[rows], grads)
+        for s in range(0, m, full_rows):
+            piece = slice(s, s + full_rows)
+            grads = per_sample_grads([d[piece] for d in delta], [a_l[piece] for a_l in a])
+            sink(start + s, losses[piece], sq[piece], grads)
     eps = float(np.finfo(arch.dtype).eps)
     return Partial(block, n, loss_sum, sum_w, sum_b, sq_norm_sum, correct, eps, sq_w, sq_b)

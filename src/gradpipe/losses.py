@@ -75,9 +75,7 @@ def cross_entropy(
     # per unit, not n short rows (row-wise max and sums of 10 values are slow in numpy).
     n_L = z.shape[1]
     gap = np.array(z.T, dtype=np.float64, order="C")  # (n_L, n), float64 whatever z is
-    M = gap[0].copy()  # (n,) max_m z_m
-    for j in range(1, n_L):
-        np.maximum(M, gap[j], out=M)
+    M = np.maximum.reduce(gap, axis=0)  # (n,) max_m z_m
     np.subtract(M, gap, out=gap)  # M - z_j >= 0, exact for float32 z
     c = np.einsum("nj,jn->n", y, gap, dtype=np.float64)  # sum_j y_j (M - z_j)
     top = gap == 0

@@ -294,3 +294,23 @@ def test_data_import_to_a_store_is_refused_not_written_to_a_local_s3_folder(tmp_
     result = CliRunner().invoke(cli, ["data", "import", str(csv), f"s3://{BUCKET}/x"])
     assert "write it here, then copy it to the store" in one_line_error(result)
     assert not (tmp_path / "s3:").exists()
+
+
+@pytest.mark.cluster
+def test_a_simulated_4_node_cluster_streams_from_s3_and_gives_the_in_process_bits(tmp_path):
+    """benches/cluster_s3.py, small: 4 nodes of 1 CPU (ray.cluster_utils.Cluster), DATA and
+    the run on a local S3 server, every worker streaming its own blocks."""
+    bench = Path(__file__).resolve().parents[1] / "benches" / "cluster_s3.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    done = subprocess.run([sys.executable, str(bench), "--rows", "24000", "--row-group-size",
+                           "1000", "--files", "3", "--steps", "2", "--features", "8"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["bitwise_equal"], report["differing_files"]
+    assert report["files_compared"] >= 8
+    assert report["streaming"] and report["distinct_nodes"] == 4
+    assert report["reads_match_assignment"]
+    # load, moments (--standardize) and one read per step: every block read equally often
+    assert report["reads_per_block"] == [2 + 2]
+    assert report["driver_rss_growth"] < 1.1

@@ -507,3 +507,70 @@ def test_per_sample_summary_shows_el2n_accuracy_and_predictions(second_run: Path
     text = " ".join(ok(inspect(second_run, "--top", "3")).stdout.split())  # lines may wrap
     assert "prediction" in text and "el2n" in text
     assert f"accuracy {per_sample['accuracy']:.4f}" in text
+
+
+# --------------------------------------------------------------------------- other outputs
+
+
+def succeeds(result: Result) -> Result:
+    """A command that worked (it may say what it read on stderr)."""
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def test_predictions_folder_summary_matches_the_parts(run: Path, tmp_path: Path) -> None:
+    data = run.parent / "data"
+    pred = tmp_path / "pred"
+    succeeds(CliRunner().invoke(cli, ["predict", str(run), str(data), "--out", str(pred),
+                                "--workers", "0"]))
+    summary = strict_json(ok(inspect(pred, "--json", "--top", "4")).stdout)
+    assert summary["kind"] == "predictions"
+    p = summary["predictions"]
+    table = pq.read_table(pred)
+    assert p["rows"] == table.num_rows == ROWS
+    counts = {r["prediction"]: r["rows"] for r in p["classes_predicted"]}
+    assert counts == dict(zip(*np.unique(table.column("prediction").to_numpy(),
+                                         return_counts=True), strict=True))
+    confidence = table.column("confidence").to_numpy()
+    assert p["confidence"]["min"] == confidence.min()
+    assert p["confidence"]["mean"] == pytest.approx(confidence.mean(), rel=1e-12)
+    lowest = np.sort(confidence)[:4]
+    assert [r["confidence"] for r in p["least_confident"]] == list(lowest)
+    text = ok(inspect(pred, "--top", "2")).stdout
+    assert "Rows per predicted class" in text and "2 least confident" in text
+    assert f"{ROWS} rows in 9 parts" in " ".join(text.split())  # a part per block
+
+
+def test_regression_predictions_show_each_targets_spread(regression_run: Path,
+                                                         tmp_path: Path) -> None:
+    pred = tmp_path / "pred"
+    succeeds(CliRunner().invoke(cli, ["predict", str(regression_run), str(regression_run.parent /
+                                                                    "data"),
+                                "--out", str(pred), "--workers", "0"]))
+    p = strict_json(ok(inspect(pred, "--json")).stdout)["predictions"]
+    t0 = pq.read_table(pred).column("t0").to_numpy()
+    assert p["target_spread"]["t0"]["max"] == t0.max()
+    assert p["target_spread"]["t0"]["median"] == pytest.approx(np.median(t0), rel=1e-12)
+
+
+def test_scores_folder_and_influence_file(run: Path, tmp_path: Path) -> None:
+    scores = tmp_path / "scores"
+    succeeds(CliRunner().invoke(cli, ["scores", str(run), "--out", str(scores), "--workers", "0"]))
+    s = strict_json(ok(inspect(scores, "--json", "--top", "3")).stdout)
+    assert s["kind"] == "scores" and s["scores"]["samples"] == ROWS
+    assert len(s["scores"]["top"]) == 3
+
+    out = tmp_path / "influence.parquet"
+    succeeds(CliRunner().invoke(cli, ["influence", str(run), "--test", str(run.parent / "data"),
+                                "--top", "2", "--out", str(out), "--workers", "0"]))
+    inf = strict_json(ok(inspect(out, "--json", "--top", "3")).stdout)
+    assert inf["kind"] == "influence"
+    table = pq.read_table(out)
+    assert inf["influence"]["test_samples"] == ROWS and inf["influence"]["top"] == 2
+    expected = duckdb.sql(
+        f"select train_sample, count(*) as n from read_parquet('{out}') where kind = "
+        "'proponent' group by train_sample order by n desc, train_sample limit 3").fetchall()
+    assert [(r["train_sample"], r["test_samples"]) for r in inf["influence"]["proponent"]] \
+        == expected
+    assert table.num_rows == inf["influence"]["rows"]
+    assert "most often a top opponent" in ok(inspect(out)).stdout

@@ -24,6 +24,21 @@ def _num(value: Any, digits: int = 6) -> str:
     return f"{float(value):.{digits}g}"
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 step', '300 steps'."""
+    return f"{_num(n)} {noun}{'' if n == 1 else 's'}"
+
+
+def _batch(opt: dict) -> str:
+    """How a step drew its rows: full, N rows, or Poisson with rate Q (and DP clipping)."""
+    if opt.get("batch_rate") is not None:
+        text = f"Poisson, rate {_num(opt['batch_rate'])}"
+        if opt.get("dp_clip") is not None:
+            text += f", private (clip {_num(opt['dp_clip'])})"
+        return text
+    return f"{_num(opt['batch'])} rows" if opt.get("batch") else "full"
+
+
 def _console(piped_width: int = 120) -> Any:
     from rich.console import Console
 
@@ -71,7 +86,7 @@ def render(summary: dict, console: Any = None) -> None:
         t.add_row("steps", steps)
         t.add_row("optimizer", f"lr {_num(opt.get('lr'))}, momentum {_num(opt.get('momentum'))}, "
                   f"weight decay {_num(opt.get('weight_decay'))}, schedule {opt.get('schedule')}, "
-                  f"batch {opt.get('batch') or 'full'}")
+                  f"batch {_batch(opt)}")
         t.add_row("per-sample", str(run.get("per_sample")))
         t.add_row("time", f"{run.get('started')} .. {run.get('finished') or '-'}")
         console.print(t)
@@ -79,7 +94,7 @@ def render(summary: dict, console: Any = None) -> None:
     if (metrics := summary.get("metrics")) and metrics["curve"]:
         curve = metrics["curve"]
         has_acc = "accuracy" in curve[0]
-        t = table(f"Loss over {metrics['steps']} steps", "step", "loss",
+        t = table(f"Loss over {_count(metrics['steps'], 'step')}", "step", "loss",
                   *(["accuracy"] if has_acc else []), "lr", "samples")
         for r in curve:
             t.add_row(str(r["step"]), _num(r["loss"]),
@@ -92,7 +107,8 @@ def render(summary: dict, console: Any = None) -> None:
         if metrics.get("val"):
             val = metrics["val"]
             keys = [k for k in ("val_loss", "val_accuracy", "val_mse") if k in val[0]]
-            t = table(f"Held-out data (--val) at {len(val)} recorded steps", "step", *keys)
+            t = table(f"Held-out data (--val) at {_count(len(val), 'recorded step')}", "step",
+                      *keys)
             for r in [val[i] for i in sorted({0, len(val) // 2, len(val) - 1})]:
                 t.add_row(str(r["step"]), *[_num(r[k], 4 if k == "val_accuracy" else 6)
                                             for k in keys])
@@ -185,6 +201,11 @@ def render(summary: dict, console: Any = None) -> None:
                       _num(r["w_norm"], 5), _num(r["b_norm"], 5), _num(r["w_abs_max"], 5))
         console.print(t)
 
+    if predictions := summary.get("predictions"):
+        _render_predictions(console, table, predictions)
+    if influence := summary.get("influence"):
+        _render_influence(console, table, influence)
+
     if scores := summary.get("scores"):
         keys = [k for k in ("label", "self_influence", "el2n_mean", "grand_mean", "loss_last",
                             "forgetting_events", "first_learned") if k in scores["columns"]]
@@ -198,6 +219,44 @@ def render(summary: dict, console: Any = None) -> None:
             spread = ", ".join(f"{n:,} with {k}" for k, n in scores["forgetting_events"].items())
             console.print(f"never learned: {scores['never_learned']:,}; forgetting events: "
                           f"{spread}")
+
+
+def _render_predictions(console: Any, table: Any, p: dict) -> None:
+    console.print(f"predictions of {p['model']} on {p['data']}: {_count(p['rows'], 'row')} in "
+                  f"{_count(p['parts'], 'part')}, {p['task']}; sample = {p['sample']}")
+    if p.get("classes_predicted") is not None:
+        t = table("Rows per predicted class", "prediction", "rows", "mean confidence")
+        for r in p["classes_predicted"]:
+            t.add_row(str(r["prediction"]), _num(r["rows"]), _num(r["mean_confidence"], 4))
+        console.print(t)
+        c = p["confidence"]
+        if c:
+            console.print(f"confidence: mean {_num(c['mean'], 4)}, median "
+                          f"{_num(c['median'], 4)}, lowest {_num(c['min'], 4)}")
+        if p["least_confident"]:
+            t = table(f"{len(p['least_confident'])} least confident", "sample", "prediction",
+                      "confidence")
+            for r in p["least_confident"]:
+                t.add_row(str(r["sample"]), str(r["prediction"]), _num(r["confidence"], 4))
+            console.print(t)
+    else:
+        t = table("Predicted targets", "target", "mean", "min", "median", "max")
+        for name, st in p["target_spread"].items():
+            t.add_row(name, *(_num(st.get(k)) for k in ("mean", "min", "median", "max")))
+        console.print(t)
+
+
+def _render_influence(console: Any, table: Any, inf: dict) -> None:
+    console.print(f"influence: {_num(inf['test_samples'])} test samples, top {inf['top']} "
+                  f"proponents and opponents each ({_num(inf['rows'])} rows)")
+    for kind in ("proponent", "opponent"):
+        if inf[kind]:
+            t = table(f"Training samples most often a top {kind}", "train_sample",
+                      "test samples", "sum of influence")
+            for r in inf[kind]:
+                t.add_row(str(r["train_sample"]), _num(r["test_samples"]),
+                          _num(r["influence_sum"], 5))
+            console.print(t)
 
 
 def _norm_table(console: Any, table: Any, title: str, curve: list[dict],

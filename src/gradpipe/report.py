@@ -39,7 +39,10 @@ KINDS: dict[str, frozenset[str]] = {
     "gradients": frozenset({"step", "layer", "param", "j", "k", "value", "grad"}),
     "metrics": frozenset({"step", "loss", "grad_norm"}),
     "weights": frozenset({"layer", "param", "j", "k", "value"}),
+    "influence": frozenset({"test_sample", "kind", "rank", "train_sample", "influence"}),
 }
+# The folders of parts that `predict` and `scores` write, known by their marker file.
+MARKERS = {"_predictions.json": "predictions", "_scores.json": "scores"}
 CURVE_POINTS = 8  # rows of the text tables: the first step, evenly spaced ones, the last
 NOISE_WINDOW = 0.1  # the noise scale's median is taken over this last fraction of steps
 NOISE_EXPLANATION = (
@@ -161,12 +164,16 @@ def open_output(path: str | Path) -> Output:
             out = Output(path, detect_kind(records[0]))
             setattr(out, out.kind, path)
             return out
+        for marker, kind in MARKERS.items():
+            if store.is_file(store.join(path, marker)):
+                return Output(path, kind)
         files = _part_files(path)
         if files and KINDS["per_sample"] <= set(_read_schema(files[0]).names):
             return Output(path, "per_sample", per_sample={_step_of(path): files})
         raise ConfigError(
-            f"{path}: not a gradpipe output folder (no run.json, no step=S/ folders and no "
-            "per-sample part files). Pass a run folder or one of its Parquet files."
+            f"{path}: not a gradpipe output folder (no run.json, no step=S/ folders, no "
+            "per-sample part files, no _predictions.json or _scores.json). Pass a run folder "
+            "or one of its Parquet files."
         )
     kind = detect_kind(path)
     out = Output(path, kind)
@@ -227,7 +234,7 @@ def run_info(run: dict) -> dict:
         "dataset": {key: dataset.get(key) for key in (
             "source", "rows", "task", "n_outputs", "files", "blocks", "fingerprint")},
         "optimizer": {key: config.get(key) for key in (
-            "lr", "momentum", "weight_decay", "schedule", "batch")},
+            "lr", "momentum", "weight_decay", "schedule", "batch", "batch_rate", "dp_clip")},
         "per_sample": config.get("per_sample"),
     }
 
@@ -508,7 +515,8 @@ def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) 
         )
     summary: dict = {"path": str(output.path), "kind": output.kind, "run": None,
                      "metrics": None, "noise_scale": None, "per_sample": None,
-                     "gradients": None, "weights": None, "scores": None}
+                     "gradients": None, "weights": None, "scores": None,
+                     "predictions": None, "influence": None}
     result = Inspection(summary)
     if output.run is not None:
         summary["run"] = run_info(output.run)
@@ -524,12 +532,73 @@ def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) 
         summary["gradients"], result.recorded_norms = gradient_norms(output.gradients)
     if output.weights is not None:
         summary["weights"] = weights_summary(output.weights)
-    if output.kind == "run":
+    if output.kind in ("run", "scores"):
         from .scores import read_scores
 
         table = read_scores(output.path)
         summary["scores"] = None if table is None else scores_summary(table, top)
+    if output.kind == "predictions":
+        summary["predictions"] = predictions_summary(output.path, top)
+    if output.kind == "influence":
+        summary["influence"] = influence_summary(output.path, top)
     return result
+
+
+def _stats(values: F64) -> dict:
+    if values.size == 0:
+        return {}
+    q = np.quantile(values, [0.0, 0.5, 1.0])
+    return {"mean": float(values.mean()), "min": float(q[0]), "median": float(q[1]),
+            "max": float(q[2])}
+
+
+def predictions_summary(folder: str, top: int) -> dict:
+    """A predictions folder: what made it (its marker), rows per predicted class with the
+    confidence, and the `top` least confident rows (classes); each target's spread
+    (regression)."""
+    info = json.loads(store.read_text(store.join(folder, "_predictions.json")))
+    fs, root = store.filesystem(folder)
+    classify = info.get("task") == "classification"
+    columns = ["sample", "prediction", "confidence"] if classify else info.get("columns")
+    try:
+        table = ds.dataset(root, format="parquet", filesystem=fs).to_table(columns=columns)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"{folder}: prediction parts are not readable ({e})") from None
+    out = {key: info.get(key) for key in ("model", "data", "rows", "parts", "task", "classes",
+                                          "targets", "sample")}
+    if classify:
+        counts = table.group_by("prediction").aggregate([("confidence", "count"),
+                                                        ("confidence", "mean")])
+        out["classes_predicted"] = sorted(
+            ({"prediction": r["prediction"], "rows": r["confidence_count"],
+              "mean_confidence": r["confidence_mean"]} for r in counts.to_pylist()),
+            key=lambda r: -r["rows"])
+        confidence = table.column("confidence").to_numpy(zero_copy_only=False)
+        out["confidence"] = _stats(confidence)
+        keep = pc.sort_indices(table, sort_keys=[("confidence", "ascending"),
+                                                 ("sample", "ascending")])[:top]
+        out["least_confident"] = table.take(keep).to_pylist()
+    else:
+        out["target_spread"] = {name: _stats(table.column(name).to_numpy(zero_copy_only=False))
+                                for name in info.get("targets") or []}
+    return out
+
+
+def influence_summary(path: str, top: int) -> dict:
+    """An influence file: test samples, candidates each, and the training samples that are
+    most often among a test sample's top proponents (and opponents)."""
+    table = _parquet_file(path).read()
+    test = table.column("test_sample")
+    out: dict = {"rows": table.num_rows, "test_samples": len(pc.unique(test)),
+                 "top": int(pc.max(table.column("rank")).as_py() or 0)}
+    counts = table.group_by(["kind", "train_sample"]).aggregate(
+        [("test_sample", "count"), ("influence", "sum")])
+    for kind in ("proponent", "opponent"):
+        rows = [r for r in counts.to_pylist() if r["kind"] == kind]
+        rows.sort(key=lambda r: (-r["test_sample_count"], r["train_sample"]))
+        out[kind] = [{"train_sample": r["train_sample"], "test_samples": r["test_sample_count"],
+                      "influence_sum": r["influence_sum"]} for r in rows[:top]]
+    return out
 
 
 def scores_summary(table: pa.Table, top: int) -> dict:

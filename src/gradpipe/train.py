@@ -405,17 +405,9 @@ class Run:
                 f"interrupted after {self.step} steps") from None
 
     def _loop(self, progress: Progress | None) -> dict:
+        """Fan out, reduce, record, update: one SGD step a turn."""
         config, arch, rec = self.config, self.arch, self.recorder
-        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if rec is not None:
-            rec.start(self.info("running", started=self.started), overwrite=config.overwrite,
-                      resume_step=self.step if config.resume else None)
-            if self.key is not None and not config.resume:  # for --resume; not in run.json
-                with atomic_file(store.join(rec.out, privacy.KEY_FILE)) as tmp:
-                    tmp.touch(mode=0o600)
-                    tmp.write_text(self.key + "\n")
-            if config.update and not config.resume:
-                self._checkpoint()  # step 0: a diverged or killed run still has w_0
+        self._begin()
         last = config.steps - 1 if config.update else 0
         mask = weight_mask(arch.sizes)
         assert config.lr is not None  # resolved by prepare()
@@ -425,30 +417,9 @@ class Run:
         while self.step <= last and not converged:
             t0 = time.perf_counter()
             step, flat = self.step, self.params.flat()
-            # fan out to the workers, reduce their block partials in block order
-            per_sample = self._due(config.per_sample_every, last) and config.per_sample
             # Second moments only where the gradient is recorded (any step may converge).
             recorded = self._due(config.record_every, last) or config.tol > 0
-            grad = self._reduce(self.pool.step(StepRequest(
-                step=step, arch=arch, params=self.params,
-                per_sample=per_sample if per_sample and rec is not None else "none",
-                out_dir=rec.per_sample_dir() if rec is not None else None,
-                batch=draw_batch(config.batch, config.seed, self.dataset.n_rows, step),
-                standardize=self.standardize, target_scale=self.target_scale,
-                second_moment=config.second_moment and recorded and rec is not None,
-                classes=self.dataset.classes if self.dataset.classify else None,
-                class_type=self.dataset.class_type,
-                batch_rate=config.batch_rate,
-                sample_key=(privacy.sample_key(self.key, config.seed, step)
-                            if config.batch_rate is not None else None),
-                clip=config.dp_clip)))
-            if config.private:
-                # DP-SGD: noise once per step on the clipped sum, divided by q N, the
-                # expected batch (the same divisor whatever the draw took)
-                assert self.sigma is not None and config.batch_rate is not None
-                z = privacy.standard_noise(self.key, config.seed, step, arch.n_params)
-                grad = privacy.noisy_gradient(grad, z, self.sigma * (config.dp_clip or 0),
-                                              config.batch_rate * self.dataset.n_rows)
+            grad = self._gradient(step, last, recorded)
             g = with_weight_decay(grad.flat(), flat, config.weight_decay, mask)
             lr = lr_at(config.schedule, config.lr, config.steps, step)
             metrics = self._metrics(step, grad, lr, time.perf_counter() - t0)
@@ -456,24 +427,16 @@ class Run:
                 due = self._due(config.record_every, last)
                 metrics.update(self._val_metrics() if due else dict.fromkeys(self._val_keys()))
             first = first or metrics
-            # record: the metrics row always, the whole gradient every --record-every steps
             if rec is not None:
                 rec.metrics(metrics)
             if not ((grad.n == 0 or math.isfinite(grad.loss)) and np.isfinite(g).all()):
                 self._diverged(metrics)
             converged = config.tol > 0 and metrics["grad_norm"] < config.tol
-            if rec is not None:
-                if converged or self._due(config.record_every, last):
-                    rec.gradients(step, arch.sizes, flat, g,
-                                  self._grad_sq(grad, flat, mask) if config.second_moment
-                                  else None)
-            # update: w_{s+1} = w_s - lr v_s (--steps N makes N updates)
-            if config.update and not converged:
-                flat, self.velocity = sgd_step(flat, self.velocity, g, lr, config.momentum)
-                with np.errstate(over="ignore"):  # overflow to inf is caught just below
-                    self.params = params_from_flat(arch.sizes, flat, arch.dtype)
-                if not all(np.isfinite(w).all() for w in self.params.w + self.params.b):
-                    self._diverged(metrics)
+            if rec is not None and (converged or self._due(config.record_every, last)):
+                rec.gradients(step, arch.sizes, flat, g, self._grad_sq(grad, flat, mask)
+                              if config.second_moment else None)
+            if config.update and not converged:  # w_{s+1} = w_s - lr v_s
+                self._update(flat, g, lr, metrics)
             self.step = step + 1
             if rec is not None and config.update and (
                     converged or self.step > last or self._due(config.checkpoint_every, -1)):
@@ -481,13 +444,68 @@ class Run:
             if progress is not None:
                 progress(self.step, metrics)
         self._warn(first, metrics)
+        self._finish(metrics, converged)
+        return metrics
+
+    def _begin(self) -> None:
+        """Start (or, resuming, trim) the run folder; a private run's key; checkpoint 0."""
+        config, rec = self.config, self.recorder
+        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if rec is None:
+            return
+        rec.start(self.info("running", started=self.started), overwrite=config.overwrite,
+                  resume_step=self.step if config.resume else None)
+        if self.key is not None and not config.resume:  # for --resume; not in run.json
+            with atomic_file(store.join(rec.out, privacy.KEY_FILE)) as tmp:
+                tmp.touch(mode=0o600)
+                tmp.write_text(self.key + "\n")
+        if config.update and not config.resume:
+            self._checkpoint()  # step 0: a diverged or killed run still has w_0
+
+    def _gradient(self, step: int, last: int, recorded: bool) -> Gradient:
+        """The step's gradient: fanned out to the workers, their tree nodes reduced in block
+        order; a private run adds its noise here."""
+        config, arch, rec = self.config, self.arch, self.recorder
+        per_sample = self._due(config.per_sample_every, last) and config.per_sample
+        grad = self._reduce(self.pool.step(StepRequest(
+            step=step, arch=arch, params=self.params,
+            per_sample=per_sample if per_sample and rec is not None else "none",
+            out_dir=rec.per_sample_dir() if rec is not None else None,
+            batch=draw_batch(config.batch, config.seed, self.dataset.n_rows, step),
+            standardize=self.standardize, target_scale=self.target_scale,
+            second_moment=config.second_moment and recorded and rec is not None,
+            classes=self.dataset.classes if self.dataset.classify else None,
+            class_type=self.dataset.class_type,
+            batch_rate=config.batch_rate,
+            sample_key=(privacy.sample_key(self.key, config.seed, step)
+                        if config.batch_rate is not None else None),
+            clip=config.dp_clip)))
+        if config.private:
+            # DP-SGD: noise once per step on the clipped sum, divided by q N, the expected
+            # batch (the same divisor whatever the draw took)
+            assert self.sigma is not None and config.batch_rate is not None
+            z = privacy.standard_noise(self.key, config.seed, step, arch.n_params)
+            grad = privacy.noisy_gradient(grad, z, self.sigma * (config.dp_clip or 0),
+                                          config.batch_rate * self.dataset.n_rows)
+        return grad
+
+    def _update(self, flat: F64, g: F64, lr: float, metrics: dict) -> None:
+        """The SGD (momentum) update; weights that overflow stop the run as diverged."""
+        flat, self.velocity = sgd_step(flat, self.velocity, g, lr, self.config.momentum)
+        with np.errstate(over="ignore"):  # overflow to inf is caught just below
+            self.params = params_from_flat(self.arch.sizes, flat, self.arch.dtype)
+        if not all(np.isfinite(w).all() for w in self.params.w + self.params.b):
+            self._diverged(metrics)
+
+    def _finish(self, metrics: dict, converged: bool) -> None:
+        """The final weights, then run.json's status: completed."""
+        rec = self.recorder
         if rec is not None:
-            rec.weights(arch, self.params, self.standardize, self.meta())
+            rec.weights(self.arch, self.params, self.standardize, self.meta())
             rec.status(self.info(
                 "completed", started=self.started, steps_done=self.step, converged=converged,
                 finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 final=metrics, warnings=self.warnings))
-        return metrics
 
     def meta(self) -> dict:
         """What the weights record of the data: features, target, task, classes, scales."""

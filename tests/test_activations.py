@@ -137,3 +137,21 @@ def test_prime_of_a_is_prime_of_z(name, dtype):
     rtol = 1e-12 if dtype == np.float64 else 2e-5
     np.testing.assert_allclose(act.prime_of_a(act.fn(z), z), act.prime(z), rtol=rtol,
                                atol=1e-300)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_out_gives_the_same_bits_as_a_new_array(name, dtype):
+    """fn, prime and prime_of_a written into `out` (backprop reuses one array per layer)
+    give the bits of their allocating form, saturated units included."""
+    rng = np.random.default_rng(3)
+    z = (rng.standard_normal((50, 7)) * np.array([1, 5, 20, 40, 80, 200, 0.01])).astype(dtype)
+    act = ACTIVATIONS[name]
+    out = np.full_like(z, np.nan)
+    a = act.fn(z)
+    np.testing.assert_array_equal(act.fn(z, out=out), a)
+    if act.prime is not None:
+        np.testing.assert_array_equal(act.prime(z, out=np.full_like(z, np.nan)), act.prime(z))
+    if act.prime_of_a is not None:
+        np.testing.assert_array_equal(act.prime_of_a(a, z, out=np.full_like(z, np.nan)),
+                                      act.prime_of_a(a, z))

@@ -568,3 +568,48 @@ def test_outputs_sink_gets_each_chunks_output_layer_before_its_rows(p, chunk_row
             current = (e[1], e[1] + len(e[2]))
         else:
             assert current is not None and current[0] <= e[1] and e[1] + e[2] <= current[1]
+
+
+# ---------------------------------------------------------------------------- chunks and buffers
+
+def test_chunk_rows_for_fits_the_widest_layer_in_chunk_bytes():
+    # Workload L: 256 units, 1,024 float32 rows (1 MiB) and 512 float64 rows.
+    assert backprop.chunk_rows_for(Architecture((128, 256, 64, 10))) == 1024
+    assert backprop.chunk_rows_for(Architecture((128, 256, 64, 10), dtype="float64")) == 512
+    for sizes in [(2, 3, 1), (784, 4096, 10), (64, 128, 10), (5, 100_000, 3)]:
+        for dtype in ("float32", "float64"):
+            rows = backprop.chunk_rows_for(Architecture(sizes, dtype=dtype))
+            assert rows & (rows - 1) == 0  # a power of two
+            assert backprop.MIN_CHUNK_ROWS <= rows <= backprop.CHUNK_ROWS
+            width = max(sizes[1:]) * np.dtype(dtype).itemsize
+            assert rows == backprop.MIN_CHUNK_ROWS or rows * width <= backprop.CHUNK_BYTES
+
+
+@settings(max_examples=30, deadline=None)
+@given(p=problems(max_n=12), chunk_rows=st.integers(1, 12), piece_rows=st.integers(1, 4))
+def test_reused_grads_array_gives_the_same_pieces(p, chunk_rows, piece_rows):
+    """reuse_grads writes every piece into one array: a sink that copies sees the same
+    values as with a new array per piece, and the sums do not change."""
+    budget = piece_rows * p.arch.n_params * np.dtype(p.arch.dtype).itemsize
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backprop, "FULL_CHUNK_BYTES", budget)
+        fresh, reused = Recorder(), Recorder()
+        a = block_partial(p.arch, p.params, p.x, p.y, sink=fresh, full=True,
+                          chunk_rows=chunk_rows)
+        b = block_partial(p.arch, p.params, p.x, p.y, sink=reused, full=True,
+                          chunk_rows=chunk_rows, reuse_grads=True)
+    assert len(fresh.calls) == len(reused.calls)
+    for f, r in zip(fresh.calls, reused.calls, strict=True):
+        assert f[0] == r[0]
+        np.testing.assert_array_equal(f[3], r[3])
+    np.testing.assert_array_equal(flat_sums(a), flat_sums(b))
+
+
+def test_outputs_sink_may_keep_what_it_gets():
+    """The chunk's arrays are reused by the next chunk: a[L] reaches the sink as a copy."""
+    p = make_problem((3, 5, 4), "sigmoid", "softmax", "cross_entropy", n=10, seed=2)
+    kept = []
+    block_partial(p.arch, p.params, p.x, p.y, chunk_rows=3,
+                  outputs=lambda start, a_L, y: kept.append((start, a_L)))
+    for start, a_L in kept:
+        np.testing.assert_array_equal(a_L, forward(p.arch, p.params, p.x[start:start + 3])[0][-1])

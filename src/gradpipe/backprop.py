@@ -260,6 +260,7 @@ def block_partial(
     second_moment: bool = False,
     outputs: OutputSink | None = None,
     clip: float | None = None,
+    reuse_grads: bool = False,
 ) -> Partial:
     """Sum the per-sample gradients, losses and squared norms of one block of samples.
 
@@ -270,7 +271,10 @@ def block_partial(
     the compute dtype), added into float64 sums. When `sink` is given it receives each
     chunk's per-sample losses and squared norms, and with `full=True` the per-sample
     gradients too, in pieces of at most FULL_CHUNK_BYTES; `outputs` receives each chunk's
-    a[L] and y first. With `second_moment=True` the Partial also holds the elementwise
+    a[L] and y first. With `reuse_grads=True` every piece of per-sample gradients is
+    written into one array (page-faulting a new 8 MiB array per piece cost more than
+    computing it): the sink must be done with it when it returns, as PerSampleWriter is,
+    which writes each piece at once. With `second_moment=True` the Partial also holds the elementwise
     sums of squares sum_i grad_w[l]_i^2 = (delta[l]^2).T @ (a[l-1]^2) and
     sum_i grad_b[l]_i^2 = sum_i delta[l]_i^2, one more matrix product per layer.
 
@@ -297,6 +301,9 @@ def block_partial(
     # for the 10-unit output layer in float64); forward() makes the same copy.
     weights_t = [np.ascontiguousarray(w.T) for w in params.w]
     full_rows = max(1, FULL_CHUNK_BYTES // (np.dtype(arch.dtype).itemsize * arch.n_params))
+    grads_out = None
+    if full and sink is not None and reuse_grads:
+        grads_out = np.empty((min(full_rows, rows, n), arch.n_params), arch.dtype)  # (r, P)
     for start in range(0, n, rows):
         xc, yc = x[start : start + rows], y[start : start + rows]
         m = xc.shape[0]
@@ -342,7 +349,8 @@ def block_partial(
             continue
         for s in range(0, m, full_rows):
             piece = slice(s, s + full_rows)
-            grads = per_sample_grads([d[piece] for d in delta], [a_l[piece] for a_l in a])
+            out = None if grads_out is None else grads_out[: min(full_rows, m - s)]
+            grads = per_sample_grads([d[piece] for d in delta], [a_l[piece] for a_l in a], out)
             sink(start + s, losses[piece], sq[piece], grads)
     eps = float(np.finfo(arch.dtype).eps)
     return Partial(block, n, loss_sum, sum_w, sum_b, sq_norm_sum, correct, eps, sq_w, sq_b)

@@ -182,6 +182,7 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
             second_moment=req.second_moment,
             outputs=on_outputs if writer is not None else None,
             clip=req.clip,
+            reuse_grads=True,  # the writer writes each piece of gradients before returning
         )
     except BaseException:
         if writer is not None:

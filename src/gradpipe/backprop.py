@@ -274,8 +274,8 @@ def block_partial(
     a[L] and y first. With `reuse_grads=True` every piece of per-sample gradients is
     written into one array (page-faulting a new 8 MiB array per piece cost more than
     computing it): the sink must be done with it when it returns, as PerSampleWriter is,
-    which writes each piece at once. With `second_moment=True` the Partial also holds the elementwise
-    sums of squares sum_i grad_w[l]_i^2 = (delta[l]^2).T @ (a[l-1]^2) and
+    which writes each piece at once. With `second_moment=True` the Partial also holds the
+    elementwise sums of squares sum_i grad_w[l]_i^2 = (delta[l]^2).T @ (a[l-1]^2) and
     sum_i grad_b[l]_i^2 = sum_i delta[l]_i^2, one more matrix product per layer.
 
     With `clip` = C every sum is over the clipped gradients clip(g_i) = g_i min(1, C/|g_i|)

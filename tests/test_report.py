@@ -574,3 +574,22 @@ def test_scores_folder_and_influence_file(run: Path, tmp_path: Path) -> None:
         == expected
     assert table.num_rows == inf["influence"]["rows"]
     assert "most often a top opponent" in ok(inspect(out)).stdout
+
+
+def test_string_classes_show_as_their_values(tmp_path: Path) -> None:
+    """Files keep class indices (and the values in their metadata); summaries show values."""
+    data = tmp_path / "data"
+    write_parquet(data / "part-0.parquet",
+                  {"x0": np.arange(12.0), "x1": np.arange(12.0) % 3,
+                   "label": ["cat", "dog", "eel"] * 4})
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(data), out=str(run), hidden=(3,), steps=3, workers=0,
+                      per_sample="norms", per_sample_every=1))
+    succeeds(CliRunner().invoke(cli, ["scores", str(run), "--workers", "0"]))
+    summary = strict_json(ok(inspect(run, "--json", "--top", "12")).stdout)
+    labels = pq.read_table(data / "part-0.parquet").column("label").to_pylist()
+    for r in summary["per_sample"]["top"]:
+        assert r["label"] == labels[r["sample"]]
+        assert r["prediction"] in ("cat", "dog", "eel")
+    for r in summary["scores"]["top"]:
+        assert r["label"] == labels[r["sample"]]

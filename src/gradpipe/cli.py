@@ -451,7 +451,8 @@ def scores(ctx: click.Context, run: str, **params: Any) -> None:
     summary = run_scores(config, note=Note(params))
     _report(summary, params["as_json"],
             f"wrote scores of {summary['rows']} samples over {len(summary['steps'])} "
-            f"recorded steps in {summary['parts']} part{'s' * (summary['parts'] != 1)} to "
+            f"recorded step{'s' * (len(summary['steps']) != 1)} in {summary['parts']} "
+            f"part{'s' * (summary['parts'] != 1)} to "
             f"{summary['out']}", *render_top(summary))
 
 

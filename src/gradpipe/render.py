@@ -140,7 +140,7 @@ def render(summary: dict, console: Any = None) -> None:
     if gradients := summary.get("gradients"):
         steps = gradients["recorded_steps"]
         span = f"{steps[0]}..{steps[-1]}" if steps else "none"
-        console.print(f"gradients: {len(steps)} recorded steps ({span}), "
+        console.print(f"gradients: {_count(len(steps), 'recorded step')} ({span}), "
                       f"{_num(gradients['parameters'])} parameters each")
         if summary["kind"] == "gradients":  # a run shows the same norms from metrics
             _norm_table(console, table, "Gradient norm |dC/dtheta| per layer",

@@ -413,9 +413,24 @@ def per_sample_summary(
         "el2n": stats(np.concatenate(el2n)) if el2n else None,
         "accuracy": correct / grad_norm.size if "correct" in columns and grad_norm.size
         else None,
-        "top": rows,
+        "top": with_class_values(rows, _schema_classes(dataset.schema)),
     }
     return summary, grad_norm
+
+
+def _schema_classes(schema: pa.Schema) -> list | None:
+    """The class values that a per-sample file's label and prediction indices stand for."""
+    meta = (schema.metadata or {}).get(b"gradpipe")
+    return json.loads(meta).get("classes") if meta else None
+
+
+def with_class_values(rows: list[dict], classes: list | None) -> list[dict]:
+    """Rows with `label` and `prediction` as the class values (the files keep the indices
+    0..K-1 and the values in their metadata or run.json)."""
+    if not classes:
+        return rows
+    return [{k: classes[v] if k in ("label", "prediction") and isinstance(v, int)
+             and 0 <= v < len(classes) else v for k, v in r.items()} for r in rows]
 
 
 def gradient_norms(path: str) -> tuple[dict, list[dict]]:
@@ -536,7 +551,10 @@ def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) 
         from .scores import read_scores
 
         table = read_scores(output.path)
-        summary["scores"] = None if table is None else scores_summary(table, top)
+        classes = ((output.run or {}).get("dataset", {}).get("classes") if output.run else
+                   json.loads(store.read_text(store.join(output.path, "_scores.json")))
+                   .get("classes"))
+        summary["scores"] = None if table is None else scores_summary(table, top, classes)
     if output.kind == "predictions":
         summary["predictions"] = predictions_summary(output.path, top)
     if output.kind == "influence":
@@ -601,12 +619,13 @@ def influence_summary(path: str, top: int) -> dict:
     return out
 
 
-def scores_summary(table: pa.Table, top: int) -> dict:
+def scores_summary(table: pa.Table, top: int, classes: list | None = None) -> dict:
     """`gradpipe scores` of a run: the `top` samples by self-influence, how many were never
     learned, and how forgetting events spread."""
     rows = table.to_pylist()
     ranked = sorted(rows, key=lambda r: (-(r["self_influence"] or 0.0), r["sample"]))
-    out: dict = {"samples": len(rows), "top": ranked[:top], "columns": table.column_names}
+    out: dict = {"samples": len(rows), "top": with_class_values(ranked[:top], classes),
+                 "columns": table.column_names}
     if "first_learned" in table.column_names:
         out["never_learned"] = sum(r["first_learned"] is None for r in rows)
         counts: dict[int, int] = defaultdict(int)

@@ -333,7 +333,8 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
     if note is not None:
         where = "; in-process: small work, --workers N to use Ray" if pool.small else ""
         note(f"scoring {dataset.n_rows} samples in {len(dataset.blocks)} blocks over "
-             f"{len(steps)} recorded steps ({_steps_text(steps)}){where}")
+             f"{len(steps)} recorded step{'s' * (len(steps) != 1)} ({_steps_text(steps)})"
+             f"{where}")
     classify = dataset.classify
     try:
         with atomic_dir(out) as tmp:
@@ -347,13 +348,17 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
                 "steps": steps, "lr": etas, "columns": columns,
                 "el2n": _recorded(run, steps[-1], "el2n"),
                 "correct": classify and _recorded(run, steps[-1], "correct"),
+                "classes": list(dataset.classes) if classify else None,
             }
             write_json(summary, store.join(tmp, MARKER))
     finally:
         pool.close()
     summary["by"] = config.by
-    summary["top"] = merge_top([r for _, _, top in written for r in top], config.by,
-                               config.top)
+    from .report import with_class_values
+
+    summary["top"] = with_class_values(
+        merge_top([r for _, _, top in written for r in top], config.by, config.top),
+        summary["classes"])
     return summary
 
 

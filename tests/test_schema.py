@@ -365,3 +365,63 @@ def test_dataspec_stays_keyword_and_position_compatible(tmp_path: Path) -> None:
     assert spec.task == "auto" and not spec.probability_targets
     ds = plan(spec)
     assert len(ds.blocks) == 2 and ds.classes == (0, 1, 2)
+
+
+# --- features that count the rows: an index saved as a column ------------------------------
+
+
+def _counting(folder: Path, **spec) -> tuple[str, ...]:
+    ds = plan(DataSpec(str(folder), **spec))
+    assert ("counts the rows" in schema_line(ds)) == bool(ds.counting_columns)
+    return ds.counting_columns
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_a_column_of_row_numbers_is_named_on_the_schema_line(tmp_path: Path, start: int):
+    rng = np.random.default_rng(0)
+    for f, rows in enumerate((30, 25)):  # numbered through the dataset, row groups of 7
+        first = start + (0 if f == 0 else 30)
+        write_parquet(tmp_path / "d" / f"part-{f}.parquet",
+                      {"row_id": np.arange(first, first + rows), "x": rng.normal(size=rows),
+                       "n": rng.integers(0, 100, size=rows), "label": np.arange(rows) % 2},
+                      row_group_size=7)
+    assert _counting(tmp_path / "d") == ("row_id",)
+    line = schema_line(plan(DataSpec(str(tmp_path / "d"))))
+    assert "feature row_id counts the rows: a saved index? --id-column row_id" in line
+    # named as the id, it is no feature and nothing is said
+    assert _counting(tmp_path / "d", id_column="row_id") == ()
+
+
+def test_row_numbers_restarting_in_each_file_count_too(tmp_path: Path):
+    for f in range(2):
+        write_parquet(tmp_path / "d" / f"part-{f}.parquet",
+                      {"i": np.arange(20), "x": np.arange(20.0) ** 2, "label": np.arange(20) % 2},
+                      row_group_size=8)
+    assert _counting(tmp_path / "d") == ("i",)
+
+
+def test_other_integer_columns_do_not_count(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    gap = np.arange(40)
+    gap[20:] += 1  # one number skipped
+    write_parquet(tmp_path / "d" / "part-0.parquet",
+                  {"gap": gap, "random": rng.integers(0, 40, size=40),
+                   "shuffled": rng.permutation(40), "x": rng.normal(size=40),
+                   "label": np.arange(40) % 2}, row_group_size=10)
+    assert _counting(tmp_path / "d") == ()
+
+
+def test_a_csv_with_a_named_index_imports_with_the_index_named(tmp_path: Path):
+    pd = pytest.importorskip("pandas")
+    from click.testing import CliRunner
+
+    from gradpipe.cli import cli
+
+    df = pd.DataFrame({"a": np.linspace(0, 1, 30), "label": np.arange(30) % 3})
+    df.index.name = "row_id"
+    df.to_csv(tmp_path / "x.csv")
+    out = tmp_path / "x"
+    result = CliRunner().invoke(cli, ["data", "import", str(tmp_path / "x.csv"), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "feature row_id counts the rows" in result.output
+    assert _counting(out) == ("row_id",)

@@ -109,6 +109,10 @@ class Dataset:
     classes: tuple[ClassValue, ...] = ()
     class_type: str | None = None  # the target column's type: "int64", "bool", "string", ...
     ignored_columns: tuple[str, ...] = ()  # index columns (pandas, CSV export) left out
+    # Integer features that count the rows (0..N-1 or 1..N, through the dataset or through
+    # each file), by the row groups' statistics: a saved index, most likely. Said on the
+    # schema line, still used (the user chose no features, or chose these).
+    counting_columns: tuple[str, ...] = ()
     probability_targets: bool = False  # see DataSpec.probability_targets
     has_target: bool = True  # False: blocks carry no targets (DataSpec.read_target)
 
@@ -128,6 +132,7 @@ class Dataset:
             "class_type": self.class_type,
             "id_column": self.id_column,
             "ignored_columns": list(self.ignored_columns),
+            "counting_columns": list(self.counting_columns),
             "probability_targets": self.probability_targets,
             "rows": self.n_rows,
             "files": len({b.file for b in self.blocks}),
@@ -500,6 +505,7 @@ def plan(spec: DataSpec) -> Dataset:
     blocks: list[Block] = []
     digest = hashlib.sha256(str(schema).encode())
     row = 0
+    counting = _Counting(schema, () if feature_list else features)
     for path in files:
         pf = first if path == files[0] else _open(fs, path)
         other = pf.schema_arrow
@@ -514,6 +520,7 @@ def plan(spec: DataSpec) -> Dataset:
         digest.update(f"{path}\0{info.size}\0{info.mtime_ns}\0{md.num_rows}\0"
                       f"{md.num_row_groups}\0{md.serialized_size}".encode())
         file_row = 0
+        counting.file(md, row)
         for rg in range(md.num_row_groups):
             rows = md.row_group(rg).num_rows
             for start in range(0, rows, spec.block_rows):
@@ -543,9 +550,55 @@ def plan(spec: DataSpec) -> Dataset:
         classes=classes,
         class_type=class_type,
         ignored_columns=ignored,
+        counting_columns=counting.found(row),
         probability_targets=spec.probability_targets and task == "regression",
         has_target=spec.read_target,
     )
+
+
+COUNTING_MIN_ROWS = 20
+
+
+class _Counting:
+    """Finds the integer features whose values are the row numbers (0..N-1 or 1..N, over
+    the dataset or restarting in each file), from the row groups' min and max alone: row
+    group g of n rows starting at row r must hold exactly [r + s, r + s + n - 1]."""
+
+    def __init__(self, schema: pa.Schema, features: tuple[str, ...]) -> None:
+        self.names = [n for n in features
+                      if pa.types.is_integer(schema.field(n).type)]
+        # (start offset s, per file?) hypotheses still standing, for each column
+        self.alive = {n: {(0, False), (1, False), (0, True), (1, True)} for n in self.names}
+
+    def file(self, md: pq.FileMetaData, first_row: int) -> None:
+        if not any(self.alive.values()) or md.num_row_groups == 0:
+            return
+        where = {md.row_group(0).column(j).path_in_schema: j
+                 for j in range(md.row_group(0).num_columns)}
+        row = 0
+        for rg in range(md.num_row_groups):
+            group = md.row_group(rg)
+            for name in self.names:
+                if not self.alive[name]:
+                    continue
+                stats = group.column(where[name]).statistics if name in where else None
+                if (stats is None or not stats.has_min_max or stats.null_count
+                        or group.num_rows == 0):
+                    self.alive[name] = set()
+                    continue
+                lo, hi = stats.min, stats.max
+                self.alive[name] = {
+                    (s, per_file) for s, per_file in self.alive[name]
+                    if lo == (row if per_file else first_row + row) + s
+                    and hi == lo + group.num_rows - 1}
+            row += group.num_rows
+
+    def found(self, rows: int) -> tuple[str, ...]:
+        """The counting columns; none below COUNTING_MIN_ROWS rows, where a small feature
+        such as 1, 2, 3, 4 counts the rows by chance."""
+        if rows < COUNTING_MIN_ROWS:
+            return ()
+        return tuple(n for n in self.names if self.alive[n])
 
 
 def _unread_task(spec: DataSpec) -> tuple[str, tuple[ClassValue, ...], str | None]:
@@ -596,6 +649,9 @@ def schema_line(dataset: Dataset) -> str:
     parts = [head, features, rows]
     if dataset.id_column:
         parts.append(f"id column {_show(dataset.id_column)}")
+    for name in dataset.counting_columns:
+        parts.append(f"feature {_show(name)} counts the rows: a saved index? --id-column "
+                     f"{_show(name)} makes it the sample id instead")
     if dataset.ignored_columns:
         plural = "s" * (len(dataset.ignored_columns) != 1)
         parts.append(f"ignored index column{plural} "

@@ -199,6 +199,7 @@ def interleave(systems: list[System], reps: int) -> None:
     for s in systems:
         s.times, s.inner = [], 1
     for r in range(reps + 1):
+        LOADS.append((systems[0].name, r, os.getloadavg()[0]))
         k = r % len(systems)
         for s in systems[k:] + systems[:k]:
             for pid in (me, *s.pids):
@@ -223,6 +224,9 @@ def interleave(systems: list[System], reps: int) -> None:
                 s.worker_hwm[pid] = max(s.worker_hwm.get(pid, 0), v)
     for s in systems:
         s.times = s.times[1:]
+
+
+LOADS: list[tuple[str, int, float]] = []  # (first system of a table, round, 1-min load average)
 
 
 def ratio(a: System, b: System) -> float:
@@ -311,6 +315,25 @@ def matmul_mix(sizes: tuple[int, ...], m: int, dtype: str, seed: int = 0) -> lis
     return ops
 
 
+SQUARE = 4096  # numpy's matrix-product rate: one SQUARE x SQUARE x SQUARE product
+
+
+def square_product(dtype: str, threads: int | None) -> tuple[Callable[[], None], float]:
+    """(one SQUARE^3 product with `threads` BLAS threads, its FLOPs): the rate the issue
+    states the targets against ("numpy's own 4096x4096 matrix product")."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((SQUARE, SQUARE)).astype(dtype)
+    b = rng.standard_normal((SQUARE, SQUARE)).astype(dtype)
+    out = np.empty((SQUARE, SQUARE), dtype)
+
+    def fn() -> None:
+        with threads_limit(threads):
+            np.matmul(a, b, out=out)
+    return fn, 2.0 * SQUARE**3
+
+
 def time_calls(fn: Callable, min_seconds: float = 0.05) -> float:
     """Seconds per call, from a loop that runs at least min_seconds."""
     fn()
@@ -340,16 +363,26 @@ def roofline(rep: Report, sz: Sizes) -> None:
     """numpy's own matmul rate on this machine, per dtype and thread count."""
     rep.say("## Roofline: numpy matmul rate on this machine")
     rep.say()
+    from gradpipe.model import Architecture
+
     sizes = (128, *L_HIDDEN, 10)
     results: dict = {}
     cells = [(dt, th) for dt in ("float32", "float64") for th in (1, 2)]
     per: dict = {c: {} for c in cells}
-    ops_by = {dt: matmul_mix(sizes, CHUNK, dt) for dt in ("float32", "float64")}
-    for _ in range(sz.roofline_reps):  # interleaved: a load change hits all cells alike
+    chunk_by = {dt: engine_chunk(Architecture(sizes, dtype=dt)) for dt in ("float32", "float64")}
+    ops_by = {dt: matmul_mix(sizes, chunk_by[dt], dt) for dt in ("float32", "float64")}
+    squares = {(dt, th): square_product(dt, th) for dt, th in cells}
+    square_t: dict = {c: [] for c in cells}
+    for r in range(sz.roofline_reps):  # interleaved: a load change hits all cells alike
         for dt, th in cells:
             with threads_limit(th):
                 for name, fn, flops in ops_by[dt]:
                     per[(dt, th)].setdefault(name, []).append(time_calls(fn))
+            if r < 3:  # a 4096^3 product takes 0.3-3 s: three rounds
+                fn, _ = squares[(dt, th)]
+                t = time.perf_counter()
+                fn()
+                square_t[(dt, th)].append(time.perf_counter() - t)
     rows = []
     for dt, th in cells:
         ops = ops_by[dt]
@@ -357,24 +390,30 @@ def roofline(rep: Report, sz: Sizes) -> None:
         head_name, _, head_flops = ops[0]
         mix_t = sum(t_ops.values())
         mix_flops = sum(f for _, _, f in ops)
+        sq_gflops = squares[(dt, th)][1] / min(square_t[(dt, th)]) / 1e9
         results[f"{dt}/{th}t"] = {
+            "square_gflops": sq_gflops,
+            "square_seconds": square_t[(dt, th)],
+            "chunk_rows": chunk_by[dt],
             "headline_gflops": head_flops / t_ops[head_name] / 1e9,
             "mix_gflops": mix_flops / mix_t / 1e9,
             "mix_seconds_per_chunk": mix_t,
             "ops": {name: {"seconds": t_ops[name], "gflops": f / t_ops[name] / 1e9,
                            "share": t_ops[name] / mix_t} for name, _, f in ops},
         }
-        rows.append([dt, th, fmt(head_flops / t_ops[head_name] / 1e9),
+        rows.append([dt, th, fmt(sq_gflops), chunk_by[dt], fmt(head_flops / t_ops[head_name] / 1e9),
                      fmt(mix_flops / mix_t / 1e9), ms(mix_t)])
-    rep.table(["dtype", "BLAS threads", f"GFLOP/s {ops_by['float32'][0][0]}",
-               "GFLOP/s all 8 matmuls of a chunk (MLP L)", "time per 8192-row chunk"], rows)
+    rep.table(["dtype", "BLAS threads", f"GFLOP/s {SQUARE}x{SQUARE} product (best of 3)",
+               "engine chunk rows", "GFLOP/s first product of a chunk (fwd1)",
+               "GFLOP/s all 8 products of a chunk (MLP L)", "time per chunk"], rows)
     r = results["float32/2t"]
-    rep.say("Share of matmul time by product (float32, 2 threads, one 8192-row chunk of L):")
+    rep.say(f"Share of matmul time by product (float32, 2 threads, one {chunk_by['float32']:,}-row "
+            "chunk of L):")
     rep.say()
     rep.table(["product", "ms", "GFLOP/s", "share"],
               [[n, f"{v['seconds'] * 1e3:.2f}", fmt(v["gflops"]), f"{v['share']:.0%}"]
                for n, v in r["ops"].items()])
-    mix_flops_row = sum(f for _, _, f in ops_by["float32"]) / CHUNK
+    mix_flops_row = sum(f for _, _, f in ops_by["float32"]) / chunk_by["float32"]
     rep.say(f"Matmul FLOPs per row of L: {mix_flops_row:,.0f} (forward 2P, BP2 and summed BP4), "
             f"against the nominal 6P = {6 * 50122:,}: 6P overstates the work by "
             f"{6 * 50122 / mix_flops_row:.2f}x.")
@@ -386,12 +425,16 @@ def roofline(rep: Report, sz: Sizes) -> None:
 # --------------------------------------------------------------------------- workload L
 
 
-def torch_mlp(params, x, y, threads: int):
-    """PyTorch's float32 MLP with gradpipe's weights: (step function, grads getter)."""
+def torch_mlp(params, x, y, threads: int, arch=None):
+    """PyTorch's float32 MLP with gradpipe's weights and loss: (step function, grads getter).
+
+    Sigmoid hidden layers; the output and loss of `arch` (softmax + cross-entropy, the
+    default for classes, or sigmoid + squared)."""
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
+    softmax = arch is not None and arch.output_activation == "softmax"
     X, Y = torch.from_numpy(x), torch.from_numpy(y)
     ws = [torch.tensor(w, requires_grad=True) for w in params.w[1:]]
     bs = [torch.tensor(b, requires_grad=True) for b in params.b[1:]]
@@ -400,9 +443,14 @@ def torch_mlp(params, x, y, threads: int):
         for t in ws + bs:
             t.grad = None
         a = X
-        for w, b in zip(ws, bs):
-            a = torch.sigmoid(F.linear(a, w, b))
-        loss = ((a - Y) ** 2).sum(dim=1).mean()  # gradpipe's "squared" loss, mean over rows
+        for i, (w, b) in enumerate(zip(ws, bs)):
+            z = F.linear(a, w, b)
+            if i == len(ws) - 1 and softmax:
+                loss = -(Y * torch.log_softmax(z, dim=1)).sum(dim=1).mean()
+                break
+            a = torch.sigmoid(z)
+        else:
+            loss = ((a - Y) ** 2).sum(dim=1).mean()  # gradpipe's "squared" loss, mean over rows
         loss.backward()
 
     return step, lambda: [t.grad.double().numpy() for t in ws + bs]
@@ -457,13 +505,14 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
     path = dataset(rep, "L", sz.l_rows, 128, 8)
     rows = sz.l_rows
 
-    def prepared(workers: int, out: str | None = None) -> Run:
+    def prepared(workers: int, out: str | None = None, dtype: str = "float32") -> Run:
         cfg = TrainConfig(data=path, hidden=L_HIDDEN, workers=workers, steps=sz.execute_steps,
-                          out=out, overwrite=True, record_every=0, checkpoint_every=0)
+                          out=out, overwrite=True, record_every=0, checkpoint_every=0,
+                          dtype=dtype)
         run = Run(cfg)
         t = time.perf_counter()
         run.prepare()
-        rep.say(f"prepared workers={workers}: {time.perf_counter() - t:.1f} s "
+        rep.say(f"prepared workers={workers} {dtype}: {time.perf_counter() - t:.1f} s "
                 f"({mib(run.data_bytes)} of blocks)")
         return run
 
@@ -493,9 +542,10 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
 
     # numpy's matmuls alone: the same 8 products per 8192-row chunk, for all the rows, in
     # each thread layout the engines use.
-    ops = matmul_mix(arch.sizes, CHUNK, "float32")
-    ops_b = matmul_mix(arch.sizes, CHUNK, "float32", seed=1)  # a second set for a 2nd thread
-    chunks = -(-rows // CHUNK)
+    chunk = engine_chunk(arch)
+    ops = matmul_mix(arch.sizes, chunk, "float32")
+    ops_b = matmul_mix(arch.sizes, chunk, "float32", seed=1)  # a second set for a 2nd thread
+    chunks = -(-rows // chunk)
     half = [chunks // 2, chunks - chunks // 2]
     mix_flops = sum(f for _, _, f in ops) * chunks
 
@@ -510,7 +560,7 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
         with threads_limit(1):
             list(pool2.map(matmuls, (ops, ops_b), half))
 
-    mm_actors = matmul_actors(arch.sizes, 2)
+    mm_actors = matmul_actors(arch.sizes, 2, chunk)
 
     def matmuls_ray() -> None:
         import ray
@@ -525,12 +575,19 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
         systems.append(System(MM1, one_core(run0, lambda: matmuls(ops, chunks)), rows=rows))
         systems.append(System(MMT, matmuls_py_threads, rows=rows))
     systems.append(System(MMR, matmuls_ray, rows=rows))
+    # numpy's matrix-product rate, measured in the same rounds: what the targets are against.
+    SQ2, SQ1 = (f"numpy {SQUARE}x{SQUARE} product, float32, 2 BLAS threads",
+                f"numpy {SQUARE}x{SQUARE} product, float32, 1 thread")
+    sq2, sq_flops = square_product("float32", 2)
+    systems.append(System(SQ2, sq2))
+    if have_tp:
+        systems.append(System(SQ1, square_product("float32", 1)[0]))
     torch_grads = None
     T2, T1 = "PyTorch loss.backward(), 2 threads", "PyTorch loss.backward(), 1 thread"
     if torch_ok():
         x, y = concat_blocks(run0.pool.local.data)
-        tstep2, torch_grads = torch_mlp(params, x, y, threads=2)
-        tstep1, _ = torch_mlp(params, x, y, threads=1)
+        tstep2, torch_grads = torch_mlp(params, x, y, threads=2, arch=arch)
+        tstep1, _ = torch_mlp(params, x, y, threads=1, arch=arch)
         systems.append(System(T2, with_torch_threads(tstep2, 2), rows=rows))
         systems.append(System(T1, with_torch_threads(tstep1, 1), rows=rows))
     else:
@@ -572,7 +629,10 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
     import pyarrow.parquet as pq
 
     run2.execute()
-    secs = pq.read_table(Path(exec_out) / "metrics.parquet").column("seconds").to_pylist()
+    metrics = Path(exec_out) / "metrics"  # a folder of parts (metrics.parquet before)
+    if not metrics.exists():
+        metrics = Path(exec_out) / "metrics.parquet"
+    secs = pq.read_table(metrics).sort_by("step").column("seconds").to_pylist()
     direct = []
     for _ in range(len(secs)):
         t = time.perf_counter()
@@ -623,24 +683,120 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
     else:
         rep.target("L step vs PyTorch", "torch missing", None, 1.0, False)
     flops = 6 * rows * P
+
+    def rate_vs(s_: System, ref: System, ref_flops: float) -> float:
+        """Median over rounds of (6NP / step time) / (ref FLOPs / ref time), same round."""
+        return median([(flops / a) / (ref_flops / b) for a, b in zip(s_.times, ref.times)])
+
+    # The targets: the nominal 6NP rate against numpy's square product in the same rounds.
+    for s_ in (ray2, inproc):
+        rep.target(f"L float32 FLOP rate 6NP/step, {s_.name} / {SQ2}",
+                   f"{fmt(flops / s_.median / 1e9)} vs {fmt(sq_flops / by[SQ2].median / 1e9)}"
+                   f" GFLOP/s; fastest runs "
+                   f"{fmt((flops / min(s_.times)) / (sq_flops / min(by[SQ2].times)))}",
+                   rate_vs(s_, by[SQ2], sq_flops), 0.7, True)
     threaded = getattr(run0.pool.local, "threads", 1) > 1
     pairs = [(ray2, by[MMR]), (inproc, by[MMT] if threaded and MMT in by else by[MM2])]
     if one is not None:
         pairs.append((one, by[MM1]))
-    for s_, mm in pairs:
-        # per round: (6NP / step time) / (matmul FLOPs / matmul time), same thread layout
-        frac = median([(flops / a) / (mix_flops / b) for a, b in zip(s_.times, mm.times)])
-        rep.target(f"L FLOP rate 6NP/step, {s_.name} / {mm.name}",
-                   f"{fmt(flops / s_.median / 1e9)} vs {fmt(mix_flops / mm.median / 1e9)} GFLOP/s",
-                   frac, 0.7, True)
-    rep.say(f"(the step's matmuls do {mix_flops / flops:.3f} x 6NP FLOPs: a step made only of "
-            f"numpy's matmuls would score {flops / mix_flops:.2f} on this measure; matmul time "
-            "/ step time in the same layout: "
-            + "; ".join(f"{s_.name}: {fmt(ratio(mm, s_))}" for s_, mm in pairs) + ")")
+        rep.say(f"(in-process on 1 core / {SQ1}: {fmt(rate_vs(one, by[SQ1], sq_flops))})")
+    # Beside them: against the step's own products, in the same thread layout.
+    rep.say("The same rate against numpy running only the step's products (chunks of "
+            f"{chunk:,} rows, as the engine), in the same thread layout: "
+            + "; ".join(f"{s_.name} / {mm.name}: {fmt(rate_vs(s_, mm, mix_flops))}"
+                        for s_, mm in pairs)
+            + f". The step's products do {mix_flops / flops:.3f} x 6NP FLOPs: a step made only "
+            f"of them would score {flops / mix_flops:.2f} on that measure; their time / step "
+            "time: " + "; ".join(f"{fmt(ratio(mm, s_))}" for s_, mm in pairs) + ".")
     rep.say()
+    rep.data["L"].update({"square_gflops_2t": sq_flops / by[SQ2].median / 1e9,
+                          "mix_chunk_rows": chunk})
+    workload_l64(rep, sz, path, prepared, stepper)
     if not args.no_profile:
         profile(rep, sz, path, L_HIDDEN, "L")
         malloc_ab(rep, sz, path, L_HIDDEN, threads=1)
+    run0.close()
+
+
+def workload_l64(rep: Report, sz: Sizes, path: str, prepared, stepper) -> None:
+    """Workload L in float64: in-process and Ray with 2 workers against numpy's float64
+    square product and the step's own float64 products, in the same rounds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradpipe.reduce import reduce
+    from gradpipe.worker import StepRequest
+
+    rep.say("### Workload L in float64 (`--dtype float64`)")
+    rep.say()
+    rows = sz.l_rows
+    run0 = prepared(0, dtype="float64")
+    run2 = prepared(2, dtype="float64")
+    arch = run0.arch
+    P = arch.n_params
+    chunk = engine_chunk(arch)
+    ops = matmul_mix(arch.sizes, chunk, "float64")
+    ops_b = matmul_mix(arch.sizes, chunk, "float64", seed=1)
+    chunks = -(-rows // chunk)
+    half = [chunks // 2, chunks - chunks // 2]
+    mix_flops = sum(f for _, _, f in ops) * chunks
+    pool2 = ThreadPoolExecutor(max_workers=2)
+
+    def matmuls(ops_, n: int) -> None:
+        for _ in range(n):
+            for _, fn, _ in ops_:
+                fn()
+
+    def matmuls_py_threads() -> None:
+        with threads_limit(1):
+            list(pool2.map(matmuls, (ops, ops_b), half))
+
+    IN0, RAY2 = ("gradpipe in-process (workers=0), float64",
+                 "gradpipe Ray 2 workers (1 BLAS thread each), float64")
+    SQ2 = f"numpy {SQUARE}x{SQUARE} product, float64, 2 BLAS threads"
+    MMT = "numpy float64 matmuls only, 2 Python threads x 1 BLAS thread"
+    sq2, sq_flops = square_product("float64", 2)
+    systems = [System(IN0, stepper(run0), rows=rows),
+               System(RAY2, stepper(run2), pids=tuple(run2.pool.pids()), rows=rows),
+               System(SQ2, sq2)]
+    if threadpool_ok():
+        systems.append(System(MMT, matmuls_py_threads, rows=rows))
+    for s_ in systems:
+        s_.min_seconds = 0.5
+    rep.say(f"{rows:,} rows, {P:,} parameters, chunks of {chunk:,} rows; {sz.reps} rounds after "
+            f"one warm-up round; load average {os.getloadavg()[0]:.2f}")
+    rep.say()
+    interleave(systems, sz.reps)
+    pool2.shutdown()
+    timing_table(rep, systems, systems[0])
+    by = {s.name: s for s in systems}
+    g0 = reduce(run0.pool.step(StepRequest(0, arch, run0.params))).flat()
+    g2 = reduce(run2.pool.step(StepRequest(0, arch, run2.params))).flat()
+    rep.say(f"gradient float64, Ray 2 workers vs in-process: bitwise equal = "
+            f"{bool((g0 == g2).all())}")
+    rep.say()
+    flops = 6 * rows * P
+    for name in (RAY2, IN0):
+        s_ = by[name]
+        frac = median([(flops / a) / (sq_flops / b) for a, b in zip(s_.times, by[SQ2].times)])
+        rep.target(f"L float64 FLOP rate 6NP/step, {name} / {SQ2}",
+                   f"{fmt(flops / s_.median / 1e9)} vs {fmt(sq_flops / by[SQ2].median / 1e9)}"
+                   " GFLOP/s", frac, 0.7, True)
+    for name in (RAY2, IN0):
+        rep.target(f"L float64 step seconds, {name} (Spark MLlib took 16.8 s a pass here: "
+                   "2.5x faster is 6.7 s)", f"{ms(by[name].median)}", by[name].median, 6.7,
+                   False)
+    if MMT in by:
+        def vs_mix(n: str) -> float:
+            return median([(flops / a) / (mix_flops / b)
+                           for a, b in zip(by[n].times, by[MMT].times, strict=True)])
+        rep.say("(against numpy running only the step's float64 products in 2 Python threads x "
+                "1 BLAS thread: " + "; ".join(f"{n}: {fmt(vs_mix(n))}" for n in (RAY2, IN0))
+                + ")")
+        rep.say()
+    rep.data["L64"] = {"rows": rows, "params": P, "chunk_rows": chunk,
+                       "square_gflops_2t": sq_flops / by[SQ2].median / 1e9,
+                       "bitwise_equal": bool((g0 == g2).all())}
+    run2.close()
     run0.close()
 
 
@@ -654,7 +810,17 @@ def with_torch_threads(fn: Callable[[], None], threads: int) -> Callable[[], Non
     return run_
 
 
-def matmul_actors(sizes: tuple[int, ...], n: int) -> list:
+def engine_chunk(arch) -> int:
+    """Rows per chunk the engine uses for this model (backprop.chunk_rows_for; older
+    engines: CHUNK)."""
+    from gradpipe import backprop
+
+    fn = getattr(backprop, "chunk_rows_for", None)
+    return fn(arch) if fn is not None else CHUNK
+
+
+def matmul_actors(sizes: tuple[int, ...], n: int, chunk: int = CHUNK,
+                  dtype: str = "float32") -> list:
     """n Ray actors with one BLAS thread each that run the step's matmuls on demand.
 
     num_cpus=0: they run beside gradpipe's workers (which hold the CPUs), taking turns
@@ -665,15 +831,15 @@ def matmul_actors(sizes: tuple[int, ...], n: int) -> list:
     @ray.remote(num_cpus=0, runtime_env={"env_vars": {
         "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
     class Matmuls:
-        def __init__(self, sizes, m):
-            self.ops = matmul_mix(sizes, m, "float32")
+        def __init__(self, sizes, m, dtype):
+            self.ops = matmul_mix(sizes, m, dtype)
 
         def run(self, chunks: int) -> None:
             for _ in range(chunks):
                 for _, fn, _ in self.ops:
                     fn()
 
-    actors = [Matmuls.remote(sizes, CHUNK) for _ in range(n)]
+    actors = [Matmuls.remote(sizes, chunk, dtype) for _ in range(n)]
     ray.get([a.run.remote(0) for a in actors])
     return actors
 
@@ -946,8 +1112,9 @@ def malloc_ab(rep: Report, sz: Sizes, path: str, hidden: tuple[int, ...], thread
         "ratio": r_, "default": a, "keep": b}
 
 
-def torch_per_sample(params, threads: int):
-    """torch.func vmap(grad) per-sample gradients of gradpipe's MLP: (grads(x, y), norms(x, y))."""
+def torch_per_sample(params, threads: int, arch=None):
+    """torch.func vmap(grad) per-sample gradients of gradpipe's MLP and loss (softmax +
+    cross-entropy when `arch` says so, else sigmoid + squared): (grads(x, y), norms(x, y))."""
     import torch
     import torch.nn.functional as F
     from torch.func import grad, vmap
@@ -957,10 +1124,15 @@ def torch_per_sample(params, threads: int):
     tp = {f"w{l}": torch.tensor(params.w[l]) for l in range(1, L + 1)}
     tp.update({f"b{l}": torch.tensor(params.b[l]) for l in range(1, L + 1)})
 
+    softmax = arch is not None and arch.output_activation == "softmax"
+
     def loss_i(p, x, y):
         a = x
         for l in range(1, L + 1):
-            a = torch.sigmoid(F.linear(a, p[f"w{l}"], p[f"b{l}"]))
+            z = F.linear(a, p[f"w{l}"], p[f"b{l}"])
+            if l == L and softmax:
+                return -(y * torch.log_softmax(z, dim=-1)).sum()
+            a = torch.sigmoid(z)
         return ((a - y) ** 2).sum()
 
     per_sample = vmap(grad(loss_i), in_dims=(None, 0, 0))
@@ -1014,23 +1186,33 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
         return None
 
     # block_partial alone, laid out over the cores as the engine lays out its blocks (blocks
-    # on BlockSet.threads threads with one BLAS thread each, where the engine does that).
+    # on BlockSet.threads threads with one BLAS thread each, where the engine does that),
+    # with the engine's options (one reused array for per-sample gradients, as block_step).
     engine_threads = getattr(run0.pool.local, "threads", 1)
+    import inspect
+
+    reuse_ok = "reuse_grads" in inspect.signature(block_partial).parameters
 
     def compute(blocks_, full: bool, limit: int | None = None,
                 parallel: bool = True) -> Callable[[], None]:
         from concurrent.futures import ThreadPoolExecutor
 
+        # `limit` rows in all: split over as many blocks as the engine computes at once, as a
+        # step over that many rows spread over blocks is (one block is one thread's work).
         jobs, left = [], limit if limit is not None else 10**18
+        lanes = min(len(blocks_), engine_threads if parallel else 1)
+        share = -(-left // lanes) if limit is not None else 10**18
         for d in blocks_:
             if left > 0:
-                jobs.append((d, min(left, len(d.x))))
-                left -= min(left, len(d.x))
+                take = min(left, len(d.x), share)
+                jobs.append((d, take))
+                left -= take
 
         def one(job) -> None:
             d, n = job
             block_partial(arch, params, d.x[:n], d.y[:n], block=d.block.index,
-                          classify=True, sink=discard, full=full)
+                          classify=True, sink=discard, full=full,
+                          **({"reuse_grads": True} if reuse_ok else {}))
 
         def fn():
             if engine_threads == 1 or not parallel:
@@ -1057,7 +1239,7 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
     if torch_ok():
         import torch
 
-        tgrads, tnorms = torch_per_sample(params, threads=2)
+        tgrads, tnorms = torch_per_sample(params, threads=2, arch=arch)
         X, Y = torch.from_numpy(x), torch.from_numpy(y)
 
         def torch_chunks(fn, n: int, chunk: int) -> Callable[[], None]:
@@ -1075,7 +1257,7 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
         t_chunk = min(best, key=best.get)
         rep.say(f"torch.func chunk size: {t_chunk} rows (seconds for 8,192 rows by chunk: "
                 + ", ".join(f"{c}: {v:.3f}" for c, v in best.items()) + ")")
-        tstep, _ = torch_mlp(params, x, y, threads=2)
+        tstep, _ = torch_mlp(params, x, y, threads=2, arch=arch)
         norms_sys += [
             System("PyTorch loss.backward() full batch", tstep, rows=rows),
             System(f"torch.func vmap(grad) + norms, {sz.p_sub_rows:,} rows",
@@ -1378,32 +1560,46 @@ def workload_m(rep: Report, sz: Sizes, args) -> None:
 # --------------------------------------------------------------------------- workload S
 
 
+QUICKSTART = ["train", "data/digits", "--per-sample", "norms"]  # README's Quickstart command
+NOT_ON_QUICKSTART = ("ray", "matplotlib", "rich", "pandas", "torch")
+
+
 def workload_s(rep: Report, sz: Sizes, args) -> None:
-    rep.say("## Workload S: `gradpipe train data/digits --steps 1 --out X`, end to end")
+    rep.say("## Workload S: start-up, the Quickstart and a Ray run's start, end to end")
     rep.say()
     digits = str(ROOT / "data" / "digits")
     base = Path(tempfile.mkdtemp(prefix="S-", dir=OUT))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     gp = gradpipe_bin()
 
-    def cli(extra: list[str]) -> float:
+    def cli(argv: list[str]) -> float:
         out = base / f"run-{time.monotonic_ns()}"
         t = time.perf_counter()
-        subprocess.run([gp, "train", digits, "--steps", "1", "--out", str(out), *extra],
-                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       cwd=ROOT)
+        subprocess.run([gp, *argv, "--out", str(out)], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         return time.perf_counter() - t
 
-    ray_t, local_t, parts = [], [], []
-    for _ in range(sz.s_reps):  # interleaved: Ray default, --workers 0, breakdown child
-        ray_t.append(cli([]))
-        local_t.append(cli(["--workers", "0"]))
+    commands = {
+        "gradpipe train data/digits --per-sample norms --out X (the README's Quickstart, "
+        "300 steps, in-process by default)": QUICKSTART,
+        "gradpipe train data/digits --steps 1 --out X (in-process by default)":
+            ["train", digits, "--steps", "1"],
+        "gradpipe train data/digits --steps 1 --workers 2 --out X (a local Ray instance)":
+            ["train", digits, "--steps", "1", "--workers", "2"],
+    }
+    times: dict[str, list[float]] = {k: [] for k in commands}
+    parts = []
+    reps = max(3, sz.s_reps)
+    for r in range(reps):  # interleaved, rotating: a change in load hits every command
+        names = list(commands)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(cli(commands[name]))
         out = base / f"bd-{time.monotonic_ns()}"
         t = time.perf_counter()
         spawned = time.time()
         res = subprocess.run([sys.executable, str(Path(__file__)), "_s-breakdown", digits,
-                              str(out), repr(spawned)], capture_output=True, text=True, env=env,
-                             cwd=ROOT)
+                              str(out), repr(spawned), "2"], capture_output=True, text=True,
+                             env=env, cwd=ROOT)
         wall = time.perf_counter() - t
         if res.returncode != 0:
             rep.say(f"breakdown child failed: {res.stderr[-2000:]}")
@@ -1411,11 +1607,11 @@ def workload_s(rep: Report, sz: Sizes, args) -> None:
         d = json.loads(res.stdout.strip().splitlines()[-1])
         d["exit"] = wall - d["total_in_process"]
         parts.append(d)
+    rep.say(f"{reps} rounds; load average {os.getloadavg()[0]:.2f} at the end")
+    rep.say()
     rep.table(["command", "median wall", "runs"],
-              [["gradpipe train data/digits --steps 1 --out X", f"{median(ray_t):.2f} s",
-                ", ".join(f"{t:.2f}" for t in ray_t)],
-               ["... --workers 0 (no Ray)", f"{median(local_t):.2f} s",
-                ", ".join(f"{t:.2f}" for t in local_t)]])
+              [[k, f"{median(v):.2f} s", ", ".join(f"{t:.2f}" for t in v)]
+               for k, v in times.items()])
     if parts:
         keys = ["interpreter start (spawn to first line)", "import gradpipe.cli",
                 "cli parse + config + plan + model",
@@ -1424,22 +1620,40 @@ def workload_s(rep: Report, sz: Sizes, args) -> None:
                 "close (kill actors)", "ray.shutdown", "exit"]
         med = {k: median([p[k] for p in parts]) for k in keys}
         total = sum(med.values())
-        rep.say("Where the time goes (the same CLI call in a child process with timestamps; "
-                "medians):")
+        rep.say("Where the time of the Ray run goes (`--steps 1 --workers 2` in a child "
+                "process with timestamps; medians). gradpipe's own part is everything but "
+                "`ray.init`, `ray.shutdown` and the interpreter:")
         rep.say()
         rep.table(["phase", "seconds", "share"],
                   [[k, f"{v:.2f}", f"{v / total:.0%}"] for k, v in med.items()]
                   + [["sum", f"{total:.2f}", ""]])
         rep.data["S_breakdown"] = parts
+    # What the Quickstart imports: none of the heavy optional modules should be there.
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "gradpipe", "train", digits,
+                          "--steps", "1", "--out", str(base / "imports")],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    found = {}
+    for line in res.stderr.splitlines():
+        m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| ( *)(\S.*)$", line)
+        if m and m.group(4).strip() in NOT_ON_QUICKSTART:
+            found[m.group(4).strip()] = int(m.group(2)) / 1e6
+    rep.say("Imported by `gradpipe train data/digits --steps 1` (in-process) among "
+            f"{', '.join(NOT_ON_QUICKSTART)}: "
+            + (", ".join(f"{k} ({v:.2f} s cumulative)" for k, v in found.items()) or "none"))
+    rep.say()
     imp = importtime()
     rep.say("`python -X importtime -c 'import gradpipe.cli, gradpipe.train, ray'`: modules "
             "over 20 ms, top level and one level down (indented), cumulative:")
     rep.say()
     rep.table(["module", "cumulative"], [[m.replace("  ", "&nbsp;&nbsp;"), f"{us / 1e6:.2f} s"]
                                          for m, us in imp])
-    rep.data["S"] = {"ray": ray_t, "workers0": local_t, "importtime": imp}
-    rep.target("S end to end, gradpipe train data/digits --steps 1",
-               f"{median(ray_t):.2f} s", median(ray_t), 8.0, False)
+    rep.data["S"] = {"commands": times, "importtime": imp, "quickstart_imports": found,
+                     "load_end": os.getloadavg()[0]}
+    quick, ray_ = times[list(commands)[0]], times[list(commands)[2]]
+    rep.target("S the README's Quickstart, gradpipe train data/digits --per-sample norms, "
+               "end to end", f"{median(quick):.2f} s (runs {', '.join(f'{t:.2f}' for t in quick)})",
+               median(quick), 3.0, False)
+    rep.say(f"(`--steps 1 --workers 2`, a local Ray instance: {median(ray_):.2f} s)")
     rep.say()
     shutil.rmtree(base, ignore_errors=True)
 
@@ -1460,13 +1674,17 @@ def importtime() -> list[tuple[str, int]]:
 def _s_breakdown(argv: list[str]) -> None:
     t_entry = time.time()
     digits, out, start = argv[0], argv[1], float(argv[2])  # start: when the parent spawned us
+    workers = argv[3:4]  # --workers N, when given
     marks: dict[str, float] = {}
     t = time.time()
     import gradpipe.cli as cli_mod  # click, and what cli imports at module level
     import gradpipe.train as train_mod
 
     marks["import gradpipe.cli"] = time.time() - t
-    real_ray_init, real_pool = train_mod.ray_init, train_mod.Pool
+    import gradpipe.worker as worker_mod  # start_pool calls ray_init and Pool from here
+
+    pool_home = worker_mod if hasattr(worker_mod, "start_pool") else train_mod
+    real_ray_init, real_pool = pool_home.ray_init, pool_home.Pool
     acc = {"ray_init": 0.0, "pool": 0.0, "step": 0.0, "execute": 0.0, "close": 0.0,
            "prepare": 0.0}
 
@@ -1499,15 +1717,16 @@ def _s_breakdown(argv: list[str]) -> None:
             finally:
                 acc["step"] += time.time() - t0
 
-    train_mod.ray_init = timed("ray_init", real_ray_init)
-    train_mod.Pool = TimedPool
+    pool_home.ray_init = timed("ray_init", real_ray_init)
+    pool_home.Pool = TimedPool
     real_reduce = train_mod.reduce
     train_mod.reduce = timed("step", real_reduce)
     train_mod.Run.prepare = timed("prepare", train_mod.Run.prepare)
     train_mod.Run.execute = timed("execute", train_mod.Run.execute)
     train_mod.Run.close = timed("close", train_mod.Run.close)
     t_cli = time.time()
-    cli_mod.cli.main(["train", digits, "--steps", "1", "--out", out], prog_name="gradpipe",
+    cli_mod.cli.main(["train", digits, "--steps", "1", "--out", out]
+                     + (["--workers", workers[0]] if workers else []), prog_name="gradpipe",
                      standalone_mode=False)
     t_cli = time.time() - t_cli
     t = time.time()
@@ -1640,6 +1859,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, help="timed rounds per comparison (default 5, quick 3)")
     ap.add_argument("--m-scales", help="row multiples for M, e.g. 1,2,4 (default 1,4,8)")
     ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    ap.add_argument("--json", help="also write the raw results to this file (e.g. "
+                    "benches/bench-DATE.json, committed beside RESULTS.md)")
     ap.add_argument("--rev", help="measure src/gradpipe as committed in this git revision "
                     "(default: the working tree as it is at the start)")
     ap.add_argument("--no-snapshot", action="store_true",
@@ -1683,7 +1904,12 @@ def main() -> None:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
     (OUT / f"report-{stamp}.md").write_text("\n".join(rep.lines) + "\n")
     rep.data["targets"] = rep.targets
-    (OUT / f"results-{stamp}.json").write_text(json.dumps(rep.data, indent=1, default=str))
+    rep.data["load_average_by_round"] = LOADS
+    rep.data["load_average_end"] = os.getloadavg()
+    raw = json.dumps(rep.data, indent=1, default=str)
+    (OUT / f"results-{stamp}.json").write_text(raw)
+    if args.json:
+        Path(args.json).write_text(raw)
     print(f"wrote {OUT / f'report-{stamp}.md'}")
 
 

@@ -159,15 +159,6 @@ def per_sample_sq_norms(delta: list[Array], a: list[Array]) -> F64:
     return out
 
 
-def row_argmax(x: Array) -> NDArray[np.intp]:
-    """argmax_j x_ij for each row of x (n, k), the first maximum on ties, (n,).
-
-    Over the transposed array: k passes over n values, 5x faster than n arg-maxes of the
-    10 values of an output layer.
-    """
-    return np.ascontiguousarray(x.T).argmax(axis=0)
-
-
 def row_sq(x: Array) -> Array:
     """|x_i|^2 for each row of x (n, k), (n,) in the dtype of x.
 
@@ -348,7 +339,7 @@ def block_partial(
         loss_sum += float(losses.sum())
         sq_norm_sum += sq_summed.sum(axis=0)
         if classify:
-            correct += int(np.count_nonzero(row_argmax(a[L]) == row_argmax(yc)))
+            correct += int(np.count_nonzero(a[L].argmax(axis=1) == yc.argmax(axis=1)))
         if outputs is not None:
             outputs(start, a[L].copy(), yc)  # a copy: the next chunk reuses a[L]
         if sink is None:

@@ -116,9 +116,7 @@ def sample_outputs(arch: Architecture, a_L: NDArray[np.floating], y: NDArray[np.
     err = a_L.astype(np.float64) - y  # (m, n_L)
     out: dict[str, NDArray] = {"el2n": np.sqrt(np.einsum("nj,nj->n", err, err))}
     if classify:
-        # Units along axis 0: one pass per unit over m values, 5x faster than m arg-maxes of
-        # n_L values; the first maximum wins either way.
-        prediction = np.ascontiguousarray(a_L.T).argmax(axis=0)  # (m,)
+        prediction = a_L.argmax(axis=1)  # (m,)
         probabilities = class_probabilities(arch, a_L)  # (m, K) float64
         out["prediction"] = prediction.astype(np.int64)
         out["confidence"] = probabilities[np.arange(len(prediction)), prediction]

@@ -584,7 +584,7 @@ def test_bad_value_count_names_its_row_range(tmp_path: Path, kind: str) -> None:
         cols["x1"] = pa.array([None if i in bad_rows else float(i) for i in range(30)])
     f = write_parquet(tmp_path / "d" / "part-0.parquet", cols, row_group_size=10)
     result = invoke(cmd("grad", str(tmp_path / "d"), tmp_path / "out", []))
-    assert_one_line_error(result, str(f), "'x1'", f"1 {kind} values in rows 0..9",
+    assert_one_line_error(result, str(f), "'x1'", f"1 {kind} value in rows 0..9",
                           "first at row 3")
 
 
@@ -624,7 +624,7 @@ def test_real_process_one_line(tmp_path: Path) -> None:
     p = run_gradpipe("grad", str(tmp_path / "d"), "--workers", "0", "--out", "out", cwd=tmp_path)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.splitlines() == [
-        f"gradpipe: error: {f}: column 'x1' has 1 NaN values in rows 0..19 (first at row 4). "
+        f"gradpipe: error: {f}: column 'x1' has 1 NaN value in rows 0..19 (first at row 4). "
         "Drop or impute them first."
     ]
     assert not (tmp_path / "out").exists()

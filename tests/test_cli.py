@@ -131,3 +131,31 @@ def test_diverging_run_exits_1_with_the_step(tmp_path):
     assert result.exit_code == 1
     assert "step " in result.stderr and "not finite" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_diverging_gradpipe_prints_one_line_and_no_numpy_warning(tmp_path):
+    """The installed command, as users run it: numpy's overflow warnings from the step that
+    diverged are not shown, only the line that says what happened."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    gradpipe = shutil.which("gradpipe", path=os.path.dirname(sys.executable)) or "gradpipe"
+    done = subprocess.run([gradpipe, "train", str(DIGITS), "--workers", "0", "--lr", "1e300",
+                           "--activation", "identity", "--output-activation", "identity",
+                           "--steps", "5", "--out", str(tmp_path / "r"), "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "RuntimeWarning" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("gradpipe: error: step ") and "not finite" in lines[-1]
+
+
+def test_per_sample_every_without_per_sample_is_refused(tmp_path):
+    result = run("train", DIGITS, "--workers", "0", "--per-sample-every", "10",
+                 "--out", tmp_path / "r")
+    assert result.exit_code == 2
+    assert "--per-sample-every 10 writes per-sample rows every K steps: add --per-sample " \
+           "norms" in result.stderr
+    assert not (tmp_path / "r").exists()

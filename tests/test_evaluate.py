@@ -345,3 +345,27 @@ def test_weights_without_data_metadata_take_all_columns_but_the_target(tmp_path)
     new = json.loads(run("evaluate", ref.path, data, "--workers", "0", "--json").stdout)
     old = json.loads(run("evaluate", bare, data, "--workers", "0", "--json").stdout)
     assert old | {"model": None} == new | {"model": None}
+
+
+def test_an_interrupted_run_has_no_final_weights_and_says_what_to_use(tmp_path):
+    from gradpipe.config import TrainConfig
+    from gradpipe.errors import RunInterrupted
+    from gradpipe.train import train
+
+    data = make_classification(tmp_path / "data")
+    out = tmp_path / "run"
+
+    def stop(done: int, metrics: dict) -> None:
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted):
+        train(TrainConfig(data=str(data), out=str(out), workers=0, hidden=(3,), steps=9,
+                          checkpoint_every=2), progress=stop)
+    line = one_line_error(run("evaluate", out, data, "--workers", "0"))
+    assert "the run was interrupted after 3 steps and has no final weights" in line
+    assert f"gradpipe train --resume --out {out}" in line
+    assert line.endswith(str(out / "checkpoints" / "step-000002"))
+    # which evaluates as the hint says
+    result = run("evaluate", out / "checkpoints" / "step-000002", data, "--workers", "0")
+    assert result.exit_code == 0, result.output

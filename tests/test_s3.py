@@ -189,8 +189,11 @@ def test_resume_on_s3_gives_the_bits_of_an_uninterrupted_run(s3, tmp_path):
 
     config = TrainConfig(data=data, out=f"{s3}/part", workers=0, hidden=(4,), steps=6,
                          checkpoint_every=2, record_every=1)
-    with pytest.raises(RunInterrupted):
+    with pytest.raises(RunInterrupted) as stopped:
         train(config, progress=stop_after_step_3)
+    # the command it prints reaches the same store
+    assert str(stopped.value).endswith(f"continue with gradpipe --s3-endpoint "
+                                       f"{store.endpoint()} train --resume --out {s3}/part")
     assert json.loads(store.read_text(f"{s3}/part/run.json"))["status"] == "interrupted"
     assert "step-00000003.parquet" in store.files(f"{s3}/part/gradients")
     invoke("train", "--resume", "--out", f"{s3}/part", "--quiet")

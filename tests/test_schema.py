@@ -26,6 +26,8 @@ from gradpipe.data import (
 )
 from gradpipe.errors import ConfigError, DataError
 
+HINT = " (--id-column __index_level_0__ makes it the sample id)"
+
 
 def labels_of(ds) -> list:
     """Every row's class value, read back through read_block's class indices."""
@@ -57,7 +59,7 @@ def test_pandas_index_after_a_split_is_not_a_feature(tmp_path: Path) -> None:
     ds = plan(DataSpec(str(tmp_path / "d")))
     assert ds.features == ("a", "b") and ds.ignored_columns == ("__index_level_0__",)
     assert ds.to_dict()["ignored_columns"] == ["__index_level_0__"]
-    assert schema_line(ds).endswith("; ignored index column __index_level_0__")
+    assert schema_line(ds).endswith("; ignored index column __index_level_0__" + HINT)
     _, x, _ = read_rows(ds, list(range(ds.n_rows)), "float64")
     np.testing.assert_array_equal(x, train[["a", "b"]].to_numpy())
     assert labels_of(ds) == train["label"].tolist()
@@ -339,7 +341,8 @@ def test_schema_line_and_to_dict(tmp_path: Path) -> None:
     ds = plan(DataSpec(str(one_file(tmp_path, cols))))
     assert schema_line(ds) == (
         "classification on 'label': 3 classes (0, 1, 2); 13 features (alcohol, malic_acid, "
-        "ash, ..., proline); 124 rows in 1 block; ignored index column __index_level_0__")
+        "ash, ..., proline); 124 rows in 1 block; ignored index column __index_level_0__"
+        + HINT)
     info = ds.to_dict()
     assert info["task"] == "classification" and info["classes"] == [0, 1, 2]
     assert info["features"] == names and info["ignored_columns"] == ["__index_level_0__"]
@@ -425,3 +428,32 @@ def test_a_csv_with_a_named_index_imports_with_the_index_named(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert "feature row_id counts the rows" in result.output
     assert _counting(out) == ("row_id",)
+
+
+def test_files_with_the_same_columns_in_another_order_are_one_dataset(tmp_path: Path):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 2))
+    label = np.arange(40) % 2
+    write_parquet(tmp_path / "d" / "a.parquet", {"x0": x[:20, 0], "x1": x[:20, 1],
+                                                  "label": label[:20]})
+    write_parquet(tmp_path / "d" / "b.parquet", {"label": label[20:], "x1": x[20:, 1],
+                                                  "x0": x[20:, 0]})
+    ds = plan(DataSpec(str(tmp_path / "d")))
+    _, got, y = read_rows(ds, list(range(40)), "float64")
+    np.testing.assert_array_equal(got, x)
+    # a different type is still refused, by name
+    write_parquet(tmp_path / "e" / "a.parquet", {"x0": x[:20, 0], "label": label[:20]})
+    write_parquet(tmp_path / "e" / "b.parquet", {"label": label[20:].astype(str),
+                                                  "x0": x[20:, 0]})
+    with pytest.raises(DataError, match="column 'label' is string here"):
+        plan(DataSpec(str(tmp_path / "e")))
+
+
+def test_a_null_in_a_whole_number_float_target_is_said_first(tmp_path: Path):
+    y = np.arange(30.0) % 3
+    y[17] = np.nan
+    write_parquet(tmp_path / "d" / "a.parquet",
+                  {"x": np.arange(30.0), "label": pa.array(y, from_pandas=True)})
+    with pytest.raises(DataError, match=r"target column 'label' has 1 null value \(first at "
+                                        r"row 17\)"):
+        plan(DataSpec(str(tmp_path / "d")))

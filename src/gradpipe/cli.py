@@ -885,4 +885,10 @@ def data_import(src: str, out: str, as_json: bool, **params: Any) -> None:
 
 
 def main() -> None:
+    import warnings
+
+    # numpy's overflow and invalid-value warnings from gradpipe's own arithmetic: a step
+    # that diverges is stopped after it with one line that says so (train: DivergenceError),
+    # and a warning naming a source line tells a user nothing more.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"gradpipe\.")
     cli(prog_name="gradpipe")

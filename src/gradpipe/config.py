@@ -177,6 +177,9 @@ class TrainConfig:
         if self.batch is not None and self.batch_rate is not None:
             raise ConfigError("--batch N and --batch-rate Q cannot be used together: N rows, "
                               "or each row with probability Q")
+        if self.per_sample_every and self.per_sample == "none":
+            raise ConfigError(f"--per-sample-every {self.per_sample_every} writes per-sample "
+                              "rows every K steps: add --per-sample norms (or full)")
         check_privacy(self)
 
     @property

@@ -71,6 +71,9 @@ class DataSpec:
     # False: the target is not read and need not exist (gradpipe predict); `task` must then
     # be "classification" (with `classes`) or "regression". Its names are never features.
     read_target: bool = True
+    # The features are a trained model's (evaluate, predict): a column of the wrong type is
+    # the data's to fix, not a choice of --features.
+    features_from_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,8 @@ class Dataset:
     # each file), by the row groups' statistics: a saved index, most likely. Said on the
     # schema line, still used (the user chose no features, or chose these).
     counting_columns: tuple[str, ...] = ()
+    # An ignored index column of integers (pandas' index), which --id-column could name.
+    ignored_integer_index: str | None = None
     probability_targets: bool = False  # see DataSpec.probability_targets
     has_target: bool = True  # False: blocks carry no targets (DataSpec.read_target)
 
@@ -178,10 +183,10 @@ def _open(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
             raise store.failure(path, e) from None
         if path.lower().endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
             raise DataError(f"{path}: a CSV file, not Parquet. Convert it first: gradpipe data "
-                            f"import {path} OUT_FOLDER") from None
+                            f"import {path} OUT_FOLDER --target TARGET_COLUMN") from None
         raise DataError(
-            f"{path}: not a readable Parquet file ({e}). Check that it is complete and not "
-            "another format."
+            f"{path}: not a readable Parquet file ({str(e).rstrip('.')}). Check that it is "
+            "complete and not another format (a CSV file: gradpipe data import)."
         ) from None
 
 
@@ -318,8 +323,10 @@ def _resolve_features(
     for c in chosen:
         if not _is_numeric(types[c]):
             raise DataError(
-                f"{path}: column {c!r} is {types[c]}, not numeric. Drop it or pass --features "
-                "with the numeric columns."
+                f"{path}: column {c!r} is {types[c]}, not numeric. "
+                + ("The model was trained on it as numbers: cast it to a number type."
+                   if spec.features_from_model else
+                   "Drop it or pass --features with the numeric columns.")
             )
     return tuple(chosen), False, len(chosen), ignored
 
@@ -360,7 +367,12 @@ def _target_batches(
 
 def _whole_numbers(fs: pafs.FileSystem, files: list[str], column: str) -> bool:
     """True if every finite value of a float column is a whole number (stops at the first not)."""
-    for _, _, values in _target_batches(fs, files, column):
+    for path, row, values in _target_batches(fs, files, column):
+        if values.null_count:  # said first: --task would not help
+            first = row + int(np.argmax(pc.is_null(values).to_numpy(zero_copy_only=False)))
+            raise DataError(f"{path}: target column {column!r} has {values.null_count} null "
+                            f"value{'s' * (values.null_count != 1)} (first at row {first}). "
+                            "Drop or impute them first.")
         a = values.to_numpy(zero_copy_only=False)
         a = a[np.isfinite(a)]
         if (a != np.floor(a)).any():
@@ -509,7 +521,8 @@ def plan(spec: DataSpec) -> Dataset:
     for path in files:
         pf = first if path == files[0] else _open(fs, path)
         other = pf.schema_arrow
-        if not other.equals(schema):
+        # Columns are read by name: the same columns in another order are the same data.
+        if not other.equals(schema) and _by_name(other) != _by_name(schema):
             diff = _schema_difference(schema, other)
             raise DataError(
                 f"{path}: schema differs from {files[0]}: {diff}. All files of a dataset "
@@ -550,6 +563,8 @@ def plan(spec: DataSpec) -> Dataset:
         classes=classes,
         class_type=class_type,
         ignored_columns=ignored,
+        ignored_integer_index=next((c for c in ignored if c and pa.types.is_integer(
+            schema.field(c).type)), None),
         counting_columns=counting.found(row),
         probability_targets=spec.probability_targets and task == "regression",
         has_target=spec.read_target,
@@ -656,7 +671,14 @@ def schema_line(dataset: Dataset) -> str:
         plural = "s" * (len(dataset.ignored_columns) != 1)
         parts.append(f"ignored index column{plural} "
                      f"{', '.join(_show(c) for c in dataset.ignored_columns)}")
+        if not dataset.id_column and dataset.ignored_integer_index:
+            name = _show(dataset.ignored_integer_index)
+            parts[-1] += f" (--id-column {name} makes it the sample id)"
     return "; ".join(parts)
+
+
+def _by_name(schema: pa.Schema) -> dict[str, pa.DataType]:
+    return {f.name: f.type for f in schema}
 
 
 def _schema_difference(a: pa.Schema, b: pa.Schema) -> str:
@@ -691,7 +713,8 @@ def _column(table: pa.Table, name: str, block: Block) -> pa.ChunkedArray:
     if col.null_count:
         nulls = pc.is_null(col).to_numpy(zero_copy_only=False)
         raise DataError(
-            f"{block.file}: column {name!r} has {col.null_count} null values in rows "
+            f"{block.file}: column {name!r} has {col.null_count} null "
+            f"value{'s' * (col.null_count != 1)} in rows "
             f"{block.file_row}..{block.file_row + block.n - 1} (first at row "
             f"{block.file_row + int(np.argmax(nulls))}). Drop or impute them first."
         )
@@ -706,7 +729,8 @@ def _check_finite(values: NDArray, name: str, block: Block) -> None:
                 else "infinite" if n_nan == 0 else "NaN or infinite")
         row = int(np.argmax(bad.reshape(bad.shape[0], -1).any(axis=1)))
         raise DataError(
-            f"{block.file}: column {name!r} has {int(bad.sum())} {kind} values in rows "
+            f"{block.file}: column {name!r} has {int(bad.sum())} {kind} "
+            f"value{'s' * (int(bad.sum()) != 1)} in rows "
             f"{block.file_row}..{block.file_row + block.n - 1} (first at row "
             f"{block.file_row + row}). Drop or impute them first."
         )

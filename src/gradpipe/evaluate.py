@@ -374,7 +374,7 @@ def plan_for_model(config: EvalConfig, model: Model, read_target: bool) -> Datas
     spec = DataSpec(config.data, tuple(exact_name(f) for f in model.features), target, id_column,
                     classes=classes, block_rows=config.block_rows, task=task,
                     probability_targets=not classify and model.arch.loss == "cross_entropy",
-                    read_target=read_target)
+                    read_target=read_target, features_from_model=bool(model.features))
     dataset = plan(spec)
     sizes = model.arch.sizes
     if dataset.n_features != sizes[0]:

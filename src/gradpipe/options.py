@@ -222,6 +222,17 @@ def build(cls: type, values: dict[str, Any], sources: dict[str, str] | None = No
         raise
 
 
+def resume_rules(cls: type, command: str = "train") -> str:
+    """What --resume lets change, from the declarations: '--steps may grow; --workers, ...
+    may change'."""
+    declared = [(n, o) for n, o in options(cls).items()
+                if o.as_flag and command in o.commands and n not in ("resume", "overwrite")]
+    grow = [flag(n) for n, o in declared if o.resume == "grow"]
+    free = [flag(n) for n, o in declared if o.resume == "free"]
+    return (f"{', '.join(grow)} may grow" if grow else "") + (
+        f"; {', '.join(free)} may change" if free else "")
+
+
 def resume_conflict(cls: type, old: dict[str, Any], given: dict[str, Any]) -> str | None:
     """The first given option that the run being resumed does not allow, as a message."""
     declared = options(cls)

@@ -197,6 +197,9 @@ def read_model(path: str | Path) -> Model:
 def _read_weights_table(path: str | Path) -> tuple[pa.Table, dict]:
     path = str(path)
     if store.is_dir(path):
+        if not store.is_file(store.join(path, "weights.parquet")) and store.is_file(
+                store.join(path, "run.json")):
+            raise ConfigError(_no_final_weights(path))
         path = store.join(path, "weights.parquet")
     if not store.is_file(path):
         store.check_bucket(path)
@@ -209,6 +212,23 @@ def _read_weights_table(path: str | Path) -> tuple[pa.Table, dict]:
     if meta is None or "value" not in table.column_names:
         raise ConfigError(f"{path}: not a gradpipe weights file (no model in its metadata)")
     return table, json.loads(meta)
+
+
+def _no_final_weights(run: str) -> str:
+    """Why a run folder has no weights.parquet yet, and what to use instead."""
+    from .recorder import latest_checkpoint
+
+    info = read_run_json(run)
+    status = info.get("status", "unknown")
+    done = info.get("steps_done")
+    why = {"interrupted": f"was interrupted after {done} steps",
+           "diverged": f"diverged at step {info.get('diverged_at')}",
+           "running": "is still running (or was killed)"}.get(status, f"has status {status}")
+    found = latest_checkpoint(run)
+    use = (f", or use its last checkpoint: {found[1]}" if found is not None else "")
+    resume = (f"resume it (gradpipe train --resume --out {run})"
+              if status != "diverged" else "retrain it with a smaller --lr")
+    return f"{run}: the run {why} and has no final weights; {resume}{use}"
 
 
 def _params(table: pa.Table, arch: Architecture, path: str | Path) -> Params:

@@ -83,7 +83,8 @@ def check_apart(out: str | Path, **inputs: str | None) -> None:
             continue
         there = store.resolve(path)
         if store.inside(here, there):
-            raise ConfigError(f"--out {out} is inside {name} {path}: the run's files would "
+            where = "is" if store.resolve(here) == store.resolve(there) else "is inside"
+            raise ConfigError(f"--out {out} {where} {name} {path}: the run's files would "
                               f"become part of the data. Choose a folder outside it.")
         if store.inside(there, here):
             raise ConfigError(f"{name} {path} is inside --out {out}: choose a run folder that "

@@ -332,7 +332,8 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
                             flops=(50.0 * dataset.n_rows * len(steps), 1))
     if note is not None:
         where = "; in-process: small work, --workers N to use Ray" if pool.small else ""
-        note(f"scoring {dataset.n_rows} samples in {len(dataset.blocks)} blocks over "
+        note(f"scoring {dataset.n_rows} samples in {len(dataset.blocks)} "
+             f"block{'s' * (len(dataset.blocks) != 1)} over "
              f"{len(steps)} recorded step{'s' * (len(steps) != 1)} ({_steps_text(steps)})"
              f"{where}")
     classify = dataset.classify

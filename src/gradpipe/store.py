@@ -114,7 +114,14 @@ def failure(loc: str, e: BaseException) -> DataError:
     text = " ".join(str(e).split())
     where = endpoint() or "AWS S3"
     if "NETWORK_CONNECTION" in text or "curlCode" in text or "Could not connect" in text:
-        return DataError(f"{loc}: the S3 endpoint {where} does not answer. Check "
+        url = endpoint()
+        if url is None:
+            return DataError(f"{loc}: AWS S3 does not answer, and no S3 endpoint is set. For "
+                             "another S3 server pass gradpipe --s3-endpoint URL (or set "
+                             "AWS_ENDPOINT_URL).")
+        hint = (" (an https:// endpoint: does the server speak plain http?)"
+                if url.startswith("https://") else "")
+        return DataError(f"{loc}: the S3 endpoint {where} does not answer{hint}. Check "
                          "--s3-endpoint / AWS_ENDPOINT_URL and that the server is running.")
     if any(k in text for k in ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId",
                                "SignatureDoesNotMatch", "INVALID_ACCESS_KEY", "403",

@@ -204,7 +204,7 @@ class Run:
                                                config.to_dict())
             if conflict:
                 raise ConfigError(f"--resume {config.out}: {conflict}. Resume with the run's "
-                                  "options (only --steps may grow).")
+                                  f"options (only {options.resume_rules(TrainConfig)}).")
             if info.get("dataset", {}).get("fingerprint") != self.dataset.fingerprint:
                 raise ConfigError(f"--resume {config.out}: the dataset {config.data} changed "
                                   "since the run began")
@@ -400,7 +400,8 @@ class Run:
                 rec.status(self.info("interrupted", started=self.started, steps_done=self.step))
             raise RunInterrupted(
                 f"interrupted after {self.step} steps; continue with "
-                f"gradpipe train --resume --out {self.config.out}"
+                f"gradpipe {_endpoint_flag(self.config.out)}train --resume --out "
+                f"{self.config.out}"
                 if rec is not None and self.config.update else
                 f"interrupted after {self.step} steps") from None
 
@@ -599,6 +600,13 @@ class Run:
             f"{metrics['loss']:.6g}, gradient norm {metrics['grad_norm']:.6g}). Lower --lr; "
             "the last finite checkpoint is kept."
         )
+
+
+def _endpoint_flag(out: str | None) -> str:
+    """'--s3-endpoint URL ' when the run folder is on an S3 server set by flag or
+    environment: the resume command must reach the same store."""
+    url = store.endpoint()
+    return f"--s3-endpoint {url} " if out and store.is_remote(out) and url else ""
 
 
 def train(config: TrainConfig, progress: Progress | None = None,

@@ -55,8 +55,10 @@ def bad_value(option) -> tuple[str, str] | None:
 
 
 def companions(name: str) -> list[str]:
-    """The flags a --dp-* option needs beside it to make a valid private run (test_privacy
-    tests the refusals)."""
+    """The flags an option needs beside it: --per-sample for --per-sample-every, and those
+    of a valid private run for --dp-* (test_privacy tests the refusals)."""
+    if name == "per_sample_every":
+        return ["--per-sample", "norms"]
     if not name.startswith("dp_"):
         return []
     private = {"dp_clip": "1", "dp_noise": "1", "dp_delta": "1e-5", "batch_rate": "0.1"}

@@ -110,7 +110,7 @@ def test_a_run_folder_and_its_data_cannot_hold_each_other(cls_data, tmp_path):
     r = invoke("train", cls_data, "--workers", "0", "--out", inside)
     assert r.exit_code == 2 and "is inside DATA" in r.stderr and not inside.exists()
     r = invoke("train", cls_data, "--workers", "0", "--out", cls_data)
-    assert r.exit_code == 2 and "is inside DATA" in r.stderr
+    assert r.exit_code == 2 and "--out " + str(cls_data) + " is DATA" in r.stderr
     r = invoke("grad", cls_data, "--workers", "0", "--out", tmp_path)
     assert r.exit_code == 2 and "is inside --out" in r.stderr
     assert sorted(p.name for p in cls_data.iterdir()) == sorted(

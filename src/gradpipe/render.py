@@ -280,8 +280,10 @@ def render_check(report: dict, ok: bool, tol: float, console: Any = None) -> Non
         f", {worst['k']}]" if worst["k"] is not None else "]")
     _line(console, f"compared {len(report['checks'])} per-sample derivatives "
                    f"({report['samples']} samples x {report['parameters']} parameters)")
-    _line(console, f"worst error {worst['relative_error']:.3e} (of the gradient's norm) at "
-                   f"{where}, sample "
+    scale = worst["scale"] or 1.0
+    _line(console, f"worst error {worst['relative_error']:.3e} of the gradient's norm beyond the "
+                   f"finite difference's own error (difference {worst['abs_error'] / scale:.1e}, "
+                   f"error bound {worst['fd_error'] / scale:.1e}) at {where}, sample "
                    f"{worst['sample']}: backprop {worst['backprop']:.10g}, finite difference "
                    f"{worst['finite_difference']:.10g}")
     if report.get("note"):

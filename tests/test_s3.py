@@ -278,7 +278,7 @@ def test_an_endpoint_that_does_not_answer_is_one_line_within_seconds(s3, tmp_pat
 
     threading.Thread(target=accept, daemon=True).start()
     try:
-        line = _one_line_within(30, "--s3-endpoint",
+        line = _one_line_within(10, "--s3-endpoint",
                                 f"http://127.0.0.1:{silent.getsockname()[1]}", "train",
                                 f"s3://{BUCKET}/data", "--workers", "0")
     finally:

@@ -652,7 +652,7 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
 
     # One worker on a local instance: it gets every CPU.
     run1 = prepared(1)
-    b2 = System(IN0, step0, rows=rows)
+    b2 = System(IN0 + " (second table)", step0, rows=rows)
     r1 = System("gradpipe Ray 1 worker (all CPUs)", stepper(run1),
                 pids=tuple(run1.pool.pids()), rows=rows)
     for s_ in (b2, r1):
@@ -1310,8 +1310,9 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
         s_.min_seconds = 0.5
     reps_full = max(2, min(sz.reps, 3))
     interleave(full_sys, reps_full)
-    rep.say(f"Full per-sample gradients ({reps_full} rounds; gradpipe materializes float64, "
-            f"{arch.n_params * 8 / 1024:.0f} KiB per sample; torch float32):")
+    size = arch.n_params * np.dtype(arch.dtype).itemsize / 1024
+    rep.say(f"Full per-sample gradients ({reps_full} rounds; gradpipe materializes "
+            f"{arch.dtype}, {size:.0f} KiB per sample; torch float32):")
     rep.say()
     timing_table(rep, full_sys, full_sys[0])
     if torch_ok():

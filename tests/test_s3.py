@@ -317,3 +317,15 @@ def test_a_simulated_4_node_cluster_streams_from_s3_and_gives_the_in_process_bit
     # load, moments (--standardize) and one read per step: every block read equally often
     assert report["reads_per_block"] == [2 + 2]
     assert report["driver_rss_growth"] < 1.1
+
+
+def test_a_bucket_root_is_no_output_folder(s3, tmp_path):
+    data = upload(make_classification(tmp_path / "data"), f"{s3}/data")
+    local = make_classification(tmp_path / "local")
+    line = _one_line_within(10, "train", local, "--workers", "0", "--out", f"s3://{BUCKET}",
+                            "--overwrite")
+    assert "a bucket, not a folder in it" in line
+    assert store.exists(data)
+    # with the data in the bucket, it is the data that the bucket would hold
+    line = _one_line_within(10, "train", data, "--workers", "0", "--out", f"s3://{BUCKET}")
+    assert "inside --out" in line

@@ -146,6 +146,10 @@ def check_replaceable(out: str | Path, overwrite: bool, *, name: str,
     the command did not write (it returns what, or None). `name` is how the user called it,
     `also` another way out for the message (", --resume to continue it")."""
     out = store.resolve(str(out))
+    if store.is_remote(out) and "/" not in out.split("://", 1)[1]:
+        # --overwrite would delete the folder: on S3 that would be the whole bucket
+        raise ConfigError(f"{name}: a bucket, not a folder in it; write to a prefix such as "
+                          f"{out}/runs/NAME")
     store.check_bucket(out)
     if store.is_file(out):
         raise ConfigError(f"{name}: exists and is not a folder. Choose another folder.")

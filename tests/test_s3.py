@@ -329,3 +329,26 @@ def test_a_bucket_root_is_no_output_folder(s3, tmp_path):
     # with the data in the bucket, it is the data that the bucket would hold
     line = _one_line_within(10, "train", data, "--workers", "0", "--out", f"s3://{BUCKET}")
     assert "inside --out" in line
+
+
+def test_an_upload_the_store_does_not_keep_whole_is_refused_and_removed(s3, tmp_path,
+                                                                       monkeypatch):
+    """moto stores an unsigned upload (no credentials anywhere) with its chunk framing:
+    gradpipe says so in one line instead of writing files that do not read back."""
+    data = upload(make_classification(tmp_path / "data"), f"{s3}/data")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
+                 "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws
+    store._s3.cache_clear()
+    try:
+        result = CliRunner().invoke(cli, ["train", data, "--workers", "0", "--out",
+                                          f"{s3}/run", "--steps", "2"])
+    finally:
+        store._s3.cache_clear()
+    assert result.exit_code == 2
+    # the schema line, then the error of the first write
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("gradpipe: error: ") and "Traceback" not in result.stderr
+    assert "the store kept" in line and "Check the credentials" in line
+    assert not store.exists(f"{s3}/run/run.json")

@@ -294,8 +294,20 @@ def upload(local: str, loc: str) -> None:
         with pa.memory_map(local) if os.path.getsize(local) else pa.BufferReader(b"") as src, \
                 fs.open_output_stream(path) as dst:
             dst.write(src.read_buffer())
+        kept = fs.get_file_info(path).size
     except OSError as e:
         raise failure(resolve(loc), e) from None
+    written = os.path.getsize(local)
+    if kept != written:
+        # Seen with moto and no credentials: an unsigned upload stored with its chunk framing.
+        try:
+            fs.delete_file(path)  # nothing that would not read back is left
+        except OSError:
+            pass
+        raise DataError(f"{resolve(loc)}: the store kept {kept} bytes of the {written} written, "
+                        "so the file would not read back. Check the credentials "
+                        "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws/credentials) "
+                        "on every machine that writes.")
 
 
 def move(src: str, dst: str) -> None:

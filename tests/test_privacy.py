@@ -320,6 +320,13 @@ def test_the_summary_line_says_epsilon_at_delta(cls_data, tmp_path):
     assert result.exit_code == 0, result.output
     assert "absl" not in result.stderr  # the accountant's own log lines stay out of it
     assert "epsilon 2 at delta 1e-05" in result.stdout.splitlines()[0]
+    # inspect says the budget the run spent, from run.json
+    info = json.loads((tmp_path / "run" / "run.json").read_text())["privacy"]
+    shown = json.loads(_cli("inspect", tmp_path / "run", "--json").stdout)["run"]
+    assert shown["privacy"]["epsilon"] == info["epsilon"] and shown["privacy"]["steps"] == 3
+    text = " ".join(_cli("inspect", tmp_path / "run").stdout.split())
+    assert f"({info['epsilon']:.4g}, 1e-05)-DP after 3 steps" in text
+    assert "Poisson, rate 0.3, private (clip 1)" in text
 
 
 # --- the same bits on any number of workers, and after a killed worker ------------------------

@@ -606,7 +606,8 @@ def data_synth(out: str, as_json: bool, **params: Any) -> None:
     with Progress(params["rows"], True, unit="rows") as bar:
         summary = synth(out, **params, progress=bar.rows)
     click.echo(json.dumps(summary) if as_json else
-               f"wrote {summary['rows']} rows in {summary['files']} files "
+               f"wrote {summary['rows']} rows in {summary['files']} "
+               f"file{'s' * (summary['files'] != 1)} "
                f"({summary['row_groups']} row groups) to {summary['out']}")
 
 

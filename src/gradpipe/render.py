@@ -88,6 +88,11 @@ def render(summary: dict, console: Any = None) -> None:
                   f"weight decay {_num(opt.get('weight_decay'))}, schedule {opt.get('schedule')}, "
                   f"batch {_batch(opt)}")
         t.add_row("per-sample", str(run.get("per_sample")))
+        if p := run.get("privacy"):
+            t.add_row("privacy", f"({_num(p['epsilon'], 4)}, {_num(p['delta'], 3)})-DP after "
+                      f"{_count(p['steps'] or 0, 'step')}: noise multiplier "
+                      f"{_num(p['noise_multiplier'], 4)}, clip {_num(p['clip'])}, sampling "
+                      f"rate {_num(p['sampling_rate'])} ({p['accountant']})")
         t.add_row("time", f"{run.get('started')} .. {run.get('finished') or '-'}")
         console.print(t)
 

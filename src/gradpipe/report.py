@@ -236,6 +236,9 @@ def run_info(run: dict) -> dict:
         "optimizer": {key: config.get(key) for key in (
             "lr", "momentum", "weight_decay", "schedule", "batch", "batch_rate", "dp_clip")},
         "per_sample": config.get("per_sample"),
+        "privacy": {key: (run.get("privacy") or {}).get(key) for key in (
+            "epsilon", "delta", "steps", "noise_multiplier", "clip", "sampling_rate",
+            "accountant")} if run.get("privacy") else None,
     }
 
 

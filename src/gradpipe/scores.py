@@ -345,7 +345,8 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
             rows = sum(r for _, r, _ in written)
             columns = [c for c in COLUMNS if classify or c != "label"]
             summary: dict[str, Any] = {
-                "out": config.out or out, "run": config.run, "rows": rows, "parts": len(written),
+                "out": config.out or f"{config.run.rstrip('/')}/scores", "run": config.run,
+                "rows": rows, "parts": len(written),
                 "steps": steps, "lr": etas, "columns": columns,
                 "el2n": _recorded(run, steps[-1], "el2n"),
                 "correct": classify and _recorded(run, steps[-1], "correct"),

@@ -519,17 +519,23 @@ class Run:
             return
         if not (math.isfinite(first["loss"]) and math.isfinite(last["loss"])):
             return  # a Poisson draw that took no sample
-        if not last["loss"] < first["loss"]:
+        config = self.config
+        sampled = config.batch is not None or config.batch_rate is not None
+        standardize = ("" if config.standardize or config.private
+                       else ", or --standardize if it is off")
+        # The loss of one sampled batch is noise: a first and a last batch say nothing.
+        if not sampled and not last["loss"] < first["loss"]:
             self.warnings.append(
                 f"the loss did not decrease ({first['loss']:.6g} at step {first['step']}, "
-                f"{last['loss']:.6g} at step {last['step']}): try a smaller --lr, or "
-                "--standardize if it is off")
+                f"{last['loss']:.6g} at step {last['step']}): try a smaller --lr"
+                f"{standardize}")
         elif last["grad_norm"] <= 1e-6 * first["grad_norm"] and last["loss"] > 1e-3 * first[
                 "loss"]:
             self.warnings.append(
                 f"the gradient vanished (norm {last['grad_norm']:.3g} at step {last['step']}, "
                 f"{first['grad_norm']:.3g} at step {first['step']}) while the loss is "
-                f"{last['loss']:.6g}: saturated outputs or dead units; try --standardize, "
+                f"{last['loss']:.6g}: saturated outputs or dead units; try "
+                f"{'' if config.standardize or config.private else '--standardize, '}"
                 "another --activation or a smaller --lr")
 
     def _val_keys(self) -> tuple[str, ...]:

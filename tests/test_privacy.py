@@ -388,3 +388,16 @@ def test_resume_refuses_another_key_and_a_missing_one(cls_data, tmp_path, key_fi
     with pytest.raises(ConfigError, match="privacy-key is missing"):
         train(TrainConfig(data=str(cls_data), out=str(out), workers=0, steps=4, resume=True,
                           **PRIVATE))
+
+
+def test_a_warning_known_before_the_first_step_is_said_before_it_once(cls_data, tmp_path):
+    result = _cli("train", cls_data, "--out", tmp_path / "run", "--workers", 0, "--steps", 2,
+                  "--hidden", 4, "--no-standardize", "--dp-clip", 1, "--dp-noise", 1,
+                  "--dp-delta", 0.5, "--batch-rate", 0.3)
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    warned = [i for i, line in enumerate(lines) if "is not below 1/N" in line]
+    assert len(warned) == 1 and lines[warned[0]].startswith("gradpipe: warning: --dp-delta 0.5")
+    assert warned[0] == 1  # right after the schema line, before any step
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert any("is not below 1/N" in w for w in info["warnings"])

@@ -191,6 +191,9 @@ class Progress:
             self.bar.__exit__(*exc)
 
 
+WARNING = "gradpipe: warning: "
+
+
 class Note:
     """The schema line: on stderr (above the progress bar, if one is drawn) unless --quiet or
     --json; kept in `line` for the --json summary."""
@@ -199,9 +202,15 @@ class Note:
         self.quiet = bool(params.get("quiet") or params.get("as_json"))
         self.progress = progress
         self.line: str | None = None
+        self.said: set[str] = set()  # warnings already printed, before the first step
 
     def __call__(self, line: str) -> None:
-        self.line = line
+        if line.startswith(WARNING):
+            if self.quiet:
+                return
+            self.said.add(line[len(WARNING):])
+        else:
+            self.line = line
         if self.quiet:
             return
         if self.progress is not None and self.progress.bar is not None:
@@ -220,7 +229,8 @@ def _report(summary: dict, as_json: bool, *lines: str) -> None:
         click.echo(line)
 
 
-def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None = None) -> None:
+def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None = None,
+             said: frozenset[str] | set[str] = frozenset()) -> None:
     summary = {"out": out, **metrics, **(extra or {})}
     if as_json:
         # JSON has no NaN: an undefined statistic (noise scale at n = 1, say) is null.
@@ -238,7 +248,8 @@ def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None =
         parts.append(f"epsilon {metrics['epsilon']:.4g} at delta {metrics['delta']:g}")
     click.echo("  ".join(parts))
     for warning in metrics.get("warnings", []):
-        click.echo(f"gradpipe: warning: {warning}", err=True)
+        if warning not in said:
+            click.echo(f"{WARNING}{warning}", err=True)
     if out:
         click.echo(f"wrote {out}")
 
@@ -277,7 +288,7 @@ def train(ctx: click.Context, data: str | None, **params: Any) -> None:
         click.echo(f"{config.out}: the run is complete ({config.steps} steps); nothing to do. "
                    "Pass a larger --steps to extend it.")
         return
-    _summary(config.out, metrics, params["as_json"], {"schema": note.line})
+    _summary(config.out, metrics, params["as_json"], {"schema": note.line}, note.said)
 
 
 @run_command("grad")

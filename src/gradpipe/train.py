@@ -240,6 +240,8 @@ class Run:
                    if config.resume else "")
         self.note(f"{schema_line(self.dataset)}; model {model}{self._describe_privacy()}"
                   f"{where}{resumed}")
+        for warning in self.warnings:  # known before the first step: said before it
+            self.note(f"gradpipe: warning: {warning}")
 
     def _prepare_privacy(self) -> None:
         """The noise multiplier, the accountant and the secret key of a private run.

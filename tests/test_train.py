@@ -269,3 +269,13 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_finishes_it(cls_data, tmp_p
     full = tmp_path / "full"
     train(TrainConfig(out=str(full), **common))
     assert pq.read_table(out / "weights.parquet").equals(pq.read_table(full / "weights.parquet"))
+
+
+@pytest.mark.ray
+def test_the_schema_line_says_where_the_work_runs(ray_local, tmp_path: Path) -> None:
+    said: dict[int, list[str]] = {0: [], 2: []}
+    for workers in (0, 2):
+        train(TrainConfig(data=str(DIGITS), out=str(tmp_path / f"w{workers}"), hidden=(4,),
+                          steps=1, workers=workers), note=said[workers].append)
+    assert said[0][0].endswith("; in-process")
+    assert said[2][0].endswith("; 2 Ray workers on a local instance")

@@ -235,7 +235,11 @@ class Run:
             self.val_pool = self._val_pool()
         # Said once the data is read and checked, before the first step.
         model = self.describe_model() + (f", lr {config.lr:g}" if config.update else "")
-        where = ("; in-process: small work, --workers N to use Ray" if self.pool.small else "")
+        n, cluster = self.pool.workers, config.address not in (None, "", "local")
+        where = ("; in-process: small work, --workers N to use Ray" if self.pool.small else
+                 "; in-process" if n == 0 else
+                 f"; {n} Ray worker{'s' * (n != 1)} on "
+                 f"{config.address if cluster else 'a local instance'}")
         resumed = (f"; resuming at step {self.step} of {config.steps} (its last checkpoint)"
                    if config.resume else "")
         self.note(f"{schema_line(self.dataset)}; model {model}{self._describe_privacy()}"

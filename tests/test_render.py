@@ -146,3 +146,12 @@ def test_jobs_table_on_a_narrow_terminal_wraps_only_the_entrypoint() -> None:
 
 def test_no_jobs_prints_the_header() -> None:
     assert printed(render.render_jobs, []).split() == ["ID", "STATUS", "START", "ENTRYPOINT"]
+
+
+def test_a_noise_scale_without_late_estimates_says_why() -> None:
+    noise = {"latest": 1.5e5, "latest_step": 70, "window_steps": [270, 299],
+             "median_last": None, "window_finite": 0, "suggested_batch": 1797,
+             "samples_per_step": 1797, "layers": [], "explanation": "B_simple"}
+    text = " ".join(printed(render.render, {"path": "r", "kind": "run", "noise_scale": noise},
+                            width=100).split())
+    assert "no estimate in the last 10%" in text and "capped at the dataset's rows" in text

@@ -149,3 +149,23 @@ def kill_one_worker_during(run, step_to_hit: int, kills: list[int]):
             threading.Thread(target=kill).start()
 
     return progress
+
+
+def clean_and_killed(tmp_path: Path, common: dict, kill_at: tuple[int, ...]):
+    """The same run twice: untouched (tmp_path/clean), and with a worker SIGKILLed during
+    each step of `kill_at` (tmp_path/crashed). Returns (clean, crashed, the pids killed,
+    the workers' pids after the run)."""
+    from gradpipe.train import Run, TrainConfig, train
+
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    train(TrainConfig(out=str(clean), **common))
+    run = Run(TrainConfig(out=str(crashed), **common))
+    kills: list[int] = []
+    hooks = [kill_one_worker_during(run, step, kills) for step in kill_at]
+    run.prepare()
+    try:
+        run.execute(lambda done, metrics: [hook(done, metrics) for hook in hooks])
+        after = run.pool.pids()
+    finally:
+        run.close()
+    return clean, crashed, kills, after

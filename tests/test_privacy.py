@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import kill_one_worker_during, make_classification, one_line_error
+from conftest import clean_and_killed, make_classification, one_line_error
 from reference import flat, naive_sample
 
 from gradpipe.backprop import block_partial
@@ -357,17 +357,7 @@ def test_a_killed_worker_leaves_a_private_run_bitwise_unchanged(ray_local, tmp_p
                                files=2, row_group_size=5000)
     common = dict(data=str(data), workers=2, steps=5, dp_key=str(key_file),
                   **{**PRIVATE, "hidden": (64,), "batch_rate": 0.5})
-    clean = tmp_path / "clean"
-    train(TrainConfig(out=str(clean), **common))
-    crashed = tmp_path / "crashed"
-    run = Run(TrainConfig(out=str(crashed), **common))
-    kills: list[int] = []
-    run.prepare()
-    try:
-        run.execute(kill_one_worker_during(run, 2, kills))
-        after = run.pool.pids()
-    finally:
-        run.close()
+    clean, crashed, kills, after = clean_and_killed(tmp_path, common, (2,))
     assert kills and not set(kills) & set(after), "a worker was restarted"
     for name in ("gradients", "weights.parquet"):
         assert pq.read_table(clean / name).equals(pq.read_table(crashed / name)), name

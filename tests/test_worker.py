@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import DIGITS, kill_one_worker_during, make_classification
+from conftest import DIGITS, clean_and_killed, make_classification
 from reference import naive_full_batch
 from test_train import gradients, load_xy
 
@@ -86,20 +86,7 @@ def test_a_killed_worker_restarts_and_the_run_is_bitwise_unchanged(ray_local, tm
                                files=2, row_group_size=5000)
     common = dict(data=str(data), workers=2, hidden=(64,), steps=6, record_every=1,
                   per_sample="norms", per_sample_every=1)
-    clean = tmp_path / "clean"
-    train(TrainConfig(out=str(clean), **common))
-
-    crashed = tmp_path / "crashed"
-    run = Run(TrainConfig(out=str(crashed), **common))
-    kills: list[int] = []
-    run.prepare()
-    try:
-        hook = kill_one_worker_during(run, 2, kills)
-        second = kill_one_worker_during(run, 4, kills)
-        run.execute(lambda d, m: (hook(d, m), second(d, m)))
-        new_pids = run.pool.pids()
-    finally:
-        run.close()
+    clean, crashed, kills, new_pids = clean_and_killed(tmp_path, common, (2, 4))
     assert len(kills) == 2 and not set(kills) & set(new_pids), "workers were restarted"
     for name in ("gradients", "weights.parquet"):
         assert pq.read_table(clean / name).equals(pq.read_table(crashed / name)), name

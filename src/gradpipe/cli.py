@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import DivergenceError, GradpipeError, RunInterrupted
+from .errors import WARNING, DivergenceError, GradpipeError, RunInterrupted
 
 
 class UserError(click.ClickException):
@@ -189,9 +189,6 @@ class Progress:
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.__exit__(*exc)
-
-
-WARNING = "gradpipe: warning: "
 
 
 class Note:

@@ -11,6 +11,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+# How a warning line starts (cli.py prints them; train.py says early ones through its note).
+WARNING = "gradpipe: warning: "
+
+
 class GradpipeError(Exception):
     """Base class of the errors gradpipe reports to users as one line."""
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
@@ -196,12 +197,13 @@ def read_model(path: str | Path) -> Model:
 
 def _read_weights_table(path: str | Path) -> tuple[pa.Table, dict]:
     path = str(path)
-    if store.is_dir(path):
-        if not store.is_file(store.join(path, "weights.parquet")) and store.is_file(
-                store.join(path, "run.json")):
-            raise ConfigError(_no_final_weights(path))
-        path = store.join(path, "weights.parquet")
-    if not store.is_file(path):
+    found = store.info(path).type
+    if found == pafs.FileType.Directory:
+        folder, path = path, store.join(path, "weights.parquet")
+        found = store.info(path).type
+        if found != pafs.FileType.File and store.is_file(store.join(folder, "run.json")):
+            raise ConfigError(_no_final_weights(folder))
+    if found != pafs.FileType.File:
         store.check_bucket(path)
         raise ConfigError(f"{path}: no such weights file. Pass a run folder or a weights.parquet.")
     try:

@@ -25,7 +25,7 @@ from .atomic import atomic_file
 from .backprop import Partial
 from .config import LR, TrainConfig
 from .data import Dataset, DataSpec, plan, schema_line
-from .errors import ConfigError, DataError, DivergenceError, RunInterrupted
+from .errors import WARNING, ConfigError, DataError, DivergenceError, RunInterrupted
 from .evaluate import evaluate_with, exact_name
 from .model import Architecture, Params, check_shapes, init_params
 from .optim import draw_batch, lr_at, sgd_step, weight_mask, with_weight_decay
@@ -245,7 +245,7 @@ class Run:
         self.note(f"{schema_line(self.dataset)}; model {model}{self._describe_privacy()}"
                   f"{where}{resumed}")
         for warning in self.warnings:  # known before the first step: said before it
-            self.note(f"gradpipe: warning: {warning}")
+            self.note(f"{WARNING}{warning}")
 
     def _prepare_privacy(self) -> None:
         """The noise multiplier, the accountant and the secret key of a private run.

@@ -16,7 +16,7 @@ import functools
 import os
 import secrets
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -388,13 +388,24 @@ class BlockSet:
                 return
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=self.threads)
+            # One block more than threads in flight: a thread that finishes before the
+            # oldest block does starts the next at once, instead of idling until the oldest
+            # is collected (6% of an in-process step of workload L on 2 threads). The bound
+            # keeps streamed blocks in memory to threads + 1.
             running: deque = deque()
-            for d in blocks:
-                running.append(self._executor.submit(fn, d, req, classify))
-                if len(running) >= self.threads:  # bounds streamed blocks in memory
+            try:
+                for d in blocks:
+                    running.append(self._executor.submit(fn, d, req, classify))
+                    if len(running) > self.threads:
+                        yield running.popleft().result()
+                while running:
                     yield running.popleft().result()
-            while running:
-                yield running.popleft().result()
+            finally:
+                # A failed block (or a caller that stopped early) leaves the others: they
+                # must not write into an output that the caller is about to clean up.
+                for f in running:
+                    f.cancel()
+                wait(running)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -412,6 +412,84 @@ def test_classify_counts_argmax_matches():
     assert block_partial(p.arch, p.params, p.x, p.y).correct == 0
 
 
+# ---------------------------------------------------------------------------- the engine's passes
+
+def saturated_problem(hidden: str, dtype: str, n: int = 41) -> Problem:
+    """Inputs scaled so that hidden units reach |z| of 10 to 3,000: sigmoid rounds to 1,
+    underflows to 0, and exp(-z) overflows (z below about -88 in float32, -709 in float64)."""
+    p = make_problem((5, 7, 6, 3), hidden, "softmax", "cross_entropy", n=n, seed=11, dtype=dtype)
+    scale = np.geomspace(1, 3000, n).astype(dtype)[:, None]  # rows from moderate to extreme
+    return Problem(p.arch, p.params, p.x * scale, p.y)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("hidden", HIDDEN_ACTIVATIONS)
+@pytest.mark.parametrize("rows", [1, 8, 64])
+def test_engine_forward_gives_the_bits_of_model_forward(hidden, dtype, rows):
+    """Workspace.forward (negated weights and exp(-z) for sigmoid layers, biases repeated on
+    rows) and model.forward (what evaluate and predict use) give the same a[l], bit for bit,
+    on the same rows (BLAS may round a 1-row product unlike a 41-row one), saturated units
+    included."""
+    p = saturated_problem(hidden, dtype)
+    if hidden == "sigmoid":
+        _, z_all = forward(p.arch, p.params, p.x)
+        assert np.any(z_all[1] < -800) and np.any(z_all[1] > 40)  # both tails reached
+    ws = backprop.Workspace(p.arch, p.params, rows)
+    for start in range(0, len(p.x), rows):
+        x = p.x[start : start + rows]
+        want, want_z = forward(p.arch, p.params, x)
+        a, z = ws.forward(p.arch, x)
+        for l in range(1, p.arch.L + 1):
+            np.testing.assert_array_equal(a[l], want[l])
+        np.testing.assert_array_equal(z[-1], want_z[-1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("hidden", HIDDEN_ACTIVATIONS)
+def test_engine_deltas_agree_with_textbook_deltas_at_saturation(hidden, dtype):
+    """Workspace.backward (g'(z) = a (e a) with e = exp(-z) for sigmoid layers, e capped
+    where it overflowed) and `deltas` (a (1 - a), taken from z in the tails) against float64
+    deltas of the same inputs: finite, and each sample's delta[l] as close as the textbook's,
+    also where a has rounded to 0 or 1. (Where exp(-z) overflows, g'(z) < 1e-38 is below
+    float32's normal range: the engine gives 0, the textbook a denormal.)"""
+    p = saturated_problem(hidden, dtype)
+    with np.errstate(over="ignore"):
+        a_ref, z_ref = forward(p.arch, p.params, p.x)
+        textbook = deltas(p.arch, p.params, a_ref, z_ref, p.y)
+        arch64 = Architecture(p.arch.sizes, hidden, "softmax", "cross_entropy", "float64")
+        params64 = p.params.astype("float64")
+        a64, z64 = forward(arch64, params64, p.x.astype(np.float64))
+        exact = deltas(arch64, params64, a64, z64, p.y.astype(np.float64))
+    ws = backprop.Workspace(p.arch, p.params, len(p.x))
+    a, z = ws.forward(p.arch, p.x)
+    got = ws.backward(p.arch, p.params, a, z, p.y)
+    rtol = 1e-6 if dtype == "float32" else 1e-13
+    for l in range(1, p.arch.L + 1):
+        assert np.all(np.isfinite(got[l]))
+        scale = np.linalg.norm(exact[l], axis=1) + np.finfo(dtype).tiny  # per sample
+        err = np.linalg.norm(got[l] - exact[l], axis=1)
+        err_textbook = np.linalg.norm(textbook[l] - exact[l], axis=1)
+        # float32 rounds z of thousands to 1e-4: both are off by that; none is worse
+        assert np.all(err <= 2 * err_textbook + rtol * scale), (l, (err / scale).max())
+
+
+def test_engine_gradient_where_sigmoid_underflows_is_zero_not_nan():
+    """A unit with z = -1,000 has a = 0 and g'(z) = 4e-435: its delta is 0, and the
+    summed gradient stays finite (e = exp(1,000) = inf would make e a = inf * 0 = nan)."""
+    arch = Architecture((1, 2, 1), "sigmoid", "identity", "squared", "float32")
+    params = Params([np.empty((0, 0)), np.array([[1.0], [-1.0]]), np.array([[1.0, 1.0]])],
+                    [np.empty(0), np.zeros(2), np.zeros(1)]).astype("float32")
+    x = np.array([[1000.0], [1.0]], np.float32)
+    y = np.zeros((2, 1), np.float32)
+    part = block_partial(arch, params, x, y)
+    assert all(np.all(np.isfinite(s)) for s in part.sum_w[1:] + part.sum_b[1:])
+    ws = backprop.Workspace(arch, params, 2)
+    a, z = ws.forward(arch, x)
+    assert a[1][0, 1] == 0 and a[1][0, 0] == 1
+    delta = ws.backward(arch, params, a, z, y)
+    assert delta[1][0, 1] == 0 and delta[1][0, 0] == 0  # both saturated: g' rounds to 0
+
+
 # ---------------------------------------------------------------------------- float32
 
 @pytest.mark.parametrize(
@@ -553,7 +631,7 @@ def test_outputs_sink_gets_each_chunks_output_layer_before_its_rows(p, chunk_row
     events: list = []
     block_partial(p.arch, p.params, p.x, p.y, chunk_rows=chunk_rows, full=full,
                   sink=lambda start, c, sq, g: events.append(("rows", start, len(c))),
-                  outputs=lambda start, a_L, y: events.append(("out", start, a_L.copy(),
+                  outputs=lambda start, a_L, y, _: events.append(("out", start, a_L.copy(),
                                                                y.copy())))
     outs = [e for e in events if e[0] == "out"]
     assert [e[1] for e in outs] == list(range(0, n, chunk_rows))
@@ -568,6 +646,19 @@ def test_outputs_sink_gets_each_chunks_output_layer_before_its_rows(p, chunk_row
             current = (e[1], e[1] + len(e[2]))
         else:
             assert current is not None and current[0] <= e[1] and e[1] + e[2] <= current[1]
+
+
+def test_outputs_sink_gets_the_predicted_classes_with_classify():
+    p = make_problem((4, 5, 3), "sigmoid", "softmax", "cross_entropy", n=23, seed=2)
+    got: list = []
+    for classify in (True, False):
+        block_partial(p.arch, p.params, p.x, p.y, chunk_rows=5, classify=classify,
+                      outputs=lambda start, a_L, y, pred: got.append((classify, a_L, pred)))
+    for classify, a_L, pred in got:
+        if classify:
+            np.testing.assert_array_equal(pred, a_L.argmax(axis=1))
+        else:
+            assert pred is None
 
 
 # ---------------------------------------------------------------------------- chunks and buffers
@@ -610,6 +701,6 @@ def test_outputs_sink_may_keep_what_it_gets():
     p = make_problem((3, 5, 4), "sigmoid", "softmax", "cross_entropy", n=10, seed=2)
     kept = []
     block_partial(p.arch, p.params, p.x, p.y, chunk_rows=3,
-                  outputs=lambda start, a_L, y: kept.append((start, a_L)))
+                  outputs=lambda start, a_L, y, _: kept.append((start, a_L)))
     for start, a_L in kept:
         np.testing.assert_array_equal(a_L, forward(p.arch, p.params, p.x[start:start + 3])[0][-1])

@@ -92,6 +92,27 @@ def test_classification_columns_match_a_forward_pass(activation, output, loss, c
     assert accuracy == got["correct"].mean()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_values_computed_in_the_compute_dtype_are_written_in_it(dtype, cls_data, tmp_path):
+    """grad_norm*, confidence and el2n are float32 in a float32 run (their row sums and
+    probabilities are float32: float64 would only pad them), loss is float64 either way;
+    and the float32 values are the float64 run's to float32 precision."""
+    outs = {}
+    for dt in sorted({dtype, "float64"}):
+        out = tmp_path / f"run-{dt}"
+        train(TrainConfig(data=str(cls_data), out=str(out), workers=0, hidden=(4,), steps=1,
+                          update=False, dtype=dt, per_sample="norms", seed=2))
+        outs[dt] = out
+    schema = pq.read_schema(next((outs[dtype] / "per_sample" / "step=0").iterdir()))
+    value = pa.float32() if dtype == "float32" else pa.float64()
+    for name in ("grad_norm", "grad_norm_l1", "grad_norm_l2", "confidence", "el2n"):
+        assert schema.field(name).type == value, name
+    assert schema.field("loss").type == pa.float64()
+    got, want = rows_of(outs[dtype]), rows_of(outs["float64"])
+    for name in ("loss", "grad_norm", "grad_norm_l1", "grad_norm_l2", "confidence", "el2n"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7)
+
+
 def test_el2n_of_regression_is_in_the_units_training_sees(reg_data, tmp_path):
     out = tmp_path / "run"
     train(TrainConfig(data=str(reg_data), out=str(out), target=("t0", "t1"), workers=0,

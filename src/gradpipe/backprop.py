@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 from .activations import ACTIVATIONS
 from .losses import LOSSES
-from .model import Architecture, Params, forward
+from .model import Architecture, Params
 
 Array = NDArray[np.floating]
 F64 = NDArray[np.float64]
@@ -79,8 +79,9 @@ class Partial:
 # (first row in the block, losses (m,), sq_norms (m, L+1), grads (m, P) or None).
 Sink = Callable[[int, F64, F64, "Array | None"], None]
 # Sink for the output layer of each chunk, called before that chunk's `Sink` calls:
-# (first row in the block, a[L] (m, n_L), y (m, n_L)), both in the compute dtype.
-OutputSink = Callable[[int, Array, Array], None]
+# (first row in the block, a[L] (m, n_L), y (m, n_L)), both in the compute dtype, and
+# with `classify` the predicted classes argmax_j a[L]_j (m,), else None.
+OutputSink = Callable[[int, Array, Array, "NDArray[np.intp] | None"], None]
 
 
 def output_delta(arch: Architecture, a_L: Array, z_L: Array, y: Array) -> Array:
@@ -117,19 +118,12 @@ def output_losses(arch: Architecture, a_L: Array, z_L: Array, y: Array) -> F64:
     return np.asarray(c, dtype=np.float64)  # float64 already: no copy
 
 
-def deltas(
-    arch: Architecture,
-    params: Params,
-    a: list[Array],
-    z: list[Array],
-    y: Array,
-    out: list[Array] | None = None,
-    scratch: list[Array] | None = None,
-) -> list[Array]:
+def deltas(arch: Architecture, params: Params, a: list[Array], z: list[Array],
+           y: Array) -> list[Array]:
     """delta[l] = dC_i/dz[l] for l = 1..L (BP1, then BP2 backwards); index 0 unused.
 
-    With `out` (and `scratch`, for g'), arrays shaped like z[l], delta[l] for l < L is
-    written into out[l] (and g'(z[l]) into scratch[l]): the same numbers, no new arrays.
+    The textbook form, from `model.forward`'s a and z (check and influence use it);
+    `block_partial` takes `Workspace.backward`, the same numbers to a few roundings.
     """
     L = arch.L
     delta: list[Array] = [np.empty((0, 0), a[0].dtype)] * (L + 1)
@@ -137,8 +131,8 @@ def deltas(
     for l in range(L - 1, 0, -1):
         prime_of_a = ACTIVATIONS[arch.g(l)].prime_of_a
         assert prime_of_a is not None  # hidden activations are elementwise
-        d = np.matmul(delta[l + 1], params.w[l + 1], out=None if out is None else out[l])
-        d *= prime_of_a(a[l], z[l], out=None if scratch is None else scratch[l])  # g'(z[l])
+        d = delta[l + 1] @ params.w[l + 1]
+        d *= prime_of_a(a[l], z[l])  # g'(z[l])
         delta[l] = d  # (n, n_l)
     return delta
 
@@ -219,12 +213,18 @@ def chunk_rows_for(arch: Architecture) -> int:
 
 
 class Workspace:
-    """The arrays of one chunk's forward and backward pass, allocated once per block and
-    reused by every chunk: a[l], z[l], delta[l], g'(z[l]) (rows, n_l) and the summed BP4
-    product (n_l, n_{l-1}). A chunk of m rows uses their first m rows (C-contiguous views).
+    """What every chunk of one block reuses: the weights in the layouts the passes want, and
+    the arrays of a chunk's forward and backward pass, allocated once per block.
+
+    Weights: w[l].T C-ordered (BLAS's fastest layout for a @ w.T, and the one `forward`
+    uses) and b[l] repeated on every row (adding it is then one flat pass: 1.7x faster than
+    broadcasting a row of 256 over 1,024 rows). Hidden sigmoid layers ("exp layers") keep
+    -w[l].T: their product is -z less the bias, so that exp(-z) needs no negation pass.
+    Arrays: a[l], z[l], delta[l] and g'(z[l]) or exp(-z[l]) (rows, n_l), and the summed
+    BP4 product (n_l, n_{l-1}). A chunk of m rows uses their first m rows.
     """
 
-    def __init__(self, arch: Architecture, rows: int) -> None:
+    def __init__(self, arch: Architecture, params: Params, rows: int) -> None:
         dt = np.dtype(arch.dtype)
         units = arch.sizes
         empty = np.empty((0, 0), dt)
@@ -233,17 +233,81 @@ class Workspace:
             return [empty] + [np.empty((rows, n), dt) for n in units[1:]]
 
         self.rows = rows
-        self.a, self.z, self.delta, self.prime = per_layer(), per_layer(), per_layer(), per_layer()
+        L = arch.L
+        self.exp_layer = [False] + [l < L and arch.g(l) == "sigmoid" for l in range(1, L + 1)]
+        self.w_t = [np.ascontiguousarray(-w.T if self.exp_layer[l] else w.T)
+                    for l, w in enumerate(params.w)]
+        self.b_rows = [empty] + [np.tile(b, (rows, 1)) for b in params.b[1:]]
+        self.a, self.delta, self.prime = per_layer(), per_layer(), per_layer()
+        # z[l] of exp layers is never kept: their exp(-z) lives in `prime`.
+        self.z = [empty] + [empty if self.exp_layer[l] else np.empty((rows, n), dt)
+                            for l, n in enumerate(units) if l > 0]
         self.product = [empty] + [np.empty((units[l], units[l - 1]), dt)
                                   for l in range(1, len(units))]
         self.ones = np.ones(rows, dt)
+        self.huge = np.finfo(dt).max
 
-    def views(self, m: int) -> tuple[list[Array], ...]:
-        """(a, z, delta, g') for a chunk of m rows: the arrays themselves or their first m rows."""
-        if m == self.rows:
-            return self.a, self.z, self.delta, self.prime
-        return tuple([x[0]] + [v[:m] for v in x[1:]]
-                     for x in (self.a, self.z, self.delta, self.prime))
+    def forward(self, arch: Architecture, x: Array) -> tuple[list[Array], list[Array]]:
+        """a[l] for a chunk x (m <= rows), the bits of `model.forward`; also z[l], or for
+        exp layers e[l] = exp(-z[l]) in its place (what `backward` needs of the layer).
+
+        An exp layer: e = exp(a[l-1] @ (-w[l].T) - b[l]) = exp(-z[l]) exactly (negation is
+        exact in every product, sum and rounding), a[l] = 1 / (1 + e): the ufuncs `sigmoid`
+        applies to z[l], so the same bits. Where exp overflows (z[l] below about -88 in
+        float32, -709 in float64) e = inf gives a[l] = 0, as sigmoid does; e is then capped
+        at the largest float so that e a[l] = 1 - a[l] stays 0 there, not inf * 0.
+        """
+        m = x.shape[0]
+        a, z = [x], [np.empty((0, 0), x.dtype)]
+        for l in range(1, arch.L + 1):
+            a_l = self.a[l][:m]
+            if self.exp_layer[l]:
+                e = np.matmul(a[l - 1], self.w_t[l], out=self.prime[l][:m])  # -(a w.T)
+                e -= self.b_rows[l][:m]  # -z[l]
+                try:
+                    with np.errstate(over="raise"):
+                        np.exp(e, out=e)  # the whole array is written before the raise
+                    overflow = False
+                except FloatingPointError:
+                    overflow = True
+                np.add(e, 1, out=a_l)
+                np.divide(1, a_l, out=a_l)  # sigmoid's bits (see activations.sigmoid)
+                if overflow:
+                    np.minimum(e, self.huge, out=e)
+                z.append(e)
+            else:
+                z_l = np.matmul(a[l - 1], self.w_t[l], out=self.z[l][:m])
+                z_l += self.b_rows[l][:m]
+                z.append(z_l)
+                a_l = ACTIVATIONS[arch.g(l)].fn(z_l, out=a_l)
+            a.append(a_l)
+        return a, z
+
+    def backward(self, arch: Architecture, params: Params, a: list[Array], z: list[Array],
+                 y: Array) -> list[Array]:
+        """delta[l] for l = 1..L (BP1, then BP2 backwards) from `forward`'s a and z.
+
+        An exp layer takes g'(z) = a (1 - a) as a (e a), since 1 - a = e / (1 + e) = e a:
+        no cancellation where a rounds to 1, so no tail to look for; other layers take
+        `prime_of_a` (see `deltas`).
+        """
+        m = y.shape[0]
+        L = arch.L
+        delta: list[Array] = [np.empty((0, 0), y.dtype)] * (L + 1)
+        delta[L] = output_delta(arch, a[L], z[L], y)
+        for l in range(L - 1, 0, -1):
+            d = np.matmul(delta[l + 1], params.w[l + 1], out=self.delta[l][:m])
+            if self.exp_layer[l]:
+                e = z[l]
+                d *= a[l]
+                e *= a[l]  # 1 - a[l]
+                d *= e
+            else:
+                prime_of_a = ACTIVATIONS[arch.g(l)].prime_of_a
+                assert prime_of_a is not None  # hidden activations are elementwise
+                d *= prime_of_a(a[l], z[l], out=self.prime[l][:m])
+            delta[l] = d
+        return delta
 
 
 def block_partial(
@@ -271,12 +335,13 @@ def block_partial(
     the compute dtype), added into float64 sums. When `sink` is given it receives each
     chunk's per-sample losses and squared norms, and with `full=True` the per-sample
     gradients too, in pieces of at most FULL_CHUNK_BYTES; `outputs` receives each chunk's
-    a[L] and y first. With `reuse_grads=True` every piece of per-sample gradients is
-    written into one array (page-faulting a new 8 MiB array per piece cost more than
-    computing it): the sink must be done with it when it returns, as PerSampleWriter is,
-    which writes each piece at once. With `second_moment=True` the Partial also holds the
-    elementwise sums of squares sum_i grad_w[l]_i^2 = (delta[l]^2).T @ (a[l-1]^2) and
-    sum_i grad_b[l]_i^2 = sum_i delta[l]_i^2, one more matrix product per layer.
+    a[L], y and predicted classes first. With `reuse_grads=True` every piece of per-sample
+    gradients is written into one array (page-faulting a new 8 MiB array per piece cost
+    more than computing it): the sink must be done with it when it returns, as
+    PerSampleWriter is, which writes each piece at once. With `second_moment=True` the
+    Partial also holds the elementwise sums of squares
+    sum_i grad_w[l]_i^2 = (delta[l]^2).T @ (a[l-1]^2) and sum_i grad_b[l]_i^2 =
+    sum_i delta[l]_i^2, one more matrix product per layer.
 
     With `clip` = C every sum is over the clipped gradients clip(g_i) = g_i min(1, C/|g_i|)
     (ghost clipping: delta[l]_i scaled by the factor, then the same products), sq_norm_sum
@@ -296,10 +361,7 @@ def block_partial(
     correct = 0
     n = x.shape[0]
     rows = chunk_rows if chunk_rows is not None else chunk_rows_for(arch)
-    ws = Workspace(arch, min(rows, n))
-    # w[l].T once per block, C-ordered: BLAS's fastest layout for z = a @ w.T (twice as fast
-    # for the 10-unit output layer in float64); forward() makes the same copy.
-    weights_t = [np.ascontiguousarray(w.T) for w in params.w]
+    ws = Workspace(arch, params, min(rows, n))
     full_rows = max(1, FULL_CHUNK_BYTES // (np.dtype(arch.dtype).itemsize * arch.n_params))
     grads_out = None
     if full and sink is not None and reuse_grads:
@@ -307,9 +369,8 @@ def block_partial(
     for start in range(0, n, rows):
         xc, yc = x[start : start + rows], y[start : start + rows]
         m = xc.shape[0]
-        a_out, z_out, delta_out, prime_out = ws.views(m)
-        a, z = forward(arch, params, xc, out=(a_out, z_out), weights_t=weights_t)
-        delta = deltas(arch, params, a, z, yc, delta_out, prime_out)
+        a, z = ws.forward(arch, xc)
+        delta = ws.backward(arch, params, a, z, yc)
         losses = output_losses(arch, a[L], z[L], yc)  # (m,)
         sq = per_sample_sq_norms(delta, a)  # (m, L+1)
         summed, sq_summed = delta, sq
@@ -338,10 +399,11 @@ def block_partial(
                 sq_b[l] += ones @ dd  # (n_l,)
         loss_sum += float(losses.sum())
         sq_norm_sum += sq_summed.sum(axis=0)
-        if classify:
-            correct += int(np.count_nonzero(a[L].argmax(axis=1) == yc.argmax(axis=1)))
+        prediction = a[L].argmax(axis=1) if classify else None  # (m,)
+        if prediction is not None:
+            correct += int(np.count_nonzero(prediction == yc.argmax(axis=1)))
         if outputs is not None:
-            outputs(start, a[L].copy(), yc)  # a copy: the next chunk reuses a[L]
+            outputs(start, a[L].copy(), yc, prediction)  # a copy: the next chunk reuses a[L]
         if sink is None:
             continue
         if not full:

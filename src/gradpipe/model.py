@@ -147,28 +147,20 @@ def check_shapes(arch: Architecture, params: Params) -> None:
             )
 
 
-def forward(
-    arch: Architecture,
-    params: Params,
-    x: Array,
-    out: tuple[list[Array], list[Array]] | None = None,
-    weights_t: list[Array] | None = None,
-) -> tuple[list[Array], list[Array]]:
+def forward(arch: Architecture, params: Params, x: Array) -> tuple[list[Array], list[Array]]:
     """Forward pass: z[l] = a[l-1] @ w[l].T + b[l], a[l] = g(z[l]); returns (a, z).
 
-    x is (n, n_0); a[l] and z[l] are (n, n_l); z[0] is unused (an empty array). With
-    `out` = (a, z), arrays of those shapes (index 0 unused), the results are written there,
-    and `weights_t` are the w[l].T copies of a caller that makes them once (the same numbers
-    either way: the same products and ufuncs, only no new arrays).
+    x is (n, n_0); a[l] and z[l] are (n, n_l); z[0] is unused (an empty array). The
+    training engine (`backprop.Workspace.forward`) gives the same a[l], bit for bit, so
+    evaluation sees what training saw.
     """
     a = [x]
     z = [np.empty((0, 0), x.dtype)]
     for l in range(1, arch.L + 1):
         # w[l].T C-ordered: BLAS's fastest layout for this product. The layout can change
         # the bits (the float64 products of the output layer), so it is always this one.
-        w_t = np.ascontiguousarray(params.w[l].T) if weights_t is None else weights_t[l]
-        z_l = np.matmul(a[l - 1], w_t, out=None if out is None else out[1][l])
+        z_l = a[l - 1] @ np.ascontiguousarray(params.w[l].T)
         z_l += params.b[l]  # (n, n_l)
         z.append(z_l)
-        a.append(ACTIVATIONS[arch.g(l)].fn(z_l, out=None if out is None else out[0][l]))
+        a.append(ACTIVATIONS[arch.g(l)].fn(z_l))
     return a, z

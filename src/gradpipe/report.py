@@ -375,10 +375,11 @@ def per_sample_summary(
         for batch in dataset.to_batches(columns=columns):
             if batch.num_rows == 0:
                 continue
-            norms.append(batch.column("grad_norm").to_numpy(zero_copy_only=False))
-            losses.append(batch.column("loss").to_numpy(zero_copy_only=False))
+            # float64 for the statistics: norms and el2n are float32 in float32 runs.
+            norms.append(_floats(batch.column("grad_norm")))
+            losses.append(_floats(batch.column("loss")))
             if "el2n" in columns:
-                el2n.append(batch.column("el2n").to_numpy(zero_copy_only=False))
+                el2n.append(_floats(batch.column("el2n")))
             if "correct" in columns:
                 correct += int(pc.sum(batch.column("correct")).as_py() or 0)
             if top:
@@ -565,6 +566,11 @@ def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) 
     return result
 
 
+def _floats(column: pa.Array | pa.ChunkedArray) -> F64:
+    """A float column as float64 values (null: NaN), whatever its width."""
+    return column.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
 def _stats(values: F64) -> dict:
     if values.size == 0:
         return {}
@@ -594,8 +600,7 @@ def predictions_summary(folder: str, top: int) -> dict:
             ({"prediction": r["prediction"], "rows": r["confidence_count"],
               "mean_confidence": r["confidence_mean"]} for r in counts.to_pylist()),
             key=lambda r: -r["rows"])
-        confidence = table.column("confidence").to_numpy(zero_copy_only=False)
-        out["confidence"] = _stats(confidence)
+        out["confidence"] = _stats(_floats(table.column("confidence")))
         keep = pc.sort_indices(table, sort_keys=[("confidence", "ascending"),
                                                  ("sample", "ascending")])[:top]
         out["least_confident"] = table.take(keep).to_pylist()

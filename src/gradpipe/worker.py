@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import raycompat, store
-from .backprop import Partial, block_partial
+from .backprop import Partial, block_partial, row_sq
 from .data import Block, BlockData, Dataset, filesystem, read_block
 from .errors import JobError
 from .evaluate import (
@@ -104,22 +104,26 @@ def combine_moments(parts: list[Moments]) -> tuple[F64, F64]:
 
 
 def sample_outputs(arch: Architecture, a_L: NDArray[np.floating], y: NDArray[np.floating],
-                   classify: bool) -> dict[str, NDArray]:
+                   prediction: NDArray[np.intp] | None) -> dict[str, NDArray]:
     """What the model did with each sample, from the output layer a[L] (m, n_L) and the
     target y (m, n_L) as training sees it (one-hot classes, or standardized targets).
 
     el2n = |a[L] - y|_2 (EL2N, Paul et al. 2021; the softmax probabilities for softmax),
-    float64. Classification also: prediction = argmax_j a[L]_j (a class index) and
-    confidence = its probability (evaluate.class_probabilities: a[L] for softmax, else
-    a[L] clipped at 0 over its row sum).
+    in the compute dtype of a[L]. Classification (`prediction`: argmax_j a[L]_j, the class
+    indices block_partial found) also: prediction, and confidence = its probability
+    (evaluate.class_probabilities: a[L] for softmax, else a[L] clipped at 0 over its row
+    sum), in that dtype too.
     """
-    err = a_L.astype(np.float64) - y  # (m, n_L)
-    out: dict[str, NDArray] = {"el2n": np.sqrt(np.einsum("nj,nj->n", err, err))}
-    if classify:
-        prediction = a_L.argmax(axis=1)  # (m,)
-        probabilities = class_probabilities(arch, a_L)  # (m, K) float64
+    err = a_L - y  # (m, n_L)
+    out: dict[str, NDArray] = {"el2n": np.sqrt(row_sq(err))}
+    if prediction is not None:
+        if arch.output_activation == "softmax":  # the probabilities are a[L] itself
+            chosen = np.take_along_axis(a_L, prediction[:, None], axis=1)[:, 0]
+        else:
+            probabilities = class_probabilities(arch, a_L)  # (m, K) float64
+            chosen = probabilities[np.arange(len(prediction)), prediction]
         out["prediction"] = prediction.astype(np.int64)
-        out["confidence"] = probabilities[np.arange(len(prediction)), prediction]
+        out["confidence"] = chosen.astype(a_L.dtype, copy=False)
     return out
 
 
@@ -154,13 +158,15 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
     chunk: dict[str, Any] = {"start": 0, "outputs": {}}
 
     full = req.per_sample == "full"
-    outputs_kept: list[NDArray[np.floating]] = []  # norms: a[L] of each chunk, for one call
+    outputs_kept: list[tuple] = []  # norms: a[L] and predictions of each chunk, for one call
 
-    def on_outputs(start: int, a_L: NDArray[np.floating], y_chunk: NDArray[np.floating]) -> None:
+    def on_outputs(start: int, a_L: NDArray[np.floating], y_chunk: NDArray[np.floating],
+                   prediction: NDArray[np.intp] | None) -> None:
         if not full:
-            outputs_kept.append(a_L)  # a copy: backprop reuses its arrays
+            outputs_kept.append((a_L, prediction))  # a copy: backprop reuses its arrays
             return
-        chunk["start"], chunk["outputs"] = start, sample_outputs(req.arch, a_L, y_chunk, classify)
+        chunk["start"], chunk["outputs"] = start, sample_outputs(req.arch, a_L, y_chunk,
+                                                                 prediction)
 
     # Norms (no gradients): the block's rows are written in one call at the end, not one
     # per chunk (each call converts a dozen columns to Arrow; chunks are 1 MiB of a layer).
@@ -187,14 +193,15 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
         """The block's norms rows (every row of x, in order) in one write, their outputs
         (sample_outputs) computed in one call over the block's a[L]."""
         assert writer is not None
-        a_L = np.concatenate(outputs_kept)  # (n, n_L)
+        a_L = np.concatenate([o[0] for o in outputs_kept])  # (n, n_L)
+        prediction = np.concatenate([o[1] for o in outputs_kept]) if classify else None
         writer.write(
             ids,
             labels,
             np.concatenate([r[1] for r in rows_kept]),
             np.concatenate([r[2] for r in rows_kept]),
             None,
-            sample_outputs(req.arch, a_L, y, classify),
+            sample_outputs(req.arch, a_L, y, prediction),
         )
 
     try:

@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 
 from . import store
 from .atomic import Staged, atomic_file
+from .backprop import total_sq
 from .errors import ConfigError
 from .model import Architecture, Params
 
@@ -334,7 +335,7 @@ class PerSampleWriter:
         if labels is not None:
             cols.append(pa.array(labels))
         dt = self.dtype
-        norms = np.sqrt(sq_norms[:, 1:].sum(axis=1)).astype(dt, copy=False)
+        norms = np.sqrt(total_sq(sq_norms)).astype(dt, copy=False)
         cols += [pa.array(losses), pa.array(norms)]
         cols += [pa.array(np.sqrt(sq_norms[:, l]).astype(dt, copy=False))
                  for l in range(1, sq_norms.shape[1])]

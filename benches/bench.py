@@ -1173,9 +1173,10 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
 
     def step(run: Run, mode: str, batch=None) -> Callable[[], object]:
         def fn():
-            out = tmp / f"run-{next(counter)}"  # per_sample/step=0/part-BLOCK.parquet
-            return reduce(run.pool.step(StepRequest(0, arch, params, per_sample=mode,
-                                                    out_dir=str(out), batch=batch)))
+            # As in a training run: one run folder, a new per_sample/step=S/ each step.
+            return reduce(run.pool.step(StepRequest(next(counter), arch, params,
+                                                    per_sample=mode, out_dir=str(tmp / "run"),
+                                                    batch=batch)))
         return fn
 
     def clean() -> None:

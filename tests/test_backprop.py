@@ -653,7 +653,7 @@ def test_outputs_sink_gets_the_predicted_classes_with_classify():
     got: list = []
     for classify in (True, False):
         block_partial(p.arch, p.params, p.x, p.y, chunk_rows=5, classify=classify,
-                      outputs=lambda start, a_L, y, pred: got.append((classify, a_L, pred)))
+                      outputs=lambda start, a_L, y, pred, c=classify: got.append((c, a_L, pred)))
     for classify, a_L, pred in got:
         if classify:
             np.testing.assert_array_equal(pred, a_L.argmax(axis=1))

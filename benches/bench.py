@@ -1432,7 +1432,7 @@ def parquet_options(rep: Report, arch, params, block) -> None:
         return 0
 
     cases = [
-        ("gradpipe's PerSampleWriter (zstd, defaults)", gradpipe_writer),
+        ("gradpipe's PerSampleWriter (float64 here, grad lz4)", gradpipe_writer),
         ("float64, zstd, defaults (dictionary on, statistics on)",
          variant("float64", compression="zstd")),
         ("float64, zstd, use_dictionary=False, write_statistics=False",

@@ -108,6 +108,7 @@ def test_values_computed_in_the_compute_dtype_are_written_in_it(dtype, cls_data,
     for name in ("grad_norm", "grad_norm_l1", "grad_norm_l2", "confidence", "el2n"):
         assert schema.field(name).type == value, name
     assert schema.field("loss").type == pa.float64()
+    assert not any(f.nullable for f in schema)  # no nulls: no definition levels to encode
     got, want = rows_of(outs[dtype]), rows_of(outs["float64"])
     for name in ("loss", "grad_norm", "grad_norm_l1", "grad_norm_l2", "confidence", "el2n"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7)

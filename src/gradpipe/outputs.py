@@ -284,19 +284,24 @@ class PerSampleWriter:
         # float64, and a confident right answer's loss can be below float32's range.
         self.dtype = np.dtype(dtype)
         value = pa.from_numpy_dtype(self.dtype)
-        fields = [pa.field("sample", pa.int64())]
+        # Every column is declared not null (there are no nulls): the writer then encodes no
+        # definition levels, 40% of the encoding time of a norms part.
+        def field(name: str, kind: pa.DataType) -> pa.Field:
+            return pa.field(name, kind, nullable=False)
+
+        fields = [field("sample", pa.int64())]
         if classify:
-            fields.append(pa.field("label", pa.int64()))
-        fields += [pa.field("loss", pa.float64()), pa.field("grad_norm", value)]
-        fields += [pa.field(f"grad_norm_l{l}", value) for l in range(1, L + 1)]
+            fields.append(field("label", pa.int64()))
+        fields += [field("loss", pa.float64()), field("grad_norm", value)]
+        fields += [field(f"grad_norm_l{l}", value) for l in range(1, L + 1)]
         self.outputs = outputs
         if outputs and classify:
-            fields += [pa.field("prediction", pa.int64()), pa.field("correct", pa.bool_()),
-                       pa.field("confidence", value)]
+            fields += [field("prediction", pa.int64()), field("correct", pa.bool_()),
+                       field("confidence", value)]
         if outputs:
-            fields.append(pa.field("el2n", value))
+            fields.append(field("el2n", value))
         if full:
-            fields.append(pa.field("grad", pa.list_(value)))
+            fields.append(field("grad", pa.list_(field("element", value))))
         meta = None
         if classify and classes is not None:
             meta = {META_KEY: json.dumps({"classes": list(classes), "class_type": class_type},
@@ -349,7 +354,8 @@ class PerSampleWriter:
         if grads is not None:
             m, p = grads.shape  # a piece of at most FULL_CHUNK_BYTES: int32 offsets suffice
             offsets = pa.array(np.arange(0, (m + 1) * p, p, dtype=np.int32))
-            cols.append(pa.ListArray.from_arrays(offsets, pa.array(grads.reshape(-1))))
+            cols.append(pa.ListArray.from_arrays(offsets, pa.array(grads.reshape(-1)),
+                                                 type=self.schema.field("grad").type))
         table = pa.Table.from_arrays(cols, schema=self.schema)
         if self.full:
             self.writer.write_table(table)  # pieces of at most FULL_CHUNK_BYTES each

@@ -7,6 +7,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from gradpipe.model import Architecture, init_params
@@ -68,3 +69,20 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         write_table(pa.table({"a": [2]}), path)
     assert duckdb.sql(f"select a from '{path}'").fetchall() == [(1,)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parquet"]
+
+
+@pytest.mark.parametrize("dtype, given", [("float64", np.float32), ("float32", np.float64)])
+def test_per_sample_writer_writes_grads_in_its_dtype_whatever_it_is_given(tmp_path, dtype, given):
+    """The grad list is in the writer's dtype (the compute dtype) even when a caller hands it
+    other floats: a bench gave float32 gradients to a float64 writer and pyarrow refused."""
+    from gradpipe.outputs import PerSampleWriter
+
+    path = tmp_path / "part.parquet"
+    w = PerSampleWriter(path, 1, full=True, classify=False, dtype=dtype)
+    grads = np.arange(6, dtype=given).reshape(2, 3)
+    w.write(np.arange(2), None, np.zeros(2), np.ones((2, 2)), grads)
+    w.close()
+    table = pq.read_table(path)
+    assert table.schema.field("grad").type.value_type == pa.from_numpy_dtype(np.dtype(dtype))
+    np.testing.assert_array_equal(np.stack(table.column("grad").to_numpy(zero_copy_only=False)),
+                                  grads.astype(dtype))

@@ -354,7 +354,8 @@ class PerSampleWriter:
         if grads is not None:
             m, p = grads.shape  # a piece of at most FULL_CHUNK_BYTES: int32 offsets suffice
             offsets = pa.array(np.arange(0, (m + 1) * p, p, dtype=np.int32))
-            cols.append(pa.ListArray.from_arrays(offsets, pa.array(grads.reshape(-1)),
+            values = pa.array(grads.reshape(-1).astype(self.dtype, copy=False))
+            cols.append(pa.ListArray.from_arrays(offsets, values,
                                                  type=self.schema.field("grad").type))
         table = pa.Table.from_arrays(cols, schema=self.schema)
         if self.full:

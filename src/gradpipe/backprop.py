@@ -129,12 +129,18 @@ def deltas(arch: Architecture, params: Params, a: list[Array], z: list[Array],
     delta: list[Array] = [np.empty((0, 0), a[0].dtype)] * (L + 1)
     delta[L] = output_delta(arch, a[L], z[L], y)
     for l in range(L - 1, 0, -1):
-        prime_of_a = ACTIVATIONS[arch.g(l)].prime_of_a
-        assert prime_of_a is not None  # hidden activations are elementwise
         d = delta[l + 1] @ params.w[l + 1]
-        d *= prime_of_a(a[l], z[l])  # g'(z[l])
+        d *= hidden_prime(arch, l, a[l], z[l])  # g'(z[l])
         delta[l] = d  # (n, n_l)
     return delta
+
+
+def hidden_prime(arch: Architecture, l: int, a_l: Array, z_l: Array,
+                 out: Array | None = None) -> Array:
+    """g'(z[l]) of hidden layer l from a[l] and z[l] (`Activation.prime_of_a`)."""
+    prime_of_a = ACTIVATIONS[arch.g(l)].prime_of_a
+    assert prime_of_a is not None  # hidden activations are elementwise
+    return prime_of_a(a_l, z_l, out=out)
 
 
 def per_sample_sq_norms(delta: list[Array], a: list[Array]) -> F64:
@@ -241,7 +247,6 @@ class Workspace:
         def per_layer() -> list[Array]:
             return [empty] + [np.empty((rows, n), dt) for n in units[1:]]
 
-        self.rows = rows
         L = arch.L
         self.exp_layer = [False] + [l < L and arch.g(l) == "sigmoid" for l in range(1, L + 1)]
         self.w_t = [np.ascontiguousarray(-w.T if self.exp_layer[l] else w.T)
@@ -312,9 +317,7 @@ class Workspace:
                 e *= a[l]  # 1 - a[l]
                 d *= e
             else:
-                prime_of_a = ACTIVATIONS[arch.g(l)].prime_of_a
-                assert prime_of_a is not None  # hidden activations are elementwise
-                d *= prime_of_a(a[l], z[l], out=self.prime[l][:m])
+                d *= hidden_prime(arch, l, a[l], z[l], out=self.prime[l][:m])
             delta[l] = d
         return delta
 

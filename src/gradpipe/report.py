@@ -275,7 +275,7 @@ def metrics_summary(table: pa.Table) -> dict:
         return {"steps": 0, "first_step": None, "last_step": None, "layers": [],
                 "curve": [], "final": None, "best": None, "val": []}
     rows = table.to_pylist()
-    loss = table.column("loss").to_numpy(zero_copy_only=False).astype(np.float64)  # null: NaN
+    loss = _floats(table.column("loss"))  # null: NaN
     best = int(np.nanargmin(loss)) if np.isfinite(loss).any() else None
     return {
         "steps": table.num_rows,
@@ -294,7 +294,7 @@ def metrics_summary(table: pa.Table) -> dict:
 def _latest_and_median(table: pa.Table, column: str) -> dict:
     """The latest finite value of a metrics column, and its median over the last 10% of steps."""
     steps = table.column("step").to_numpy()
-    values = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)  # null: NaN
+    values = _floats(table.column(column))  # null: NaN
     finite = np.isfinite(values)
     window = max(1, math.ceil(NOISE_WINDOW * len(values)))
     tail, tail_ok = values[-window:], finite[-window:]

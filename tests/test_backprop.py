@@ -653,7 +653,8 @@ def test_outputs_sink_gets_the_predicted_classes_with_classify():
     got: list = []
     for classify in (True, False):
         block_partial(p.arch, p.params, p.x, p.y, chunk_rows=5, classify=classify,
-                      outputs=lambda start, a_L, y, pred, c=classify: got.append((c, a_L, pred)))
+                      outputs=lambda start, a_L, y, pred, c=classify:
+                      got.append((c, a_L.copy(), pred)))
     for classify, a_L, pred in got:
         if classify:
             np.testing.assert_array_equal(pred, a_L.argmax(axis=1))
@@ -696,11 +697,15 @@ def test_reused_grads_array_gives_the_same_pieces(p, chunk_rows, piece_rows):
     np.testing.assert_array_equal(flat_sums(a), flat_sums(b))
 
 
-def test_outputs_sink_may_keep_what_it_gets():
-    """The chunk's arrays are reused by the next chunk: a[L] reaches the sink as a copy."""
+def test_outputs_sink_gets_each_chunks_output_layer_in_the_workspace():
+    """The sink gets each chunk's a[L] in the engine's own array, which the next chunk
+    reuses (no copy per chunk): what it keeps past the call it copies."""
     p = make_problem((3, 5, 4), "sigmoid", "softmax", "cross_entropy", n=10, seed=2)
-    kept = []
+    kept, arrays = [], []
     block_partial(p.arch, p.params, p.x, p.y, chunk_rows=3,
-                  outputs=lambda start, a_L, y, _: kept.append((start, a_L)))
+                  outputs=lambda start, a_L, y, _: (kept.append((start, a_L.copy())),
+                                                    arrays.append(a_L)))
+    assert [start for start, _ in kept] == [0, 3, 6, 9]
     for start, a_L in kept:
         np.testing.assert_array_equal(a_L, forward(p.arch, p.params, p.x[start:start + 3])[0][-1])
+    assert np.shares_memory(arrays[0], arrays[1])

@@ -133,25 +133,30 @@ def test_el2n_of_regression_is_in_the_units_training_sees(reg_data, tmp_path):
     np.testing.assert_allclose(got["loss"], got["el2n"] ** 2, **TOL)
 
 
-def test_columns_stay_with_their_rows_across_chunks_and_pieces(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["full", "norms"])
+def test_columns_stay_with_their_rows_across_chunks_and_pieces(mode, tmp_path, monkeypatch):
     # 9,000 rows in one block: two chunks of backprop.CHUNK_ROWS (8,192) and 808 rows, and
-    # full gradients in pieces of 100 rows, which do not divide the chunks.
+    # full gradients in pieces of 100 rows, which do not divide the chunks. Norms rows are
+    # kept chunk by chunk (the engine reuses its arrays) and written as one row group.
     data = make_classification(tmp_path / "data", rows=9000, features=3, classes=3, files=1,
                                row_group_size=9000)
     monkeypatch.setattr(backprop, "FULL_CHUNK_BYTES", 100 * 8 * (4 * 4 + 3 * 5))
     out = tmp_path / "run"
     train(TrainConfig(data=str(data), out=str(out), workers=0, hidden=(4,), steps=1,
-                      update=False, dtype="float64", per_sample="full", standardize=False))
+                      update=False, dtype="float64", per_sample=mode, standardize=False))
     part = pq.ParquetFile(out / "per_sample" / "step=0" / "part-00000.parquet")
-    assert part.metadata.num_row_groups == 91  # pieces of 100 rows: 82 + 9
+    assert part.metadata.num_row_groups == (91 if mode == "full" else 1)  # full: 82 + 9
     x, y = load_xy(data, 3)
     value, _ = gradients(out)[0]
     a = output_layer((3, 4, 3), value, x, "sigmoid", "softmax")
     got = rows_of(out)
     assert list(got["sample"]) == list(range(9000))
+    np.testing.assert_array_equal(got["label"], y.argmax(axis=1))
     np.testing.assert_array_equal(got["prediction"], a.argmax(axis=1))
+    np.testing.assert_array_equal(got["correct"], a.argmax(axis=1) == y.argmax(axis=1))
     np.testing.assert_allclose(got["confidence"], a.max(axis=1), **TOL)
     np.testing.assert_allclose(got["el2n"], np.linalg.norm(a - y, axis=1), **TOL)
+    np.testing.assert_allclose(got["loss"], -np.log((a * y).sum(axis=1)), **TOL)
 
 
 def test_mini_batch_rows_carry_their_own_outputs(cls_data, tmp_path):

@@ -80,7 +80,8 @@ class Partial:
 Sink = Callable[[int, F64, F64, "Array | None"], None]
 # Sink for the output layer of each chunk, called before that chunk's `Sink` calls:
 # (first row in the block, a[L] (m, n_L), y (m, n_L)), both in the compute dtype, and
-# with `classify` the predicted classes argmax_j a[L]_j (m,), else None.
+# with `classify` the predicted classes argmax_j a[L]_j (m,), else None. a[L] is the
+# workspace's array, which the next chunk overwrites: copy what is kept past the call.
 OutputSink = Callable[[int, Array, Array, "NDArray[np.intp] | None"], None]
 
 
@@ -415,7 +416,7 @@ def block_partial(
         if prediction is not None:
             correct += int(np.count_nonzero(prediction == yc.argmax(axis=1)))
         if outputs is not None:
-            outputs(start, a[L].copy(), yc, prediction)  # a copy: the next chunk reuses a[L]
+            outputs(start, a[L], yc, prediction)
         if sink is None:
             continue
         if not full:

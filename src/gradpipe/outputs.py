@@ -347,7 +347,8 @@ class PerSampleWriter:
         if labels is not None:
             cols.append(pa.array(labels))
         dt = self.dtype
-        norms = np.sqrt(total_sq(sq_norms)).astype(dt, copy=False)
+        norms = total_sq(sq_norms)  # a new array: its square root in place
+        norms = np.sqrt(norms, out=norms).astype(dt, copy=False)
         cols += [pa.array(losses), pa.array(norms)]
         cols += [pa.array(np.sqrt(sq_norms[:, l]).astype(dt, copy=False))
                  for l in range(1, sq_norms.shape[1])]

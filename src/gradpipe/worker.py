@@ -115,7 +115,8 @@ def sample_outputs(arch: Architecture, a_L: NDArray[np.floating], y: NDArray[np.
     sum), in that dtype too.
     """
     err = a_L - y  # (m, n_L)
-    out: dict[str, NDArray] = {"el2n": np.sqrt(row_sq(err))}
+    el2n = row_sq(err)
+    out: dict[str, NDArray] = {"el2n": np.sqrt(el2n, out=el2n)}
     if prediction is not None:
         if arch.output_activation == "softmax":  # the probabilities are a[L] itself
             # a_L[i, prediction[i]] picked from the flat array: take_along_axis, or a max
@@ -125,7 +126,7 @@ def sample_outputs(arch: Architecture, a_L: NDArray[np.floating], y: NDArray[np.
         else:
             probabilities = class_probabilities(arch, a_L)  # (m, K) float64
             chosen = probabilities[np.arange(len(prediction)), prediction]
-        out["prediction"] = prediction.astype(np.int64)
+        out["prediction"] = prediction.astype(np.int64, copy=False)
         out["confidence"] = chosen.astype(a_L.dtype, copy=False)
     return out
 
@@ -141,7 +142,7 @@ class BlockRows:
         self.losses = np.empty(n)
         self.sq = np.empty((n, arch.L + 1))
         self.a_L = np.empty((n, arch.sizes[-1]), arch.dtype)
-        self.prediction = np.empty(n, np.intp) if classify else None
+        self.prediction = np.empty(n, np.int64) if classify else None
 
     def outputs(self, start: int, a_L: NDArray[np.floating], y: NDArray[np.floating],
                 prediction: NDArray[np.intp] | None) -> None:

@@ -86,3 +86,17 @@ def test_per_sample_writer_writes_grads_in_its_dtype_whatever_it_is_given(tmp_pa
     assert table.schema.field("grad").type.value_type == pa.from_numpy_dtype(np.dtype(dtype))
     np.testing.assert_array_equal(np.stack(table.column("grad").to_numpy(zero_copy_only=False)),
                                   grads.astype(dtype))
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_per_sample_writer_closed_without_rows_leaves_an_empty_part(tmp_path, full):
+    """Norms parts are encoded at close, full ones stream: either way a writer that got no
+    rows leaves a 0-row file with the schema, and no temporary beside it."""
+    from gradpipe.outputs import PerSampleWriter
+
+    path = tmp_path / "part.parquet"
+    w = PerSampleWriter(path, 2, full=full, classify=True, outputs=True)
+    w.close()
+    table = pq.read_table(path)
+    assert table.num_rows == 0 and table.schema.names[:3] == ["sample", "label", "loss"]
+    assert [p.name for p in tmp_path.iterdir()] == ["part.parquet"]

@@ -307,7 +307,6 @@ class PerSampleWriter:
             meta = {META_KEY: json.dumps({"classes": list(classes), "class_type": class_type},
                                          default=_jsonable).encode()}
         self.schema = pa.schema(fields, metadata=meta)
-        self.full = full
         self.pending: list[pa.Table] = []
         names = [f.name for f in fields]
         # Writing norms rows costs about as much as computing them (a 50,000-row block:
@@ -375,8 +374,9 @@ class PerSampleWriter:
         if self.writer is not None:
             self.writer.close()
         else:
-            buffer = pa.BufferOutputStream()
-            pq.write_table(pa.concat_tables(self.pending), buffer, **self.options)
+            buffer = pa.BufferOutputStream()  # no rows written: a file with the schema
+            table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
+            pq.write_table(table, buffer, **self.options)
             self.pending = []
             with open(self.staged.tmp, "wb") as f:
                 f.write(buffer.getvalue())

@@ -208,6 +208,9 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
             outs,
         )
 
+    # Norms go to `kept`, full gradients through `sink` to the writer, else nothing.
+    sinks = ((kept.rows, kept.outputs) if kept is not None
+             else (sink, on_outputs) if writer is not None else (None, None))
     try:
         partial = block_partial(
             req.arch,
@@ -216,11 +219,10 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
             y,
             block=data.block.index,
             classify=classify,
-            sink=kept.rows if kept is not None else sink if writer is not None else None,
+            sink=sinks[0],
             full=full,
             second_moment=req.second_moment,
-            outputs=(kept.outputs if kept is not None
-                     else on_outputs if writer is not None else None),
+            outputs=sinks[1],
             clip=req.clip,
             reuse_grads=True,  # the writer writes each piece of gradients before returning
         )

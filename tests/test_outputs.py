@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import duckdb
@@ -100,3 +101,32 @@ def test_per_sample_writer_closed_without_rows_leaves_an_empty_part(tmp_path, fu
     table = pq.read_table(path)
     assert table.num_rows == 0 and table.schema.names[:3] == ["sample", "label", "loss"]
     assert [p.name for p in tmp_path.iterdir()] == ["part.parquet"]
+
+
+@pytest.mark.parametrize("bound", [None, 64])
+def test_norms_part_with_a_large_class_list_and_any_buffer_size(tmp_path, monkeypatch, bound):
+    """A norms part is encoded into a buffer sized from its columns and schema; 20,000 long
+    class names (a footer far larger than the rows) fit, and a buffer too small for the
+    file (forced here) falls back to a growing one: the same bytes either way."""
+    from gradpipe import outputs
+    from gradpipe.outputs import PerSampleWriter
+
+    classes = tuple(f"class number {i} with a long name" for i in range(20_000))
+
+    def part(path):
+        w = PerSampleWriter(path, 1, full=False, classify=True, outputs=True,
+                            classes=classes, class_type="str")
+        ids = np.arange(3)
+        w.write(ids, ids, np.zeros(3), np.ones((3, 2)), None,
+                {"prediction": ids, "confidence": np.ones(3), "el2n": np.zeros(3)})
+        w.close()
+        return Path(path).read_bytes()
+
+    want = part(tmp_path / "a.parquet")
+    if bound is not None:
+        monkeypatch.setattr(outputs, "_encoded_bound", lambda table: bound)
+    got = part(tmp_path / "b.parquet")
+    assert got == want and len(want) > 20_000 * 30
+    table = pq.read_table(tmp_path / "b.parquet")
+    assert table.column("grad_norm").to_pylist() == [1.0] * 3
+    assert json.loads(table.schema.metadata[b"gradpipe"])["classes"] == list(classes)

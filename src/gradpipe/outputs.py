@@ -14,10 +14,12 @@ recorder.py decides where each record goes and when; this module says what a fil
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -262,6 +264,85 @@ def read_weights(
 OUTPUT_COLUMNS = ("prediction", "correct", "confidence", "el2n")
 
 
+@functools.lru_cache(maxsize=32)
+def per_sample_layout(L: int, full: bool, classify: bool, dtype: str, outputs: bool,
+                      classes: tuple | None, class_type: str | None
+                      ) -> tuple[pa.Schema, Mapping[str, Any]]:
+    """The schema and Parquet writer options of a per-sample part (PerSampleWriter): the
+    same for every block of a run, so made once (0.1 ms of Python a block otherwise)."""
+    # Values the engine computes in the compute dtype (norms: row sums of squares of
+    # delta[l] and a[l-1]; the output layer's probabilities) are written in it: float32
+    # unless --dtype float64, as `grad` is. float64 would only add digits that were never
+    # computed, and twice the bytes. `loss` is float64: it is taken from the logits in
+    # float64, and a confident right answer's loss can be below float32's range.
+    value = pa.from_numpy_dtype(np.dtype(dtype))
+
+    # Every column is declared not null (there are no nulls): the writer then encodes no
+    # definition levels, 40% of the encoding time of a norms part.
+    def field(name: str, kind: pa.DataType) -> pa.Field:
+        return pa.field(name, kind, nullable=False)
+
+    fields = [field("sample", pa.int64())]
+    if classify:
+        fields.append(field("label", pa.int64()))
+    fields += [field("loss", pa.float64()), field("grad_norm", value)]
+    fields += [field(f"grad_norm_l{l}", value) for l in range(1, L + 1)]
+    if outputs and classify:
+        fields += [field("prediction", pa.int64()), field("correct", pa.bool_()),
+                   field("confidence", value)]
+    if outputs:
+        fields.append(field("el2n", value))
+    if full:
+        fields.append(field("grad", pa.list_(field("element", value))))
+    meta = None
+    if classify and classes is not None:
+        meta = {META_KEY: json.dumps({"classes": list(classes), "class_type": class_type},
+                                     default=_jsonable).encode()}
+    schema = pa.schema(fields, metadata=meta)
+    names = [f.name for f in fields]
+    # Writing norms rows costs about as much as computing them (a 50,000-row block:
+    # 2 ms of encoding against a 60 ms step), so the file is kept small and cheap to
+    # encode: integer columns as deltas (sample ids 1, 1, 1, ...: a few bytes a page;
+    # class indices a few bits a row, encoded in two thirds of a dictionary's time),
+    # floats plain and uncompressed (lz4 or zstd saved 10-20% of these high-entropy
+    # values' bytes and cost more time than the smaller write saved), statistics on
+    # `sample` only (readers prune by sample range; min/max of every float column cost
+    # 15% of the encoding), batches of 65,536 rows (the default 1,024 cost 0.1 ms a
+    # block more). The grad list is lz4-compressed, as before. A norms part names no
+    # per-column compression: the writer looks each one up by its dotted path, per batch.
+    options: dict[str, Any] = dict(
+        compression={n: "none" for n in names if n != "grad"} | {"grad.list.element": "lz4"}
+        if full else "none",
+        use_dictionary=False,
+        column_encoding={n: "DELTA_BINARY_PACKED"
+                         for n in ("sample", "label", "prediction") if n in names},
+        write_statistics=["sample"],
+        write_batch_size=65536)
+    return schema, MappingProxyType(options)
+
+
+def _encoded_bound(table: pa.Table) -> int:
+    """Bytes enough for `table` as a norms part: every column plain (a delta-encoded integer
+    column takes at most 8 bytes a value and a 14-byte header every 128 values), the schema
+    with its metadata (in the footer twice), plus 1 MiB for page headers and statistics."""
+    data = sum(c.nbytes for c in table.columns)
+    return int(data * 1.25) + 3 * table.schema.serialize().size + (1 << 20)
+
+
+def _encode(table: pa.Table, options: Mapping[str, Any]) -> pa.Buffer:
+    """`table` as Parquet bytes, encoded into a buffer sized once for it (a growing
+    buffer's copies were a tenth of the encoding); a growing one if it did not fit."""
+    buffer = pa.allocate_buffer(_encoded_bound(table))
+    sink = pa.FixedSizeBufferWriter(buffer)
+    try:
+        pq.write_table(table, sink, **options)
+        return buffer.slice(0, sink.tell())
+    except (pa.ArrowInvalid, pa.ArrowIOError):  # past the end of the buffer
+        stream = pa.BufferOutputStream()
+        pq.write_table(table, stream, **options)
+        return stream.getvalue()
+
+
 class PerSampleWriter:
     """Writes one block's per-sample rows to part-BLOCK.parquet, chunk by chunk, atomically.
 
@@ -277,54 +358,12 @@ class PerSampleWriter:
                  classes: tuple | None = None, class_type: str | None = None) -> None:
         self.path = str(path)
         self.staged = Staged(path)  # a local temporary, committed whole at close
-        # Values the engine computes in the compute dtype (norms: row sums of squares of
-        # delta[l] and a[l-1]; the output layer's probabilities) are written in it: float32
-        # unless --dtype float64, as `grad` is. float64 would only add digits that were never
-        # computed, and twice the bytes. `loss` is float64: it is taken from the logits in
-        # float64, and a confident right answer's loss can be below float32's range.
         self.dtype = np.dtype(dtype)
-        value = pa.from_numpy_dtype(self.dtype)
-        # Every column is declared not null (there are no nulls): the writer then encodes no
-        # definition levels, 40% of the encoding time of a norms part.
-        def field(name: str, kind: pa.DataType) -> pa.Field:
-            return pa.field(name, kind, nullable=False)
-
-        fields = [field("sample", pa.int64())]
-        if classify:
-            fields.append(field("label", pa.int64()))
-        fields += [field("loss", pa.float64()), field("grad_norm", value)]
-        fields += [field(f"grad_norm_l{l}", value) for l in range(1, L + 1)]
         self.outputs = outputs
-        if outputs and classify:
-            fields += [field("prediction", pa.int64()), field("correct", pa.bool_()),
-                       field("confidence", value)]
-        if outputs:
-            fields.append(field("el2n", value))
-        if full:
-            fields.append(field("grad", pa.list_(field("element", value))))
-        meta = None
-        if classify and classes is not None:
-            meta = {META_KEY: json.dumps({"classes": list(classes), "class_type": class_type},
-                                         default=_jsonable).encode()}
-        self.schema = pa.schema(fields, metadata=meta)
+        self.schema, self.options = per_sample_layout(
+            L, full, classify, self.dtype.name, outputs,
+            tuple(classes) if classes is not None else None, class_type)
         self.pending: list[pa.Table] = []
-        names = [f.name for f in fields]
-        # Writing norms rows costs about as much as computing them (a 50,000-row block:
-        # 3.5 ms of encoding against a 60 ms step), so the file is kept small and cheap to
-        # encode: integer columns as deltas (sample ids 1, 1, 1, ...: a few bytes a page;
-        # class indices a few bits a row, encoded in two thirds of a dictionary's time),
-        # floats plain and uncompressed (lz4 or zstd saved 10-20% of these high-entropy
-        # values' bytes and cost more time than the smaller write saved), statistics on
-        # `sample` only (readers prune by sample range; min/max of every float column cost
-        # 15% of the encoding), batches of 65,536 rows (the default 1,024 cost 0.1 ms a
-        # block more). The grad list is lz4-compressed, as before.
-        self.options: dict[str, Any] = dict(
-            compression={n: "none" for n in names if n != "grad"} | {"grad.list.element": "lz4"},
-            use_dictionary=False,
-            column_encoding={n: "DELTA_BINARY_PACKED"
-                             for n in ("sample", "label", "prediction") if n in names},
-            write_statistics=["sample"],
-            write_batch_size=65536)
         # Full gradients stream to the file piece by piece; norms rows (1.5 MB a 50,000-row
         # block) are encoded in memory at close and written in one call.
         self.writer = None
@@ -346,11 +385,13 @@ class PerSampleWriter:
         if labels is not None:
             cols.append(pa.array(labels))
         dt = self.dtype
-        norms = total_sq(sq_norms)  # a new array: its square root in place
-        norms = np.sqrt(norms, out=norms).astype(dt, copy=False)
-        cols += [pa.array(losses), pa.array(norms)]
-        cols += [pa.array(np.sqrt(sq_norms[:, l]).astype(dt, copy=False))
-                 for l in range(1, sq_norms.shape[1])]
+        # The norms, whole and by layer, as rows of one array in the written dtype: the
+        # square roots in one pass, each from the float64 sum of squares.
+        n, width = sq_norms.shape
+        roots = np.empty((width, n), dt)
+        np.sqrt(total_sq(sq_norms), out=roots[0])
+        np.sqrt(sq_norms[:, 1:].T, out=roots[1:])
+        cols += [pa.array(losses)] + [pa.array(r) for r in roots]
         if self.outputs:
             assert outputs is not None, "this writer was opened with outputs=True"
             if labels is not None:
@@ -374,12 +415,12 @@ class PerSampleWriter:
         if self.writer is not None:
             self.writer.close()
         else:
-            buffer = pa.BufferOutputStream()  # no rows written: a file with the schema
+            # No rows written: a file with the schema.
             table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
-            pq.write_table(table, buffer, **self.options)
+            encoded = _encode(table, self.options)
             self.pending = []
             with open(self.staged.tmp, "wb") as f:
-                f.write(buffer.getvalue())
+                f.write(encoded)
         self.staged.commit()
 
     def abort(self) -> None:

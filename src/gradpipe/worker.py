@@ -104,7 +104,8 @@ def combine_moments(parts: list[Moments]) -> tuple[F64, F64]:
 
 
 def sample_outputs(arch: Architecture, a_L: NDArray[np.floating], y: NDArray[np.floating],
-                   prediction: NDArray[np.intp] | None) -> dict[str, NDArray]:
+                   prediction: NDArray[np.intp] | None, *,
+                   overwrite: bool = False) -> dict[str, NDArray]:
     """What the model did with each sample, from the output layer a[L] (m, n_L) and the
     target y (m, n_L) as training sees it (one-hot classes, or standardized targets).
 
@@ -112,11 +113,10 @@ def sample_outputs(arch: Architecture, a_L: NDArray[np.floating], y: NDArray[np.
     in the compute dtype of a[L]. Classification (`prediction`: argmax_j a[L]_j, the class
     indices block_partial found) also: prediction, and confidence = its probability
     (evaluate.class_probabilities: a[L] for softmax, else a[L] clipped at 0 over its row
-    sum), in that dtype too.
+    sum), in that dtype too. `overwrite`: a_L is the caller's own copy, and becomes a[L] - y
+    (no new array of the block's outputs).
     """
-    err = a_L - y  # (m, n_L)
-    el2n = row_sq(err)
-    out: dict[str, NDArray] = {"el2n": np.sqrt(el2n, out=el2n)}
+    out: dict[str, NDArray] = {}
     if prediction is not None:
         if arch.output_activation == "softmax":  # the probabilities are a[L] itself
             # a_L[i, prediction[i]] picked from the flat array: take_along_axis, or a max
@@ -128,6 +128,9 @@ def sample_outputs(arch: Architecture, a_L: NDArray[np.floating], y: NDArray[np.
             chosen = probabilities[np.arange(len(prediction)), prediction]
         out["prediction"] = prediction.astype(np.int64, copy=False)
         out["confidence"] = chosen.astype(a_L.dtype, copy=False)
+    err = np.subtract(a_L, y, out=a_L if overwrite else None)  # (m, n_L)
+    el2n = row_sq(err)
+    out["el2n"] = np.sqrt(el2n, out=el2n)
     return out
 
 
@@ -140,7 +143,9 @@ class BlockRows:
     def __init__(self, arch: Architecture, n: int, classify: bool) -> None:
         self.arch = arch
         self.losses = np.empty(n)
-        self.sq = np.empty((n, arch.L + 1))
+        # (n, L+1) as the engine gives it, laid out column by column: the writer's square
+        # roots and their sum then read each layer's norms as one contiguous run.
+        self.sq = np.empty((arch.L + 1, n)).T
         self.a_L = np.empty((n, arch.sizes[-1]), arch.dtype)
         self.prediction = np.empty(n, np.int64) if classify else None
 
@@ -229,7 +234,8 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
         if kept is not None:
             assert writer is not None
             writer.write(ids, labels, kept.losses, kept.sq, None,
-                         sample_outputs(req.arch, kept.a_L, y, kept.prediction))
+                         sample_outputs(req.arch, kept.a_L, y, kept.prediction,
+                                        overwrite=True))
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -56,7 +56,10 @@ class Sizes:
     p_rows: int = 100_000
     p_sub_rows: int = 20_000  # rows for torch vmap norms (rows/s is what is compared)
     p_full_rows: int = 10_000  # rows for full per-sample gradients (float64 Parquet is large)
-    p_pairs: int = 15  # adjacent none/norms pairs for the norms targets
+    # Adjacent none/norms pairs for the norms targets: one pair's ratio spreads by about
+    # +-10% on a shared host, so the median of 15 pairs was good to about +-5% (runs gave
+    # 1.05 and 1.12 for the same code); 61 pairs narrow its 95% interval to about +-2.5%.
+    p_pairs: int = 61
     m_rows: int = 1_000_000  # 1x of workload M
     m_scales: tuple[int, ...] = (1, 4, 8)
     m_files: int = 8  # 8 files of 1M+ rows: 65,536-row blocks at every scale
@@ -69,7 +72,7 @@ class Sizes:
 
 
 FULL = Sizes()
-QUICK = Sizes(l_rows=100_000, p_rows=20_000, p_sub_rows=5_000, p_full_rows=2_000, p_pairs=4,
+QUICK = Sizes(l_rows=100_000, p_rows=20_000, p_sub_rows=5_000, p_full_rows=2_000, p_pairs=5,
               m_rows=100_000, m_scales=(1, 4, 8), m_files=1, reps=3, s_reps=1, profile_steps=3,
               profile_seconds=3.0, execute_steps=3, roofline_reps=5)
 
@@ -247,6 +250,17 @@ def paired(a: System, b: System, pairs: int) -> list[float]:
                 s.post()
         out.append(t[b.name] / t[a.name])
     return out
+
+
+def median_interval(xs: list[float], level: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median of the population `xs` was drawn from:
+    the order statistics whose ranks bound it with probability `level` (the binomial count
+    of values below the median, by its normal approximation)."""
+    xs = sorted(xs)
+    n = len(xs)
+    half = statistics.NormalDist().inv_cdf(0.5 + level / 2) * n**0.5 / 2
+    lo, hi = max(0, int(n / 2 - half)), min(n - 1, int(n / 2 + half + 0.999))
+    return xs[lo], xs[hi]
 
 
 def quartiles(xs: list[float]) -> str:
@@ -1304,16 +1318,19 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
              (("in-process", none0, norms0), ("Ray 2 workers", norms_sys[3], norms_sys[4]))}
     rep.data["P_norms_pairs"] = pairs
     rep.say(f"Norms against none in {sz.p_pairs} adjacent pairs, order alternating (ratio "
-            "norms / none per pair; median, quartiles): "
-            + "; ".join(f"{k} {median(v):.3f} ({quartiles(v)})" for k, v in pairs.items())
+            "norms / none per pair; median, 95% interval of the median, quartiles): "
+            + "; ".join(f"{k} {median(v):.3f} ({'-'.join(f'{x:.3f}' for x in median_interval(v))}"
+                        f"; quartiles {quartiles(v)})" for k, v in pairs.items())
             + f". From the rounds above: in-process {ratio(norms0, none0):.3f}, Ray "
             f"{ratio(norms_sys[4], norms_sys[3]):.3f}.")
     rep.say()
     for name, (a, b) in (("in-process", (none0, norms0)),
                          ("Ray 2 workers", (norms_sys[3], norms_sys[4]))):
+        lo, hi = median_interval(pairs[name])
         rep.target(f"P per-sample norms to Parquet, added to the step ({name}; "
                    f"{sz.p_pairs} adjacent pairs)",
-                   f"{ms(b.median)} vs {ms(a.median)} in the rounds",
+                   f"{ms(b.median)} vs {ms(a.median)} in the rounds; 95% interval of the "
+                   f"pairs' median {lo - 1:+.3f}..{hi - 1:+.3f}",
                    median(pairs[name]) - 1, 0.10, False)
     tname = f"torch.func vmap(grad) + norms, {sz.p_sub_rows:,} rows"
     if tname in by:

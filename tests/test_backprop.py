@@ -410,6 +410,16 @@ def test_classify_counts_argmax_matches():
     part = block_partial(p.arch, p.params, p.x, p.y, classify=True, chunk_rows=4)
     assert part.correct == expected
     assert block_partial(p.arch, p.params, p.x, p.y).correct == 0
+    # Given the class indices (as block_step passes them), the count is the same, chunk by
+    # chunk, and nothing else changes; wrong indices would change it (they are used).
+    labels = p.y.argmax(axis=1).astype(np.int64)
+    given = block_partial(p.arch, p.params, p.x, p.y, classify=True, chunk_rows=4,
+                          labels=labels)
+    assert given.correct == expected and given.loss_sum == part.loss_sum
+    assert all(np.array_equal(u, v) for u, v in zip(given.sum_w, part.sum_w, strict=True))
+    shifted = block_partial(p.arch, p.params, p.x, p.y, classify=True, chunk_rows=4,
+                            labels=(labels + 1) % 3)
+    assert shifted.correct == int((a[-1].argmax(axis=1) == (labels + 1) % 3).sum())
 
 
 # ---------------------------------------------------------------------------- the engine's passes

@@ -338,6 +338,7 @@ def block_partial(
     outputs: OutputSink | None = None,
     clip: float | None = None,
     reuse_grads: bool = False,
+    labels: NDArray[np.int64] | None = None,
 ) -> Partial:
     """Sum the per-sample gradients, losses and squared norms of one block of samples.
 
@@ -359,6 +360,10 @@ def block_partial(
     With `clip` = C every sum is over the clipped gradients clip(g_i) = g_i min(1, C/|g_i|)
     (ghost clipping: delta[l]_i scaled by the factor, then the same products), sq_norm_sum
     included; the sink still receives the unclipped per-sample values.
+
+    `labels` (classification): the rows' class indices, the arg-max of each one-hot row of
+    y, when the caller has them: the accuracy count compares predictions with them instead
+    of taking y's arg-max chunk by chunk (2.5% of a step of 10 classes).
     """
     L = arch.L
     params = params.astype(arch.dtype)  # no copy when already in the compute dtype
@@ -414,7 +419,8 @@ def block_partial(
         sq_norm_sum += sq_summed.sum(axis=0)
         prediction = a[L].argmax(axis=1) if classify else None  # (m,)
         if prediction is not None:
-            correct += int(np.count_nonzero(prediction == yc.argmax(axis=1)))
+            truth = labels[start : start + m] if labels is not None else yc.argmax(axis=1)
+            correct += int(np.count_nonzero(prediction == truth))
         if outputs is not None:
             outputs(start, a[L], yc, prediction)
         if sink is None:

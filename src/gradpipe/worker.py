@@ -230,6 +230,7 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
             outputs=sinks[1],
             clip=req.clip,
             reuse_grads=True,  # the writer writes each piece of gradients before returning
+            labels=labels,
         )
         if kept is not None:
             assert writer is not None

@@ -415,7 +415,8 @@ class PerSampleWriter:
         if self.writer is not None:
             self.writer.close()
         else:
-            # No rows written: a file with the schema.
+            # The block's rows as one row group; a writer that got none leaves a file with
+            # the schema only.
             table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
             encoded = _encode(table, self.options)
             self.pending = []

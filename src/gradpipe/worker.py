@@ -18,7 +18,7 @@ import secrets
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 from numpy.typing import NDArray
@@ -40,7 +40,17 @@ from .outputs import PerSampleWriter, per_sample_path
 from .privacy import poisson_rows
 from .tree import held_nodes, tree_fold
 
+if TYPE_CHECKING:
+    from .local import LocalWorkers
+
 F64 = NDArray[np.float64]
+
+
+def cores() -> int:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -549,7 +559,9 @@ def _unwrap(e: Exception) -> Exception:
 
 
 class Pool:
-    """The workers of one run: `workers` Ray actors, or one in-process BlockSet for 0."""
+    """The workers of one run: `workers` Ray actors; for 0, one BlockSet in this process
+    (its blocks on one thread per core) or, given `processes`, one in each of that many
+    child processes (local.py)."""
 
     def __init__(
         self,
@@ -558,16 +570,26 @@ class Pool:
         dtype: str,
         *,
         stream: bool = False,
+        processes: int = 0,
     ) -> None:
         self.dataset = dataset
         self.workers = workers
         self.stream = stream
         self.small = False  # True: in-process because the work is small (start_pool)
         self.local: BlockSet | None = None
+        self.children: LocalWorkers | None = None  # workers == 0 in child processes
+        self.processes = processes if workers == 0 and processes > 1 else 0
         self.actors: list = []
+        if workers == 0 and processes > 1:
+            from .local import LocalWorkers
+
+            groups = [(dataset, g, dtype, stream, 1)
+                      for g in assign_blocks(dataset.blocks, processes) if g]
+            self.children = LocalWorkers(groups)
+            return
         if workers == 0:
-            here = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-            self.local = BlockSet(dataset, list(dataset.blocks), dtype, stream, threads=here)
+            self.local = BlockSet(dataset, list(dataset.blocks), dtype, stream,
+                                  threads=cores())
             return
         import ray
 
@@ -592,6 +614,8 @@ class Pool:
         """Call `method` on every worker and wait for all; results in worker order."""
         if self.local is not None:
             return [getattr(self.local, method)(*args)]
+        if self.children is not None:
+            return self.children.call(method, *args)
         import ray
 
         try:
@@ -627,6 +651,9 @@ class Pool:
     def close(self) -> None:
         if self.local is not None:
             self.local.close()
+        if self.children is not None:
+            self.children.close()
+            self.children = None
         if self.actors:
             import ray
 
@@ -647,6 +674,8 @@ class Pool:
         object-store reference; the per-block results of all workers, in worker order."""
         if self.local is not None:
             return getattr(self.local, method)(req)
+        if self.children is not None:
+            return [r for per_worker in self.children.call(method, req) for r in per_worker]
         import ray
 
         ref = ray.put(req)
@@ -672,6 +701,11 @@ class Pool:
 # core): when the whole run is below SMALL_WORK_FLOPS, or each step below SMALL_STEP_FLOPS.
 SMALL_WORK_FLOPS = 2e10  # about 1 s of compute: less than Ray's start
 SMALL_STEP_FLOPS = 3e8  # about 15 ms a step: Ray's per-step overhead would eat any gain
+# Without Ray (--workers 0), steps of at least PROCESS_STEP_FLOPS run in one child process
+# per core (local.py) instead of one thread per core: two threads share one GIL, which cost
+# workload L 8% of its step. Below it a step is too short for that to matter against a
+# call's round trip through the pipes, and the process start (0.2-0.4 s) would show.
+PROCESS_STEP_FLOPS = 1e9  # about 50 ms a step on one core
 
 
 def start_pool(dataset: Dataset, workers: int | None, dtype: str, *, address: str | None = None,
@@ -685,7 +719,9 @@ def start_pool(dataset: Dataset, workers: int | None, dtype: str, *, address: st
 
     With neither `workers` nor `address` given, small work runs in-process (`Pool.small` is
     then True): `flops`, the caller's estimate (operations per step, steps), below
-    SMALL_WORK_FLOPS in all or SMALL_STEP_FLOPS a step. The bits are the same either way."""
+    SMALL_WORK_FLOPS in all or SMALL_STEP_FLOPS a step. Work without Ray whose steps reach
+    PROCESS_STEP_FLOPS runs in one child process per core (`Pool.processes`). The bits are
+    the same either way."""
     small = (workers is None and address is None and flops is not None
              and (flops[0] * flops[1] <= SMALL_WORK_FLOPS or flops[0] <= SMALL_STEP_FLOPS))
     if small:
@@ -697,11 +733,15 @@ def start_pool(dataset: Dataset, workers: int | None, dtype: str, *, address: st
 
         workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
     n_workers = min(workers, len(dataset.blocks))
+    processes = 0
+    if n_workers == 0 and not small and flops is not None and flops[0] >= PROCESS_STEP_FLOPS:
+        processes = min(cores(), len(dataset.blocks))
+    holders = max(1, n_workers, processes)  # the processes that hold a share of the rows
     if memory_budget is None:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        memory_budget = physical // 2 // max(1, n_workers)
+        memory_budget = physical // 2 // holders
     row_bytes = np.dtype(dtype).itemsize * (dataset.n_features + dataset.n_outputs) + 8  # + id
-    stream = dataset.n_rows * row_bytes / max(1, n_workers) > memory_budget
-    pool = Pool(dataset, n_workers, dtype, stream=stream)
+    stream = dataset.n_rows * row_bytes / holders > memory_budget
+    pool = Pool(dataset, n_workers, dtype, stream=stream, processes=processes)
     pool.small = small
     return pool

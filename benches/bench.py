@@ -23,6 +23,7 @@ threadpoolctl and py-spy are optional (a missing one skips its part with a note)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -389,8 +390,6 @@ def time_calls(fn: Callable, min_seconds: float = 0.05) -> float:
 
 def threads_limit(n: int | None):
     """A context that sets numpy's BLAS threads (threadpoolctl), or does nothing."""
-    import contextlib
-
     if n is None:
         return contextlib.nullcontext()
     from threadpoolctl import threadpool_limits
@@ -495,8 +494,32 @@ def torch_mlp(params, x, y, threads: int, arch=None):
     return step, lambda: [t.grad.double().numpy() for t in ws + bs]
 
 
+def in_process_threads():
+    """A context in which `--workers 0` computes on block threads in this process whatever
+    the work (the default for long steps is one worker process per core, local.py): for the
+    rows that need the blocks here, or one core, or a profile of this process."""
+    from gradpipe import worker
+
+    @contextlib.contextmanager
+    def ctx():
+        old = getattr(worker, "PROCESS_STEP_FLOPS", None)
+        if old is None:  # an engine without worker processes
+            yield
+            return
+        worker.PROCESS_STEP_FLOPS = float("inf")
+        try:
+            yield
+        finally:
+            worker.PROCESS_STEP_FLOPS = old
+    return ctx()
+
+
 def engine_layout(run) -> str:
     """How the in-process engine uses the cores (the engine may change; say what it did)."""
+    processes = getattr(run.pool, "processes", 0)
+    if processes:
+        return (f"{processes} worker processes without Ray (local.py), each its blocks in "
+                "turn with 1 BLAS thread")
     local = run.pool.local
     blocks = getattr(local, "threads", None)
     if blocks is not None:
@@ -544,15 +567,17 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
     path = dataset(rep, "L", sz.l_rows, 128, 8)
     rows = sz.l_rows
 
-    def prepared(workers: int, out: str | None = None, dtype: str = "float32") -> Run:
+    def prepared(workers: int, out: str | None = None, dtype: str = "float32",
+                 threads: bool = False) -> Run:
         cfg = TrainConfig(data=path, hidden=L_HIDDEN, workers=workers, steps=sz.execute_steps,
                           out=out, overwrite=True, record_every=0, checkpoint_every=0,
                           dtype=dtype)
         run = Run(cfg)
         t = time.perf_counter()
-        run.prepare()
-        rep.say(f"prepared workers={workers} {dtype}: {time.perf_counter() - t:.1f} s "
-                f"({mib(run.data_bytes)} of blocks)")
+        with in_process_threads() if threads else contextlib.nullcontext():
+            run.prepare()
+        rep.say(f"prepared workers={workers}{' (block threads)' * threads} {dtype}: "
+                f"{time.perf_counter() - t:.1f} s ({mib(run.data_bytes)} of blocks)")
         return run
 
     def stepper(run: Run) -> Callable[[], object]:
@@ -563,16 +588,20 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
     have_tp = threadpool_ok()
     if not have_tp:
         rep.say("threadpoolctl is not installed: the 1-core rows are skipped.")
-    run0 = prepared(0)
+    run0 = prepared(0)  # the default for --workers 0: worker processes for long steps
+    run0t = prepared(0, threads=True)  # block threads in this process
     arch, params = run0.arch, run0.params
     P = arch.n_params
-    step0 = stepper(run0)
-    layout0 = engine_layout(run0)
-    IN0, IN1, RAY2 = ("gradpipe in-process (workers=0)", "gradpipe in-process, 1 core",
-                      "gradpipe Ray 2 workers (1 BLAS thread each)")
-    systems = [System(IN0, step0, rows=rows)]
+    step0, step0t = stepper(run0), stepper(run0t)
+    layout0, layout0t = engine_layout(run0), engine_layout(run0t)
+    IN0, INT, IN1, RAY2 = ("gradpipe --workers 0 (the default: 2 worker processes)",
+                           "gradpipe in-process, 2 block threads",
+                           "gradpipe in-process, 1 core",
+                           "gradpipe Ray 2 workers (1 BLAS thread each)")
+    systems = [System(IN0, step0, pids=tuple(run0.pool.pids()), rows=rows),
+               System(INT, step0t, rows=rows)]
     if have_tp:
-        systems.append(System(IN1, one_core(run0, step0), rows=rows))
+        systems.append(System(IN1, one_core(run0t, step0t), rows=rows))
     exec_out = tempfile.mkdtemp(prefix="L-execute-", dir=OUT)
     run2 = prepared(2, out=exec_out)
     pids2 = tuple(run2.pool.pids())
@@ -611,7 +640,7 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
                           "numpy matmuls only, 2 Ray actors x 1 thread")
     systems.append(System(MM2, lambda: matmuls(ops, chunks), rows=rows))
     if have_tp:
-        systems.append(System(MM1, one_core(run0, lambda: matmuls(ops, chunks)), rows=rows))
+        systems.append(System(MM1, one_core(run0t, lambda: matmuls(ops, chunks)), rows=rows))
         systems.append(System(MMT, matmuls_py_threads, rows=rows))
     systems.append(System(MMR, matmuls_ray, rows=rows))
     # numpy's matrix-product rate, measured in the same rounds: what the targets are against.
@@ -624,7 +653,7 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
     torch_grads = None
     T2, T1 = "PyTorch loss.backward(), 2 threads", "PyTorch loss.backward(), 1 thread"
     if torch_ok():
-        x, y = concat_blocks(run0.pool.local.data)
+        x, y = concat_blocks(run0t.pool.local.data)
         tstep2, torch_grads = torch_mlp(params, x, y, threads=2, arch=arch)
         tstep1, _ = torch_mlp(params, x, y, threads=1, arch=arch)
         systems.append(System(T2, with_torch_threads(tstep2, 2), rows=rows))
@@ -633,9 +662,10 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
         rep.say("PyTorch is not installed: its rows are skipped.")
     for s_ in systems:
         s_.min_seconds = 0.5  # only --quick steps are shorter
-    rep.say(f"{rows:,} rows, {P:,} parameters, {len(run0.dataset.blocks)} blocks; in-process "
-            f"engine: {layout0}; {sz.reps} rounds after one warm-up round; ratios are medians "
-            f"of per-round ratios; load average {os.getloadavg()[0]:.2f}")
+    rep.say(f"{rows:,} rows, {P:,} parameters, {len(run0.dataset.blocks)} blocks; "
+            f"--workers 0: {layout0}; in-process threads: {layout0t}; {sz.reps} rounds after "
+            f"one warm-up round; ratios are medians of per-round ratios; load average "
+            f"{os.getloadavg()[0]:.2f}")
     rep.say()
     interleave(systems, sz.reps)
     pool2.shutdown()
@@ -646,11 +676,13 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
     # Correctness: the engines compute the same gradient.
     g0 = reduce(run0.pool.step(StepRequest(0, arch, params))).flat()
     g2 = reduce(run2.pool.step(StepRequest(0, arch, params))).flat()
-    rep.say(f"gradient, Ray 2 workers vs in-process: bitwise equal = {bool((g0 == g2).all())}"
-            f" (max relative difference {float(np.abs(g0 - g2).max() / np.abs(g0).max()):.1e})")
+    gt = reduce(run0t.pool.step(StepRequest(0, arch, params))).flat()
+    rep.say(f"gradient, Ray 2 workers vs --workers 0: bitwise equal = {bool((g0 == g2).all())}"
+            f" (max relative difference {float(np.abs(g0 - g2).max() / np.abs(g0).max()):.1e});"
+            f" vs in-process block threads: bitwise equal = {bool((gt == g2).all())}")
     if have_tp:
         g1 = []
-        one_core(run0, lambda: g1.append(reduce(run0.pool.step(StepRequest(0, arch, params)))))()
+        one_core(run0t, lambda: g1.append(reduce(run0t.pool.step(StepRequest(0, arch, params)))))()
         g1f = g1[0].flat()
         rep.say(f"gradient, Ray 2 workers vs in-process on 1 core: bitwise equal = "
                 f"{bool((g1f == g2).all())}")
@@ -699,10 +731,11 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
     interleave([b2, r1], sz.reps)
     timing_table(rep, [b2, r1], b2)
     run1.close()
-    rep.data["L"] = {"rows": rows, "params": P, "engine": layout0, "execute_seconds": secs,
+    rep.data["L"] = {"rows": rows, "params": P, "engine": layout0, "engine_threads": layout0t,
+                     "execute_seconds": secs,
                      "direct_after_execute": direct, "ray1_vs_inproc": ratio(r1, b2)}
 
-    inproc, ray2 = by[IN0], by[RAY2]
+    inproc, ray2, inthreads = by[IN0], by[RAY2], by[INT]
     rep.target("L step, Ray 2 workers / in-process workers=0 (same data, all cores)",
                f"{ms(ray2.median)} vs {ms(inproc.median)}; {fastest(ray2, inproc)}",
                ratio(ray2, inproc), 1.05, False)
@@ -728,14 +761,17 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
         return median([(flops / a) / (ref_flops / b) for a, b in zip(s_.times, ref.times)])
 
     # The targets: the nominal 6NP rate against numpy's square product in the same rounds.
+    rep.say(f"(in-process block threads / {SQ2}: {fmt(rate_vs(inthreads, by[SQ2], sq_flops))}; "
+            f"--workers 0 / in-process block threads, step time: "
+            f"{fmt(ratio(inproc, inthreads))})")
     for s_ in (ray2, inproc):
         rep.target(f"L float32 FLOP rate 6NP/step, {s_.name} / {SQ2}",
                    f"{fmt(flops / s_.median / 1e9)} vs {fmt(sq_flops / by[SQ2].median / 1e9)}"
                    f" GFLOP/s; fastest runs "
                    f"{fmt((flops / min(s_.times)) / (sq_flops / min(by[SQ2].times)))}",
                    rate_vs(s_, by[SQ2], sq_flops), 0.7, True)
-    threaded = getattr(run0.pool.local, "threads", 1) > 1
-    pairs = [(ray2, by[MMR]), (inproc, by[MMT] if threaded and MMT in by else by[MM2])]
+    pairs = [(ray2, by[MMR]), (inproc, by[MMR]),
+             (inthreads, by[MMT] if MMT in by else by[MM2])]
     if one is not None:
         pairs.append((one, by[MM1]))
         rep.say(f"(in-process on 1 core / {SQ1}: {fmt(rate_vs(one, by[SQ1], sq_flops))})")
@@ -750,11 +786,12 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
     rep.say()
     rep.data["L"].update({"square_gflops_2t": sq_flops / by[SQ2].median / 1e9,
                           "mix_chunk_rows": chunk})
+    run0t.close()
+    run0.close()
     workload_l64(rep, sz, path, prepared, stepper)
     if not args.no_profile:
         profile(rep, sz, path, L_HIDDEN, "L")
         malloc_ab(rep, sz, path, L_HIDDEN, threads=1)
-    run0.close()
 
 
 def workload_l64(rep: Report, sz: Sizes, path: str, prepared, stepper) -> None:
@@ -769,6 +806,7 @@ def workload_l64(rep: Report, sz: Sizes, path: str, prepared, stepper) -> None:
     rep.say()
     rows = sz.l_rows
     run0 = prepared(0, dtype="float64")
+    run0t = prepared(0, dtype="float64", threads=True)
     run2 = prepared(2, dtype="float64")
     arch = run0.arch
     P = arch.n_params
@@ -789,12 +827,14 @@ def workload_l64(rep: Report, sz: Sizes, path: str, prepared, stepper) -> None:
         with threads_limit(1):
             list(pool2.map(matmuls, (ops, ops_b), half))
 
-    IN0, RAY2 = ("gradpipe in-process (workers=0), float64",
-                 "gradpipe Ray 2 workers (1 BLAS thread each), float64")
+    IN0, INT, RAY2 = ("gradpipe --workers 0 (the default: 2 worker processes), float64",
+                      "gradpipe in-process, 2 block threads, float64",
+                      "gradpipe Ray 2 workers (1 BLAS thread each), float64")
     SQ2 = f"numpy {SQUARE}x{SQUARE} product, float64, 2 BLAS threads"
     MMT = "numpy float64 matmuls only, 2 Python threads x 1 BLAS thread"
     sq2, sq_flops = square_product("float64", 2)
-    systems = [System(IN0, stepper(run0), rows=rows),
+    systems = [System(IN0, stepper(run0), pids=tuple(run0.pool.pids()), rows=rows),
+               System(INT, stepper(run0t), rows=rows),
                System(RAY2, stepper(run2), pids=tuple(run2.pool.pids()), rows=rows),
                System(SQ2, sq2)]
     if threadpool_ok():
@@ -810,10 +850,15 @@ def workload_l64(rep: Report, sz: Sizes, path: str, prepared, stepper) -> None:
     by = {s.name: s for s in systems}
     g0 = reduce(run0.pool.step(StepRequest(0, arch, run0.params))).flat()
     g2 = reduce(run2.pool.step(StepRequest(0, arch, run2.params))).flat()
-    rep.say(f"gradient float64, Ray 2 workers vs in-process: bitwise equal = "
-            f"{bool((g0 == g2).all())}")
+    gt = reduce(run0t.pool.step(StepRequest(0, arch, run0t.params))).flat()
+    rep.say(f"gradient float64, Ray 2 workers vs --workers 0: bitwise equal = "
+            f"{bool((g0 == g2).all())}; vs in-process block threads: {bool((gt == g2).all())}")
     rep.say()
     flops = 6 * rows * P
+    rep.say("(in-process block threads / " + SQ2 + ": " + fmt(median(
+        [(flops / a) / (sq_flops / b) for a, b in zip(by[INT].times, by[SQ2].times, strict=True)]))
+        + f"; --workers 0 / in-process block threads, step time: "
+        f"{fmt(ratio(by[IN0], by[INT]))})")
     for name in (RAY2, IN0):
         s_ = by[name]
         frac = median([(flops / a) / (sq_flops / b) for a, b in zip(s_.times, by[SQ2].times)])
@@ -829,13 +874,16 @@ def workload_l64(rep: Report, sz: Sizes, path: str, prepared, stepper) -> None:
             return median([(flops / a) / (mix_flops / b)
                            for a, b in zip(by[n].times, by[MMT].times, strict=True)])
         rep.say("(against numpy running only the step's float64 products in 2 Python threads x "
-                "1 BLAS thread: " + "; ".join(f"{n}: {fmt(vs_mix(n))}" for n in (RAY2, IN0))
+                "1 BLAS thread: " + "; ".join(f"{n}: {fmt(vs_mix(n))}"
+                                              for n in (RAY2, IN0, INT))
                 + ")")
         rep.say()
     rep.data["L64"] = {"rows": rows, "params": P, "chunk_rows": chunk,
                        "square_gflops_2t": sq_flops / by[SQ2].median / 1e9,
-                       "bitwise_equal": bool((g0 == g2).all())}
+                       "bitwise_equal": bool((g0 == g2).all()),
+                       "bitwise_equal_threads": bool((gt == g2).all())}
     run2.close()
+    run0t.close()
     run0.close()
 
 
@@ -1032,7 +1080,8 @@ def _child_run(argv: list[str]):
     path, hidden = argv[0], tuple(int(h) for h in argv[1].split(","))
     mode, rows = argv[4], int(argv[5])
     run = Run(TrainConfig(data=path, hidden=hidden, workers=0, steps=1))
-    run.prepare()
+    with in_process_threads():  # the work in this process, where the profiler looks
+        run.prepare()
     if int(argv[6]) == 1 and hasattr(run.pool.local, "threads"):
         run.pool.local.threads = 1  # one core: one block at a time (BLAS threads: the env)
     out = tempfile.mkdtemp(prefix="child-", dir=OUT) if mode != "none" else None
@@ -1201,11 +1250,14 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
     rep.say()
     path = dataset(rep, "P", sz.p_rows, 64, 2)
     run0 = Run(TrainConfig(data=path, hidden=P_HIDDEN, workers=0, steps=1))
-    run0.prepare()
+    run0.prepare()  # the default for --workers 0: worker processes for steps this long
+    run0t = Run(TrainConfig(data=path, hidden=P_HIDDEN, workers=0, steps=1))
+    with in_process_threads():
+        run0t.prepare()  # block threads in this process
     run2 = Run(TrainConfig(data=path, hidden=P_HIDDEN, workers=2, steps=1))
     run2.prepare()
     arch, params = run0.arch, run0.params
-    blocks = run0.pool.local.data
+    blocks = run0t.pool.local.data
     rows = sz.p_rows
     tmp = Path(tempfile.mkdtemp(prefix="P-", dir=OUT))
     counter = iter(range(10**9))
@@ -1228,7 +1280,7 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
     # block_partial alone, laid out over the cores as the engine lays out its blocks (blocks
     # on BlockSet.threads threads with one BLAS thread each, where the engine does that),
     # with the engine's options (one reused array for per-sample gradients, as block_step).
-    engine_threads = getattr(run0.pool.local, "threads", 1)
+    engine_threads = getattr(run0t.pool.local, "threads", 1)
     import inspect
 
     reuse_ok = "reuse_grads" in inspect.signature(block_partial).parameters
@@ -1263,17 +1315,24 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
                 list(ex.map(one, jobs))
         return fn
 
-    pids2 = tuple(run2.pool.pids())
+    pids2, pids0 = tuple(run2.pool.pids()), tuple(run0.pool.pids())
+    rep.say(f"--workers 0: {engine_layout(run0)}")
+    rep.say()
     norms_sys = [
-        System("gradpipe in-process step, per_sample=none", step(run0, "none"), rows=rows),
-        System("gradpipe in-process step, per_sample=norms -> Parquet", step(run0, "norms"),
-               post=clean, rows=rows),
+        System("gradpipe --workers 0 step, per_sample=none", step(run0, "none"), pids=pids0,
+               rows=rows),
+        System("gradpipe --workers 0 step, per_sample=norms -> Parquet", step(run0, "norms"),
+               pids=pids0, post=clean, rows=rows),
         System("gradpipe in-process block_partial, norms to a discarding sink",
                compute(blocks, False), rows=rows),
         System("gradpipe Ray 2 workers step, per_sample=none", step(run2, "none"),
                pids=pids2, rows=rows),
         System("gradpipe Ray 2 workers step, per_sample=norms -> Parquet",
                step(run2, "norms"), pids=pids2, post=clean, rows=rows),
+        System("gradpipe in-process block threads step, per_sample=none", step(run0t, "none"),
+               rows=rows),
+        System("gradpipe in-process block threads step, per_sample=norms -> Parquet",
+               step(run0t, "norms"), post=clean, rows=rows),
     ]
     x, y = concat_blocks(blocks)
     if torch_ok():
@@ -1315,16 +1374,18 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
     # The norms targets from adjacent pairs (see `paired`); the rounds above give the same
     # ratio with the host's drift between a round's calls in it.
     pairs = {name: paired(a, b, sz.p_pairs) for name, a, b in
-             (("in-process", none0, norms0), ("Ray 2 workers", norms_sys[3], norms_sys[4]))}
+             (("--workers 0", none0, norms0), ("Ray 2 workers", norms_sys[3], norms_sys[4]),
+              ("in-process block threads", norms_sys[5], norms_sys[6]))}
     rep.data["P_norms_pairs"] = pairs
     rep.say(f"Norms against none in {sz.p_pairs} adjacent pairs, order alternating (ratio "
             "norms / none per pair; median, 95% interval of the median, quartiles): "
             + "; ".join(f"{k} {median(v):.3f} ({'-'.join(f'{x:.3f}' for x in median_interval(v))}"
                         f"; quartiles {quartiles(v)})" for k, v in pairs.items())
-            + f". From the rounds above: in-process {ratio(norms0, none0):.3f}, Ray "
-            f"{ratio(norms_sys[4], norms_sys[3]):.3f}.")
+            + f". From the rounds above: --workers 0 {ratio(norms0, none0):.3f}, Ray "
+            f"{ratio(norms_sys[4], norms_sys[3]):.3f}, in-process block threads "
+            f"{ratio(norms_sys[6], norms_sys[5]):.3f}.")
     rep.say()
-    for name, (a, b) in (("in-process", (none0, norms0)),
+    for name, (a, b) in (("--workers 0", (none0, norms0)),
                          ("Ray 2 workers", (norms_sys[3], norms_sys[4]))):
         lo, hi = median_interval(pairs[name])
         rep.target(f"P per-sample norms to Parquet, added to the step ({name}; "
@@ -1338,7 +1399,7 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
         # rows/s per round: gradpipe rows / its time over torch rows / its time
         thr = [(rows / a) / (sz.p_sub_rows / b) for a, b in zip(norms0.times, tn.times)]
         thr2 = [(rows / a) / (sz.p_sub_rows / b) for a, b in zip(norms_sys[4].times, tn.times)]
-        rep.target("P norms throughput, gradpipe in-process (norms -> Parquet) / torch.func",
+        rep.target("P norms throughput, gradpipe --workers 0 (norms -> Parquet) / torch.func",
                    f"{rows / norms0.median:,.0f} vs {sz.p_sub_rows / tn.median:,.0f} rows/s",
                    median(thr), 10, True)
         thr3 = [(rows / a) / (sz.p_sub_rows / b) for a, b in zip(norms_sys[2].times, tn.times)]
@@ -1354,7 +1415,7 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
     full_sys = [
         System(f"gradpipe block_partial full=True, discarding sink, {R:,} rows",
                compute(blocks, True, R), rows=R),
-        System(f"gradpipe in-process step, per_sample=full -> Parquet, {R:,} rows",
+        System(f"gradpipe --workers 0 step, per_sample=full -> Parquet, {R:,} rows",
                step(run0, "full", batch), post=clean, rows=R),
     ]
     if torch_ok():
@@ -1401,9 +1462,9 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
          compute(bs_small.data, True, lim, parallel=False)),
         (f"compute, {lim:,} rows in 2,048-row blocks, {engine_threads} blocks at once",
          compute(bs_small.data, True, lim)),
-        (f"-> Parquet (engine step), {R:,} rows in one block", step(run0, "full", batch)),
+        (f"-> Parquet (engine step), {R:,} rows in one block", step(run0t, "full", batch)),
         (f"-> Parquet (engine step), {lim:,} rows in one block",
-         step(run0, "full", np.arange(lim, dtype=np.int64))),
+         step(run0t, "full", np.arange(lim, dtype=np.int64))),
     ):
         t = time.perf_counter()
         d = peak_of(fn)
@@ -1434,6 +1495,7 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
         profile(rep, sz, path, P_HIDDEN, "P", threads_list=(2,), mode="norms")
         profile(rep, sz, path, P_HIDDEN, "P", threads_list=(2,), mode="full", rows=R)
     run2.close()
+    run0t.close()
     run0.close()
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -99,7 +99,7 @@ class LocalWorkers:
         self.broken = True  # until every answer is in: an interrupted call leaves replies
         for c in self.conns:
             c.send((method, args))
-        replies = [self._receive(i) for i in range(len(self.conns))]
+        replies = [self._receive(i, method) for i in range(len(self.conns))]
         self.broken = False
         for r in replies:
             if r[0] == "error":
@@ -109,7 +109,7 @@ class LocalWorkers:
                 raise e
         return [r[1] for r in replies]
 
-    def _receive(self, i: int) -> tuple:
+    def _receive(self, i: int, method: str) -> tuple:
         try:
             return self.conns[i].recv()
         except (EOFError, OSError):
@@ -121,7 +121,7 @@ class LocalWorkers:
             how = (f"was killed by signal {-code}" if code is not None and code < 0
                    else f"exited with status {code}")
             raise JobError(
-                f"local worker process {p.pid} {how} during a step"
+                f"local worker process {p.pid} {how} (in its {method!r} call)"
                 + (" (out of memory? try --memory-budget or Ray workers)"
                    if code == -signal.SIGKILL else "")) from None
 

@@ -64,21 +64,28 @@ def test_processes_give_the_bits_of_threads(data, tmp_path, dtype, monkeypatch):
         assert a.equals(b)
 
 
-def test_the_rule_chooses_processes_for_long_steps_only(data):
-    dataset = plan(DataSpec(str(data)))
-    cores = min(worker.cores(), len(dataset.blocks))
-    cases = [  # (workers, flops per step, steps) -> child processes
-        ((0, worker.PROCESS_STEP_FLOPS, 1), cores if cores > 1 else 0),
-        ((0, worker.PROCESS_STEP_FLOPS / 2, 1000), 0),  # short steps: threads
-        ((None, 1e6, 1), 0),  # small work, in-process by default: threads
-        ((0, None, None), 0),  # no estimate: threads
+def test_the_rule_chooses_processes_for_long_steps_and_threads_for_large_blocks(tmp_path):
+    data = make_classification(tmp_path / "d", rows=300, files=3, row_group_size=100)
+    dataset = plan(DataSpec(str(data)))  # a block a file
+    blocks = len(dataset.blocks)
+    assert blocks > 1
+    cores = min(worker.cores(), blocks)
+    large = worker.THREAD_BLOCK_FLOPS * blocks  # a step whose blocks take threads
+    assert large < worker.PROCESS_STEP_FLOPS
+    cases = [  # (workers, flops per step, steps) -> (child processes, block threads)
+        ((0, worker.PROCESS_STEP_FLOPS, 1), (cores, 0) if cores > 1 else (0, 1)),
+        ((0, large, 1000), (0, worker.cores())),  # shorter steps, large blocks: threads
+        ((0, large / 2, 1000), (0, 1)),  # small blocks: one thread
+        ((None, 1e6, 1), (0, 1)),  # small work, in-process by default
+        ((0, None, None), (0, worker.cores())),  # no estimate: a thread per core
     ]
-    for (workers, step, steps), want in cases:
+    for (workers, step, steps), (processes, threads) in cases:
         flops = None if step is None else (step, steps)
         pool = worker.start_pool(dataset, workers, "float64", flops=flops)
         try:
-            assert pool.processes == want, (workers, step, steps)
-            assert (pool.children is not None) == (want > 1)
+            assert pool.processes == processes, (workers, step, steps)
+            assert (pool.children is not None) == (processes > 1)
+            assert (pool.local.threads if pool.local else 0) == threads, (workers, step)
         finally:
             pool.close()
 
@@ -149,3 +156,46 @@ def test_ctrl_c_stops_the_processes_and_resume_gives_the_same_bits(
     np.testing.assert_array_equal(
         pq.read_table(out / "per_sample" / "step=7").sort_by("sample").column("loss"),
         pq.read_table(full / "per_sample" / "step=7").sort_by("sample").column("loss"))
+
+
+def test_evaluate_predict_scores_and_influence_give_the_bits_of_threads(
+        tmp_path, monkeypatch):
+    from test_scores import run
+    from test_scores import train as train_run
+
+    data = make_classification(tmp_path / "d", rows=60, features=4, classes=3, files=3,
+                               row_group_size=10)
+    test = make_classification(tmp_path / "t", rows=9, features=4, classes=3, files=1, seed=5)
+    out = train_run(data, tmp_path / "run")
+    from gradpipe import local
+
+    started: list[int] = []
+
+    class Counted(local.LocalWorkers):
+        def __init__(self, groups: list[tuple]) -> None:
+            started.append(len(groups))
+            super().__init__(groups)
+
+    monkeypatch.setattr(local, "LocalWorkers", Counted)
+    got: dict[str, list] = {}
+    for mode, threshold in (("threads", float("inf")), ("processes", 0.0)):
+        monkeypatch.setattr(worker, "PROCESS_STEP_FLOPS", threshold)
+        here = tmp_path / mode
+        results = [
+            run("evaluate", out, data, "--workers", "0", "--json"),
+            run("predict", out, data, "--workers", "0", "--out", here / "pred", "--quiet"),
+            run("scores", out, "--workers", "0", "--out", here / "scores", "--json", "--top",
+                "7"),
+            run("influence", out, "--test", test, "--workers", "0", "--out",
+                here / "influence.parquet", "--top", "4", "--quiet"),
+        ]
+        for r in results:
+            assert r.exit_code == 0, (mode, r.output, r.exception)
+        got[mode] = [results[0].stdout, json.loads(results[2].stdout)["top"]]
+        got[mode] += [pq.read_table(here / name) for name in
+                      ("pred", "scores", "influence.parquet")]
+    assert started == [2, 2, 2, 2]  # the four commands, each in 2 processes (none in threads)
+    threads, processes = got["threads"], got["processes"]
+    assert threads[:2] == processes[:2]
+    for a, b in zip(threads[2:], processes[2:], strict=True):
+        assert a.num_rows > 0 and a.equals(b)

@@ -336,12 +336,15 @@ class Run:
 
     def _val_pool(self) -> Pool:
         """The --val data, read as the model reads its data: the same feature columns by
-        name, target, task and classes; held in this process and checked now."""
+        name, target, task and classes; held without Ray (as --workers 0 holds data) and
+        checked now."""
         d = self.dataset
         spec = DataSpec(self.config.val or "", tuple(exact_name(f) for f in d.features),
                         d.target, classes=d.classes if d.classify else None, task=d.task,
                         block_rows=self.config.block_rows)
-        pool = start_pool(plan(spec), 0, self.config.dtype)
+        val = plan(spec)
+        pool = start_pool(val, 0, self.config.dtype,
+                          flops=(2.0 * val.n_rows * self.arch.n_params, 1))  # a forward pass
         pool.load()
         return pool
 

@@ -560,8 +560,8 @@ def _unwrap(e: Exception) -> Exception:
 
 class Pool:
     """The workers of one run: `workers` Ray actors; for 0, one BlockSet in this process
-    (its blocks on one thread per core) or, given `processes`, one in each of that many
-    child processes (local.py)."""
+    (its blocks on `threads` threads at once, default one per core) or, given `processes`,
+    one in each of that many child processes (local.py)."""
 
     def __init__(
         self,
@@ -571,6 +571,7 @@ class Pool:
         *,
         stream: bool = False,
         processes: int = 0,
+        threads: int | None = None,
     ) -> None:
         self.dataset = dataset
         self.workers = workers
@@ -589,7 +590,7 @@ class Pool:
             return
         if workers == 0:
             self.local = BlockSet(dataset, list(dataset.blocks), dtype, stream,
-                                  threads=cores())
+                                  threads=cores() if threads is None else threads)
             return
         import ray
 
@@ -697,8 +698,9 @@ class Pool:
 
 # Work runs in-process by default when Ray could only make it slower (measured here: a
 # local instance starts in 5-10 s, a step on Ray costs 7-9 ms more than in-process, one core
-# computes an MLP step at about 20 GFLOP/s in float32, and in-process already uses every
-# core): when the whole run is below SMALL_WORK_FLOPS, or each step below SMALL_STEP_FLOPS.
+# computes an MLP step at about 20 GFLOP/s in float32, and in-process uses every core
+# where blocks are large enough): when the whole run is below SMALL_WORK_FLOPS, or each
+# step below SMALL_STEP_FLOPS.
 SMALL_WORK_FLOPS = 2e10  # about 1 s of compute: less than Ray's start
 SMALL_STEP_FLOPS = 3e8  # about 15 ms a step: Ray's per-step overhead would eat any gain
 # Without Ray (--workers 0), steps of at least PROCESS_STEP_FLOPS run in one child process
@@ -706,6 +708,13 @@ SMALL_STEP_FLOPS = 3e8  # about 15 ms a step: Ray's per-step overhead would eat 
 # workload L 8% of its step. Below it a step is too short for that to matter against a
 # call's round trip through the pipes, and the process start (0.2-0.4 s) would show.
 PROCESS_STEP_FLOPS = 1e9  # about 50 ms a step on one core
+# In this process, blocks are computed one per core at once only when a block is at least
+# THREAD_BLOCK_FLOPS of work; smaller blocks go one at a time on one thread. Two threads on
+# small blocks mostly wait for each other's GIL: a step of workload P (64-128-10, 20,000
+# rows) took 1.93x the one-thread time in blocks of 128 rows (7e6 operations a block),
+# 1.25x at 512 rows, the same at 1,024 (6e7) and 0.71x at 2,048 (1.2e8); the Quickstart's
+# 300 steps over 9 blocks of 200 rows took 2.48 s on 2 threads and 1.41 s on one.
+THREAD_BLOCK_FLOPS = 1e8
 
 
 def start_pool(dataset: Dataset, workers: int | None, dtype: str, *, address: str | None = None,
@@ -720,8 +729,9 @@ def start_pool(dataset: Dataset, workers: int | None, dtype: str, *, address: st
     With neither `workers` nor `address` given, small work runs in-process (`Pool.small` is
     then True): `flops`, the caller's estimate (operations per step, steps), below
     SMALL_WORK_FLOPS in all or SMALL_STEP_FLOPS a step. Work without Ray whose steps reach
-    PROCESS_STEP_FLOPS runs in one child process per core (`Pool.processes`). The bits are
-    the same either way."""
+    PROCESS_STEP_FLOPS runs in one child process per core (`Pool.processes`); shorter steps
+    run in this process, on one thread where blocks are below THREAD_BLOCK_FLOPS. The bits
+    are the same either way."""
     small = (workers is None and address is None and flops is not None
              and (flops[0] * flops[1] <= SMALL_WORK_FLOPS or flops[0] <= SMALL_STEP_FLOPS))
     if small:
@@ -733,15 +743,19 @@ def start_pool(dataset: Dataset, workers: int | None, dtype: str, *, address: st
 
         workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
     n_workers = min(workers, len(dataset.blocks))
-    processes = 0
-    if n_workers == 0 and not small and flops is not None and flops[0] >= PROCESS_STEP_FLOPS:
-        processes = min(cores(), len(dataset.blocks))
+    processes, threads = 0, None
+    if n_workers == 0 and flops is not None:
+        if not small and flops[0] >= PROCESS_STEP_FLOPS:
+            processes = min(cores(), len(dataset.blocks))
+        elif flops[0] / max(1, len(dataset.blocks)) < THREAD_BLOCK_FLOPS:
+            threads = 1
     holders = max(1, n_workers, processes)  # the processes that hold a share of the rows
     if memory_budget is None:
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         memory_budget = physical // 2 // holders
     row_bytes = np.dtype(dtype).itemsize * (dataset.n_features + dataset.n_outputs) + 8  # + id
     stream = dataset.n_rows * row_bytes / holders > memory_budget
-    pool = Pool(dataset, n_workers, dtype, stream=stream, processes=processes)
+    pool = Pool(dataset, n_workers, dtype, stream=stream, processes=processes,
+                threads=threads)
     pool.small = small
     return pool

@@ -188,13 +188,16 @@ def test_evaluate_predict_scores_and_influence_give_the_bits_of_threads(
                 "7"),
             run("influence", out, "--test", test, "--workers", "0", "--out",
                 here / "influence.parquet", "--top", "4", "--quiet"),
+            run("evaluate", out, data, "--workers", "0"),  # its schema line on stderr
         ]
         for r in results:
             assert r.exit_code == 0, (mode, r.output, r.exception)
+        said = "without Ray: 2 worker processes on this machine"
+        assert (said in results[4].stderr) == (mode == "processes"), results[4].stderr
         got[mode] = [results[0].stdout, json.loads(results[2].stdout)["top"]]
         got[mode] += [pq.read_table(here / name) for name in
                       ("pred", "scores", "influence.parquet")]
-    assert started == [2, 2, 2, 2]  # the four commands, each in 2 processes (none in threads)
+    assert started == [2] * 5  # the five commands, each in 2 processes (none in threads)
     threads, processes = got["threads"], got["processes"]
     assert threads[:2] == processes[:2]
     for a, b in zip(threads[2:], processes[2:], strict=True):

@@ -329,7 +329,7 @@ def influence(config: InfluenceConfig, note: Note | None = None) -> dict:
                             memory_budget=config.memory_budget, verbose=config.verbose,
                             flops=(flops, 1))
     if note is not None:
-        where = "; in-process: small work, --workers N to use Ray" if pool.small else ""
+        where = pool.without_ray()
         note(f"training data: {schema_line(train)}{where}")
         note(f"test data: {schema_line(test)}")
         note(f"{len(weights)} checkpoints (steps {', '.join(str(s) for s, _, _ in weights)}), "

@@ -331,7 +331,7 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
                             verbose=config.verbose,
                             flops=(50.0 * dataset.n_rows * len(steps), 1))
     if note is not None:
-        where = "; in-process: small work, --workers N to use Ray" if pool.small else ""
+        where = pool.without_ray()
         note(f"scoring {dataset.n_rows} samples in {len(dataset.blocks)} "
              f"block{'s' * (len(dataset.blocks) != 1)} over "
              f"{len(steps)} recorded step{'s' * (len(steps) != 1)} ({_steps_text(steps)})"

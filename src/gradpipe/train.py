@@ -236,10 +236,7 @@ class Run:
         # Said once the data is read and checked, before the first step.
         model = self.describe_model() + (f", lr {config.lr:g}" if config.update else "")
         n, cluster = self.pool.workers, config.address not in (None, "", "local")
-        where = ("; in-process: small work, --workers N to use Ray" if self.pool.small else
-                 f"; without Ray: {self.pool.processes} worker processes on this machine"
-                 if self.pool.processes else
-                 "; in-process" if n == 0 else
+        where = ((self.pool.without_ray() or "; in-process") if n == 0 else
                  f"; {n} Ray worker{'s' * (n != 1)} on "
                  f"{config.address if cluster else 'a local instance'}")
         resumed = (f"; resuming at step {self.step} of {config.steps} (its last checkpoint)"

@@ -611,6 +611,15 @@ class Pool:
                 ).remote(dataset, group, dtype, stream, threads)
             )
 
+    def without_ray(self) -> str:
+        """What a command's schema line adds when the work runs without Ray: why it runs
+        in-process, or in how many worker processes; "" otherwise."""
+        if self.small:
+            return "; in-process: small work, --workers N to use Ray"
+        if self.processes:
+            return f"; without Ray: {self.processes} worker processes on this machine"
+        return ""
+
     def _call(self, method: str, *args) -> list:
         """Call `method` on every worker and wait for all; results in worker order."""
         if self.local is not None:

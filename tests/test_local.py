@@ -202,3 +202,18 @@ def test_evaluate_predict_scores_and_influence_give_the_bits_of_threads(
     assert threads[:2] == processes[:2]
     for a, b in zip(threads[2:], processes[2:], strict=True):
         assert a.num_rows > 0 and a.equals(b)
+
+
+def test_a_bug_in_a_child_keeps_its_traceback(data):
+    from gradpipe.local import LocalWorkers
+
+    dataset = plan(DataSpec(str(data)))
+    children = LocalWorkers([(dataset, list(dataset.blocks), "float64", False, 1)])
+    try:
+        with pytest.raises(AttributeError) as e:
+            children.call("no_such_method")
+        assert "raised in a local worker process" in "\n".join(
+            getattr(e.value, "__notes__", ["raised in a local worker process"]))
+        assert children.call("pid") != [os.getpid()]  # answers again after the error
+    finally:
+        children.close()

@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from .errors import JobError
+from .errors import GradpipeError, JobError
 
 CHILD = "from gradpipe.local import serve; serve({fd})"
 
@@ -106,6 +106,8 @@ class LocalWorkers:
                 e = r[1]
                 if not isinstance(e, Exception):  # KeyboardInterrupt and the like
                     raise RuntimeError(f"a local worker process failed: {e!r}\n{r[2]}")
+                if not isinstance(e, GradpipeError) and hasattr(e, "add_note"):
+                    e.add_note(f"raised in a local worker process:\n{r[2]}")  # a bug's trace
                 raise e
         return [r[1] for r in replies]
 

@@ -309,14 +309,21 @@ def grad(ctx: click.Context, data: str | None, **params: Any) -> None:
     _summary(config.out, metrics, params["as_json"], {"schema": note.line})
 
 
+def _workers_option() -> Callable[[Callable], Callable]:
+    """--workers for the commands outside TrainConfig, with its text from there."""
+    from .config import TrainConfig
+    from .options import options
+
+    return click.option("--workers", type=click.IntRange(min=0), default=None,
+                        help=options(TrainConfig)["workers"].help)
+
+
 def _model_data_options(f: Callable) -> Callable:
     """RUN, DATA and the execution options of evaluate and predict."""
-    options = [
+    options: list[Callable[[Callable], Callable]] = [
         click.argument("run", metavar="RUN"),
         click.argument("data"),
-        click.option("--workers", type=click.IntRange(min=0), default=None,
-                     help="Ray workers (actors). Default: the CPUs Ray offers; 0 computes in "
-                          "this process."),
+        _workers_option(),
         click.option("--address", metavar="ADDR",
                      help="Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: the "
                           "group's --address, RAY_ADDRESS, else a private local instance)."),
@@ -416,9 +423,7 @@ def _pool_options(f: Callable) -> Callable:
     f = click.option("--address", metavar="ADDR",
                      help="Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: the "
                           "group's --address, RAY_ADDRESS, else a private local instance).")(f)
-    return click.option("--workers", type=click.IntRange(min=0), default=None,
-                        help="Ray workers (actors). Default: in this process for small work, "
-                             "else the CPUs Ray offers; 0 computes in this process.")(f)
+    return _workers_option()(f)
 
 
 @cli.command()

@@ -122,7 +122,8 @@ class TrainConfig:
     dp_allow_per_sample: bool = opt(False, "Write --per-sample rows in a private run: they are "
                                     "exact, hence not private.", kind="bool", commands=TRAIN)
     # execution
-    workers: int | None = opt(None, "Ray workers (actors); 0 computes in this process. "
+    workers: int | None = opt(None, "Ray workers (actors); 0 computes without Ray, on this "
+                              "machine (long steps in one worker process per core). "
                               "Default: in this process for small work (the schema line says "
                               "so), else one per CPU Ray offers.", kind="int", low=0,
                               optional=True,

@@ -579,7 +579,6 @@ class Pool:
         self.small = False  # True: in-process because the work is small (start_pool)
         self.local: BlockSet | None = None
         self.children: LocalWorkers | None = None  # workers == 0 in child processes
-        self.processes = processes if workers == 0 and processes > 1 else 0
         self.actors: list = []
         if workers == 0 and processes > 1:
             from .local import LocalWorkers
@@ -610,6 +609,11 @@ class Pool:
                     scheduling_strategy="SPREAD",
                 ).remote(dataset, group, dtype, stream, threads)
             )
+
+    @property
+    def processes(self) -> int:
+        """Worker processes computing without Ray (0: in this process, or Ray actors)."""
+        return len(self.children.procs) if self.children is not None else 0
 
     def without_ray(self) -> str:
         """What a command's schema line adds when the work runs without Ray: why it runs
@@ -682,17 +686,16 @@ class Pool:
     def _fan(self, method: str, req: Any) -> list:
         """Call `method` with `req` on every worker, the request travelling once as one
         object-store reference; the per-block results of all workers, in worker order."""
-        if self.local is not None:
-            return getattr(self.local, method)(req)
-        if self.children is not None:
-            return [r for per_worker in self.children.call(method, req) for r in per_worker]
-        import ray
+        if not self.actors:  # in this process, or in worker processes without Ray
+            results = self._call(method, req)
+        else:
+            import ray
 
-        ref = ray.put(req)
-        try:
-            results = ray.get([getattr(a, method).remote(ref) for a in self.actors])
-        except ray.exceptions.RayTaskError as e:
-            raise _unwrap(e) from None
+            ref = ray.put(req)
+            try:
+                results = ray.get([getattr(a, method).remote(ref) for a in self.actors])
+            except ray.exceptions.RayTaskError as e:
+                raise _unwrap(e) from None
         return [r for per_worker in results for r in per_worker]
 
     def scores(self, req: Any) -> list[tuple[int, int, list[dict]]]:

@@ -151,3 +151,34 @@ def test_help_shows_every_declared_option_with_its_default():
         if "train" in option.commands:
             assert "--" + name.replace("_", "-") in text
     assert "Default: 300." in text  # --steps
+
+
+# The commands whose configs are not TrainConfig, and the TrainConfig options they take.
+SHARED = {
+    "evaluate": ("workers", "address", "block_rows", "memory_budget"),
+    "predict": ("workers", "address", "block_rows", "memory_budget"),
+    "scores": ("workers", "address"),
+    "influence": ("workers", "address", "memory_budget"),
+}
+REQUIRED = {"evaluate": ["RUN", "DATA"], "predict": ["RUN", "DATA", "--out", "o"],
+            "scores": ["RUN"], "influence": ["RUN", "--test", "T", "--out", "o.parquet"]}
+
+
+@pytest.mark.parametrize("command", sorted(SHARED))
+def test_other_commands_take_train_options_as_declared(command):
+    """evaluate, predict, scores and influence show TrainConfig's help for the options they
+    share with it, and refuse a bad value with TrainConfig's message, before any work."""
+    runner = CliRunner()
+    help_text = " ".join(runner.invoke(cli, [command, "--help"], terminal_width=400)
+                         .output.split())
+    for name in SHARED[command]:
+        option = DECLARED[name]
+        assert " ".join(option.help.split()) in help_text, (command, name)
+        bad = bad_value(option)
+        if bad is None:
+            continue
+        train = runner.invoke(cli, ["train", "data", "--" + name.replace("_", "-"), bad[0]])
+        other = runner.invoke(cli, [command, *REQUIRED[command],
+                                    "--" + name.replace("_", "-"), bad[0]])
+        assert other.exit_code == train.exit_code == 2, other.output
+        assert other.stderr == train.stderr and other.stderr.count("\n") == 1

@@ -309,13 +309,13 @@ def grad(ctx: click.Context, data: str | None, **params: Any) -> None:
     _summary(config.out, metrics, params["as_json"], {"schema": note.line})
 
 
-def _workers_option() -> Callable[[Callable], Callable]:
-    """--workers for the commands outside TrainConfig, with its text from there."""
+def _train_option(name: str) -> Callable[[Callable], Callable]:
+    """A TrainConfig option (--workers, --address, --block-rows, --memory-budget) for the
+    commands outside TrainConfig, declared there once: its text, default and checks."""
     from .config import TrainConfig
-    from .options import options
+    from .options import click_option
 
-    return click.option("--workers", type=click.IntRange(min=0), default=None,
-                        help=options(TrainConfig)["workers"].help)
+    return click_option(TrainConfig, name)
 
 
 def _model_data_options(f: Callable) -> Callable:
@@ -323,15 +323,10 @@ def _model_data_options(f: Callable) -> Callable:
     options: list[Callable[[Callable], Callable]] = [
         click.argument("run", metavar="RUN"),
         click.argument("data"),
-        _workers_option(),
-        click.option("--address", metavar="ADDR",
-                     help="Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: the "
-                          "group's --address, RAY_ADDRESS, else a private local instance)."),
-        click.option("--block-rows", type=click.IntRange(min=1), default=65536,
-                     show_default=True, help="Largest block, in rows."),
-        click.option("--memory-budget", type=click.IntRange(min=1), default=None,
-                     metavar="BYTES", help="Bytes of data per worker above which it streams "
-                     "its blocks. Default: half the machine's memory over the workers."),
+        _train_option("workers"),
+        _train_option("address"),
+        _train_option("block_rows"),
+        _train_option("memory_budget"),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
         click.option("--quiet", "-q", is_flag=True, help="Leave out the data's schema line "
                      "(stderr)."),
@@ -420,10 +415,7 @@ def predict(ctx: click.Context, run: str, data: str, **params: Any) -> None:
 
 def _pool_options(f: Callable) -> Callable:
     """--workers and --address, as evaluate and predict take them."""
-    f = click.option("--address", metavar="ADDR",
-                     help="Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: the "
-                          "group's --address, RAY_ADDRESS, else a private local instance).")(f)
-    return _workers_option()(f)
+    return _train_option("workers")(_train_option("address")(f))
 
 
 @cli.command()
@@ -481,8 +473,7 @@ def scores(ctx: click.Context, run: str, **params: Any) -> None:
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
               help="Compute dtype. Default: the model's.")
 @_pool_options
-@click.option("--memory-budget", type=click.IntRange(min=1), default=None, metavar="BYTES",
-              help="Bytes of training data per worker above which it streams its blocks.")
+@_train_option("memory_budget")
 @click.option("--id-column", metavar="NAME",
               help="Integer column of the test data to use as its sample id. Default: the "
                    "run's id column if the test data has it, else the global row index.")

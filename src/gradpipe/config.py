@@ -137,9 +137,10 @@ class TrainConfig:
                                   "workers (default: the group's --s3-endpoint, "
                                   "AWS_ENDPOINT_URL, else AWS).", kind="url",
                                   optional=True, commands=ALL, resume="free", metavar="URL")
-    memory_budget: int | None = opt(None, "Bytes of data per worker above which it streams "
-                                    "its blocks from Parquet each step. Default: half the "
-                                    "machine's memory over the workers.", kind="int", low=1,
+    memory_budget: int | None = opt(None, "Bytes of data per worker above which it reads "
+                                    "its blocks from Parquet each time (each step) instead "
+                                    "of holding them. Default: half the machine's memory "
+                                    "over the workers.", kind="int", low=1,
                                     optional=True, commands=RUNS, resume="free",
                                     metavar="BYTES")
     # outputs

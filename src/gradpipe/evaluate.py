@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 from . import store
 from .atomic import atomic_dir, check_replaceable
 from .backprop import CHUNK_ROWS, output_losses
+from .config import TrainConfig  # the execution options, declared there
 from .data import (
     BLOCK_ROWS,
     BlockData,
@@ -36,6 +37,7 @@ from .data import (
 )
 from .errors import ConfigError, DataError
 from .model import Architecture, Params, forward
+from .options import check_values
 from .outputs import Model, read_model, read_run_json, write_json, write_table
 from .recorder import check_apart
 
@@ -313,7 +315,7 @@ class EvalConfig:
 
     model: str  # a run folder or a weights.parquet
     data: str  # Parquet file, folder or URI
-    workers: int | None = None  # Ray actors; None: the CPUs Ray offers; 0: in this process
+    workers: int | None = None  # as TrainConfig's --workers
     address: str | None = None  # Ray cluster; None: a private local instance
     block_rows: int = BLOCK_ROWS  # largest block, in rows
     memory_budget: int | None = None  # bytes per worker above which blocks are streamed
@@ -323,12 +325,8 @@ class EvalConfig:
     verbose: bool = False  # show Ray's own logs
 
     def __post_init__(self) -> None:
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"--workers {self.workers}: must be >= 0")
-        if self.block_rows < 1:
-            raise ConfigError(f"--block-rows {self.block_rows}: must be >= 1")
-        if self.memory_budget is not None and self.memory_budget < 1:
-            raise ConfigError(f"--memory-budget {self.memory_budget}: must be >= 1 byte")
+        check_values(TrainConfig, workers=self.workers, address=self.address,
+                     block_rows=self.block_rows, memory_budget=self.memory_budget)
 
 
 def exact_name(name: str) -> str:

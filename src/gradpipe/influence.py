@@ -27,9 +27,11 @@ from numpy.typing import NDArray
 
 from . import store
 from .backprop import deltas
+from .config import TrainConfig  # the execution options, declared there
 from .data import BlockData, Dataset, filesystem, read_block, schema_line
 from .errors import ConfigError, DataError
 from .model import Architecture, Params, forward
+from .options import check_values
 from .outputs import read_model, read_run_json, read_weights, write_table
 from .recorder import check_apart, recorded_steps
 
@@ -252,8 +254,8 @@ class InfluenceConfig:
     def __post_init__(self) -> None:
         if self.top < 1:
             raise ConfigError(f"--top {self.top}: must be >= 1")
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"--workers {self.workers}: must be >= 0")
+        check_values(TrainConfig, workers=self.workers, address=self.address,
+                     memory_budget=self.memory_budget)
         if self.dtype not in (None, "float32", "float64"):
             raise ConfigError(f"--dtype {self.dtype}: choose float32 or float64")
 

@@ -140,25 +140,38 @@ def _allowed(option: Option) -> str:
 def check(config: Any) -> None:
     """Every field's value within its declared choices and range (a ConfigError otherwise)."""
     for name, option in options(type(config)).items():
-        value = getattr(config, name)
-        if value is None:
-            if option.optional or option.kind == "batch":
-                continue
-            raise _bad(name, "none", "set")
-        if option.choices and value not in option.choices:
-            raise _bad(name, value, f"one of {', '.join(option.choices)}")
-        if option.low is None and option.high is None:
-            continue
-        values = value if isinstance(value, tuple) else (value,)
-        for v in values:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise _bad(name, value, f"a finite number {_allowed(option)}")
-            low_bad = option.low is not None and (
-                v <= option.low if option.low_open else v < option.low)
-            high_bad = option.high is not None and (
-                v >= option.high if option.high_open else v > option.high)
-            if low_bad or high_bad:
-                raise _bad(name, value, _allowed(option))
+        check_value(name, option, getattr(config, name))
+
+
+def check_values(cls: type, **values: Any) -> None:
+    """Check values of some of `cls`'s declared options, for a config that takes them from
+    `cls` (evaluate, predict, scores and influence take TrainConfig's --workers, --address,
+    --block-rows and --memory-budget): the same checks and messages."""
+    declared = options(cls)
+    for name, value in values.items():
+        check_value(name, declared[name], value)
+
+
+def check_value(name: str, option: Option, value: Any) -> None:
+    """One value within its option's declared choices and range (a ConfigError otherwise)."""
+    if value is None:
+        if option.optional or option.kind == "batch":
+            return
+        raise _bad(name, "none", "set")
+    if option.choices and value not in option.choices:
+        raise _bad(name, value, f"one of {', '.join(option.choices)}")
+    if option.low is None and option.high is None:
+        return
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise _bad(name, value, f"a finite number {_allowed(option)}")
+        low_bad = option.low is not None and (
+            v <= option.low if option.low_open else v < option.low)
+        high_bad = option.high is not None and (
+            v >= option.high if option.high_open else v > option.high)
+        if low_bad or high_bad:
+            raise _bad(name, value, _allowed(option))
 
 
 def _help(option: Option, default: Any) -> str:
@@ -166,6 +179,11 @@ def _help(option: Option, default: Any) -> str:
     if option.kind != "bool" and default is not None and default != ():
         text += f" Default: {_show(default)}."
     return text
+
+
+def _metavar(option: Option) -> str:
+    return option.metavar or ("|".join(option.choices) if option.choices else
+                              option.kind.upper())
 
 
 def click_options(cls: type, command: str) -> Callable[[Callable], Callable]:
@@ -186,13 +204,30 @@ def click_options(cls: type, command: str) -> Callable[[Callable], Callable]:
                            else f"{flag(name)}/--no-{name.replace('_', '-')}")
                 f = click.option(spelled, name, is_flag=True, default=None, help=text)(f)
             else:
-                metavar = option.metavar or ("|".join(option.choices) if option.choices else
-                                             option.kind.upper())
-                f = click.option(flag(name), name, default=None, metavar=metavar,
+                f = click.option(flag(name), name, default=None, metavar=_metavar(option),
                                  help=text)(f)
         return f
 
     return decorate
+
+
+def click_option(cls: type, name: str) -> Callable[[Callable], Callable]:
+    """One declared option of `cls` as a click option of a command whose config is not `cls`:
+    its flag, metavar, help and default; the value is parsed and checked by the
+    declaration, so a bad one gets the message it gets in `cls`."""
+    option = options(cls)[name]
+    default = {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
+    def convert(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return default
+        value = parse(name, option, value)
+        check_value(name, option, value)
+        return value
+
+    assert option.kind != "bool", "flags are spelled by click_options"
+    return click.option(flag(name), name, default=None, metavar=_metavar(option),
+                        help=_help(option, default), callback=convert)
 
 
 def parse_values(cls: type, raw: dict[str, Any], where: str = "") -> dict[str, Any]:

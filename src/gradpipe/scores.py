@@ -30,8 +30,10 @@ from numpy.typing import NDArray
 
 from . import store
 from .atomic import atomic_dir
+from .config import TrainConfig  # the execution options, declared there
 from .data import Block, Dataset
 from .errors import ConfigError, DataError
+from .options import check_values
 from .outputs import per_sample_path, read_run_json, write_json, write_table
 from .recorder import read_metrics, recorded_steps
 
@@ -240,8 +242,7 @@ class ScoresConfig:
             raise ConfigError(f"--by {self.by!r}: choose one of {', '.join(RANKABLE)}")
         if self.top < 0:
             raise ConfigError(f"--top {self.top}: must be >= 0")
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"--workers {self.workers}: must be >= 0")
+        check_values(TrainConfig, workers=self.workers, address=self.address)
 
 
 def step_rates(run: str | Path) -> dict[int, float]:

@@ -55,6 +55,8 @@ def test_processes_give_the_bits_of_threads(data, tmp_path, dtype, monkeypatch):
         where = said[0].rsplit("; ", 1)[1]
         assert where == ("in-process" if mode == "threads" else
                          "without Ray: 2 worker processes on this machine"), said[0]
+        info = json.loads((out / "run.json").read_text())
+        assert (info["workers"], info["processes"]) == (0, 0 if mode == "threads" else 2)
         tables[mode] = [pq.read_table(out / n) for n in ("gradients", "weights.parquet")]
         tables[mode] += [pq.read_table(out / "per_sample" / f"step={k}").sort_by("sample")
                          for k in range(4)]

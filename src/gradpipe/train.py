@@ -383,7 +383,8 @@ class Run:
             "schema": schema_line(self.dataset),
             "target_scale": None if self.target_scale is None else
             {"mean": self.target_scale[0].tolist(), "std": self.target_scale[1].tolist()},
-            "workers": self.n_workers,
+            "workers": self.n_workers,  # Ray actors (0: without Ray)
+            "processes": self.pool.processes,  # without Ray: worker processes (0: this one)
             "versions": versions(),
             "standardize": self.standardize is not None,
             "streaming": self.pool.stream,

@@ -271,7 +271,7 @@ def quartiles(xs: list[float]) -> str:
 
 def ratio(a: System, b: System) -> float:
     """Median over rounds of a's time / b's time in the same round."""
-    return median([x / y for x, y in zip(a.times, b.times)])
+    return median([x / y for x, y in zip(a.times, b.times, strict=True)])
 
 
 def fastest(a: System, b: System) -> str:
@@ -414,7 +414,7 @@ def roofline(rep: Report, sz: Sizes) -> None:
     for r in range(sz.roofline_reps):  # interleaved: a load change hits all cells alike
         for dt, th in cells:
             with threads_limit(th):
-                for name, fn, flops in ops_by[dt]:
+                for name, fn, _flops in ops_by[dt]:
                     per[(dt, th)].setdefault(name, []).append(time_calls(fn))
             if r < 3:  # a 4096^3 product takes 0.3-3 s: three rounds
                 fn, _ = squares[(dt, th)]
@@ -481,7 +481,7 @@ def torch_mlp(params, x, y, threads: int, arch=None):
         for t in ws + bs:
             t.grad = None
         a = X
-        for i, (w, b) in enumerate(zip(ws, bs)):
+        for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
             z = F.linear(a, w, b)
             if i == len(ws) - 1 and softmax:
                 loss = -(Y * torch.log_softmax(z, dim=1)).sum(dim=1).mean()
@@ -633,7 +633,7 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
     def matmuls_ray() -> None:
         import ray
 
-        ray.get([a.run.remote(n) for a, n in zip(mm_actors, half)])
+        ray.get([a.run.remote(n) for a, n in zip(mm_actors, half, strict=True)])
 
     MM2, MM1, MMT, MMR = ("numpy matmuls only, 2 BLAS threads", "numpy matmuls only, 1 thread",
                           "numpy matmuls only, 2 Python threads x 1 BLAS thread",
@@ -688,7 +688,7 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
                 f"{bool((g1f == g2).all())}")
     if torch_grads is not None:
         tg = torch_grads()
-        flat = np.concatenate([t.ravel() for pair in zip(tg[:arch.L], tg[arch.L:])
+        flat = np.concatenate([t.ravel() for pair in zip(tg[:arch.L], tg[arch.L:], strict=True)
                                for t in pair])
         rel = float(np.abs(flat - g0).max() / np.abs(g0).max())
         rep.say(f"gradient, PyTorch float32 vs gradpipe: max abs difference / max |g| = "
@@ -758,7 +758,8 @@ def workload_l(rep: Report, sz: Sizes, args) -> None:
 
     def rate_vs(s_: System, ref: System, ref_flops: float) -> float:
         """Median over rounds of (6NP / step time) / (ref FLOPs / ref time), same round."""
-        return median([(flops / a) / (ref_flops / b) for a, b in zip(s_.times, ref.times)])
+        return median([(flops / a) / (ref_flops / b)
+                       for a, b in zip(s_.times, ref.times, strict=True)])
 
     # The targets: the nominal 6NP rate against numpy's square product in the same rounds.
     rep.say(f"(in-process block threads / {SQ2}: {fmt(rate_vs(inthreads, by[SQ2], sq_flops))}; "
@@ -861,7 +862,8 @@ def workload_l64(rep: Report, sz: Sizes, path: str, prepared, stepper) -> None:
         f"{fmt(ratio(by[IN0], by[INT]))})")
     for name in (RAY2, IN0):
         s_ = by[name]
-        frac = median([(flops / a) / (sq_flops / b) for a, b in zip(s_.times, by[SQ2].times)])
+        frac = median([(flops / a) / (sq_flops / b)
+                       for a, b in zip(s_.times, by[SQ2].times, strict=True)])
         rep.target(f"L float64 FLOP rate 6NP/step, {name} / {SQ2}",
                    f"{fmt(flops / s_.median / 1e9)} vs {fmt(sq_flops / by[SQ2].median / 1e9)}"
                    " GFLOP/s", frac, 0.7, True)
@@ -1183,7 +1185,7 @@ def malloc_ab(rep: Report, sz: Sizes, path: str, hidden: tuple[int, ...], thread
         p.stdin.close()
         p.wait()
     a, b = res["glibc defaults"], res["keep freed memory"]
-    r_ = median([y["t"] / x["t"] for x, y in zip(a, b)])
+    r_ = median([y["t"] / x["t"] for x, y in zip(a, b, strict=True)])
     rep.say(f"Per-chunk allocation, {threads} BLAS thread(s): two in-process engines taking "
             f"turns, {len(a)} steps each (MALLOC_MMAP_THRESHOLD_=32 MiB, "
             "MALLOC_TRIM_THRESHOLD_=2 GiB in the second):")
@@ -1397,12 +1399,15 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
     if tname in by:
         tn = by[tname]
         # rows/s per round: gradpipe rows / its time over torch rows / its time
-        thr = [(rows / a) / (sz.p_sub_rows / b) for a, b in zip(norms0.times, tn.times)]
-        thr2 = [(rows / a) / (sz.p_sub_rows / b) for a, b in zip(norms_sys[4].times, tn.times)]
+        thr = [(rows / a) / (sz.p_sub_rows / b)
+               for a, b in zip(norms0.times, tn.times, strict=True)]
+        thr2 = [(rows / a) / (sz.p_sub_rows / b)
+                for a, b in zip(norms_sys[4].times, tn.times, strict=True)]
         rep.target("P norms throughput, gradpipe --workers 0 (norms -> Parquet) / torch.func",
                    f"{rows / norms0.median:,.0f} vs {sz.p_sub_rows / tn.median:,.0f} rows/s",
                    median(thr), 10, True)
-        thr3 = [(rows / a) / (sz.p_sub_rows / b) for a, b in zip(norms_sys[2].times, tn.times)]
+        thr3 = [(rows / a) / (sz.p_sub_rows / b)
+                for a, b in zip(norms_sys[2].times, tn.times, strict=True)]
         rep.say(f"(Ray 2 workers / torch.func: {fmt(median(thr2))}; in-process compute only "
                 f"(discarding sink) / torch.func: {fmt(median(thr3))})")
     else:
@@ -1436,7 +1441,7 @@ def workload_p(rep: Report, sz: Sizes, args) -> None:
             kind = " (compute)" if "discarding" in s.name else " (-> Parquet)"
             rep.target(f"P full per-sample throughput, {s.name.split(',')[0]}{kind} / torch.func",
                        f"{R / s.median:,.0f} vs {R / tf.median:,.0f} rows/s",
-                       median([b / a for a, b in zip(s.times, tf.times)]), 1.0, True)
+                       median([b / a for a, b in zip(s.times, tf.times, strict=True)]), 1.0, True)
 
     # Memory: bounded by the chunk, not by the block? Same work on blocks of different sizes.
     big = len(blocks[0].x)
@@ -1618,7 +1623,8 @@ def workload_m(rep: Report, sz: Sizes, args) -> None:
             sampled = {p: 0 for p in pids}
             stop = threading.Event()
 
-            def sample() -> None:  # psutil-free sampler, a cross-check of VmHWM
+            # A psutil-free sampler, a cross-check of VmHWM.
+            def sample(stop=stop, pids=pids, sampled=sampled) -> None:
                 while not stop.is_set():
                     for p in pids:
                         sampled[p] = max(sampled[p], rss(p))
@@ -1668,7 +1674,7 @@ def workload_m(rep: Report, sz: Sizes, args) -> None:
         entries = [e for e in rep.data["M"] if e["scale"] == scale and e["mode"] == "memory"]
         e = entries[-1]
         worst = max(max(lp, sp) / h for lp, sp, h in zip(e["load_peak"], e["step_peak"],
-                                                          e["held"]) if h)
+                                                          e["held"], strict=True) if h)
         rep.target(f"M in-memory peak worker RSS / blocks held, x{scale}",
                    f"worst worker of {len(e['held'])}", worst, 1.3, False)
     rep.say()

@@ -817,9 +817,10 @@ def read_block(
     if dataset.feature_list:
         name = dataset.features[0]
         col = _column(table, name, block).combine_chunks()
-        flat = col.values.to_numpy(zero_copy_only=False)
+        flat = col.flatten().to_numpy(zero_copy_only=False)  # the rows' values, from offset
         with np.errstate(over="ignore"):
-            x = flat.reshape(n, dataset.n_features).astype(dtype, copy=False)
+            # A copy, always: Arrow's buffer is read-only, and blocks are standardized in place.
+            x = flat.reshape(n, dataset.n_features).astype(dtype)
         _check_finite(x, name, block)
     else:
         x = np.empty((n, dataset.n_features), dtype=dtype)  # (n, n_0)

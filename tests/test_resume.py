@@ -115,3 +115,34 @@ def test_a_run_folder_and_its_data_cannot_hold_each_other(cls_data, tmp_path):
     assert r.exit_code == 2 and "is inside --out" in r.stderr
     assert sorted(p.name for p in cls_data.iterdir()) == sorted(
         p.name for p in cls_data.iterdir() if p.suffix == ".parquet")
+
+
+def test_a_failure_mid_run_marks_it_failed_and_resume_completes_it(cls_data, tmp_path,
+                                                                   monkeypatch):
+    """An error that is neither Ctrl-C nor divergence (a file spoiled while streaming, a lost
+    cluster, a bug) leaves run.json `failed` with its error, not `running`; the checkpoints
+    stay and --resume gives the bits of an uninterrupted run."""
+    from gradpipe import train as train_module
+
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    common = ["--workers", "0", "--hidden", "4", "--steps", "6", "--record-every", "2",
+              "--quiet"]
+    real = train_module.Run._metrics
+
+    def fail_at_step_3(self, step, *args, **kwargs):
+        if step == 3:
+            raise OSError("the disk went away")
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module.Run, "_metrics", fail_at_step_3)
+    r = invoke("train", cls_data, *common, "--out", out)
+    assert r.exit_code != 0 and isinstance(r.exception, OSError)
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed" and info["error"] == "the disk went away"
+    r = invoke("evaluate", out, cls_data, "--workers", "0")
+    assert r.exit_code == 2 and "failed after 3 steps (the disk went away)" in r.stderr
+    monkeypatch.setattr(train_module.Run, "_metrics", real)
+    assert invoke("train", "--resume", "--out", out, "--quiet").exit_code == 0
+    assert invoke("train", cls_data, *common, "--out", whole).exit_code == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    assert pq.read_table(out / "weights.parquet").equals(pq.read_table(whole / "weights.parquet"))

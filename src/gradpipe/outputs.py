@@ -228,6 +228,7 @@ def _no_final_weights(run: str) -> str:
     done = info.get("steps_done")
     why = {"interrupted": f"was interrupted after {done} steps",
            "diverged": f"diverged at step {info.get('diverged_at')}",
+           "failed": f"failed after {done} steps ({info.get('error')})",
            "running": "is still running (or was killed)"}.get(status, f"has status {status}")
     found = latest_checkpoint(run)
     use = (f", or use its last checkpoint: {found[1]}" if found is not None else "")

@@ -413,6 +413,16 @@ class Run:
                 f"{self.config.out}"
                 if rec is not None and self.config.update else
                 f"interrupted after {self.step} steps") from None
+        except DivergenceError:
+            raise  # run.json says diverged already
+        except Exception as e:  # bad data met mid-run (streaming), a lost cluster, or a bug
+            if rec is not None and store.is_file(store.join(rec.out, "run.json")):
+                try:
+                    rec.status(self.info("failed", started=self.started, steps_done=self.step,
+                                         error=str(e) or type(e).__name__))
+                except Exception as again:  # the first error is the one to show
+                    e.add_note(f"(run.json could not be marked failed: {again})")
+            raise
 
     def _loop(self, progress: Progress | None) -> dict:
         """Fan out, reduce, record, update: one SGD step a turn."""

@@ -421,7 +421,8 @@ class Run:
                     rec.status(self.info("failed", started=self.started, steps_done=self.step,
                                          error=str(e) or type(e).__name__))
                 except Exception as again:  # the first error is the one to show
-                    e.add_note(f"(run.json could not be marked failed: {again})")
+                    if hasattr(e, "add_note"):  # Python 3.11+
+                        e.add_note(f"(run.json could not be marked failed: {again})")
             raise
 
     def _loop(self, progress: Progress | None) -> dict:

@@ -369,3 +369,37 @@ def test_an_interrupted_run_has_no_final_weights_and_says_what_to_use(tmp_path):
     # which evaluates as the hint says
     result = run("evaluate", out / "checkpoints" / "step-000002", data, "--workers", "0")
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_trains_saved_line_is_what_evaluate_gives_for_the_saved_weights(tmp_path, task):
+    """The last step's metrics are those of the weights it started from, on its batch; the
+    summary's `saved weights` line, run.json's `saved` and the --json summary's `saved` are
+    those of weights.parquet over every row, and of the --val data: evaluate's numbers."""
+    if task == "classification":
+        data = make_classification(tmp_path / "d", rows=80, classes=3)
+        val = make_classification(tmp_path / "v", rows=30, classes=3, seed=5)
+    else:
+        data, val = (make_regression(tmp_path / "d", rows=80, targets=2),
+                     make_regression(tmp_path / "v", rows=30, targets=2, seed=5))
+    out = tmp_path / "run"
+    target = ["--target", "t0,t1"] if task == "regression" else []
+    r = run("train", data, *target, "--val", val, "--out", out, "--workers", "0", "--steps",
+            "7", "--batch", "16", "--hidden", "6", "--json", "--quiet")
+    saved = json.loads(r.stdout)["saved"]
+    assert json.loads((out / "run.json").read_text())["saved"] == saved
+    on_train = json.loads(run("evaluate", out, data, "--workers", "0", "--json", "-q").stdout)
+    on_val = json.loads(run("evaluate", out, val, "--workers", "0", "--json", "-q").stdout)
+    assert saved["steps"] == 7 and saved["samples"] == on_train["samples"] == 80
+    assert saved["loss"] == pytest.approx(on_train["loss"], rel=1e-12)
+    assert saved["val_loss"] == pytest.approx(on_val["loss"], rel=1e-12)
+    if task == "classification":
+        assert saved["accuracy"] == on_train["accuracy"]
+        assert saved["val_accuracy"] == on_val["accuracy"]
+    else:
+        assert saved["val_mse"] == pytest.approx(on_val["mse"], rel=1e-12)
+    last = json.loads((out / "run.json").read_text())["final"]
+    assert last["step"] == 6 and last["loss"] != saved["loss"]  # before the last update
+    text = run("train", data, *target, "--out", tmp_path / "again", "--workers", "0",
+               "--steps", "7", "--batch", "16", "--hidden", "6", "--quiet").stdout.splitlines()
+    assert text[1].startswith("saved weights (after 7 steps, all 80 rows): loss ")

@@ -231,24 +231,43 @@ def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None =
     summary = {"out": out, **metrics, **(extra or {})}
     if as_json:
         # JSON has no NaN: an undefined statistic (noise scale at n = 1, say) is null.
-        clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in summary.items()}
-        click.echo(json.dumps(clean))
+        click.echo(json.dumps(_no_nan(summary)))
         return
-    parts = [f"step {metrics['step']}", f"loss {metrics['loss']:.6g}",
-             f"grad_norm {metrics['grad_norm']:.6g}"]
-    if "accuracy" in metrics:
-        parts.append(f"accuracy {metrics['accuracy']:.4f}")
-    for key, form in (("val_loss", ".6g"), ("val_accuracy", ".4f"), ("val_mse", ".6g")):
-        if metrics.get(key) is not None:
-            parts.append(f"{key} {metrics[key]:{form}}")
+    parts = [f"step {metrics['step']}", *_metric_parts(metrics)]
     if metrics.get("epsilon") is not None:  # a private run: the privacy spent
         parts.append(f"epsilon {metrics['epsilon']:.4g} at delta {metrics['delta']:g}")
     click.echo("  ".join(parts))
+    if metrics.get("saved") is not None:  # the step's metrics are those before its update
+        steps = metrics["saved"]["steps"]
+        click.echo(f"saved weights (after {steps} step{'s' * (steps != 1)}, all "
+                   f"{metrics['saved']['samples']} rows): "
+                   + "  ".join(_metric_parts(metrics["saved"])))
     for warning in metrics.get("warnings", []):
         if warning not in said:
             click.echo(f"{WARNING}{warning}", err=True)
     if out:
         click.echo(f"wrote {out}")
+
+
+def _metric_parts(metrics: dict) -> list[str]:
+    """'loss X', 'grad_norm Y', 'accuracy Z', 'val_loss ..' of a metrics row, those it has."""
+    parts = []
+    for key, form in (("loss", ".6g"), ("grad_norm", ".6g"), ("accuracy", ".4f"),
+                      ("val_loss", ".6g"), ("val_accuracy", ".4f"), ("val_mse", ".6g")):
+        if metrics.get(key) is not None:
+            parts.append(f"{key} {metrics[key]:{form}}")
+    return parts
+
+
+def _no_nan(value: Any) -> Any:
+    """NaN as None, in nested dicts and lists too (JSON has no NaN)."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return value
 
 
 def run_command(name: str) -> Callable[[Callable], Callable]:

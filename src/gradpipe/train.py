@@ -465,8 +465,29 @@ class Run:
             if progress is not None:
                 progress(self.step, metrics)
         self._warn(first, metrics)
-        self._finish(metrics, converged)
-        return metrics
+        saved = self._saved_metrics() if config.update else None
+        self._finish(metrics, converged, saved)
+        return {**metrics, "saved": saved} if saved is not None else metrics
+
+    def _saved_metrics(self) -> dict:
+        """loss, grad_norm (and accuracy) of the saved weights, after the last update, over
+        every row; with --val their val_* too: what `evaluate` gives for weights.parquet.
+        A step's own metrics are those of the weights it started from (and of its batch),
+        so the last step's are not the saved model's. One more pass over the data."""
+        config, dataset = self.config, self.dataset
+        grad = self._reduce(self.pool.step(StepRequest(
+            step=self.step, arch=self.arch, params=self.params,
+            standardize=self.standardize, target_scale=self.target_scale,
+            classes=dataset.classes if dataset.classify else None,
+            class_type=dataset.class_type)))
+        row: dict = {"steps": self.step, "loss": grad.loss, "grad_norm": grad.norm(),
+                     "samples": grad.n}
+        if dataset.classify:
+            row["accuracy"] = grad.correct / grad.n if grad.n else float("nan")
+        row.update(self._val_metrics())
+        if config.private:
+            row["grad_norm"] = None  # exact, hence not private: kept out as in metrics/
+        return row
 
     def _begin(self) -> None:
         """Start (or, resuming, trim) the run folder; a private run's key; checkpoint 0."""
@@ -518,7 +539,7 @@ class Run:
         if not all(np.isfinite(w).all() for w in self.params.w + self.params.b):
             self._diverged(metrics)
 
-    def _finish(self, metrics: dict, converged: bool) -> None:
+    def _finish(self, metrics: dict, converged: bool, saved: dict | None) -> None:
         """The final weights, then run.json's status: completed."""
         rec = self.recorder
         if rec is not None:
@@ -526,7 +547,8 @@ class Run:
             rec.status(self.info(
                 "completed", started=self.started, steps_done=self.step, converged=converged,
                 finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                final=metrics, warnings=self.warnings))
+                final=metrics, **({"saved": saved} if saved is not None else {}),
+                warnings=self.warnings))
 
     def meta(self) -> dict:
         """What the weights record of the data: features, target, task, classes, scales."""

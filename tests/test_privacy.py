@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import clean_and_killed, make_classification, one_line_error
+from conftest import clean_and_killed, make_classification, one_line_error, write_parquet
 from reference import flat, naive_sample
 
 from gradpipe.backprop import block_partial
@@ -391,3 +391,27 @@ def test_a_warning_known_before_the_first_step_is_said_before_it_once(cls_data, 
     assert warned[0] == 1  # right after the schema line, before any step
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert any("is not below 1/N" in w for w in info["warnings"])
+
+
+def test_a_private_run_refuses_repeated_ids(tmp_path):
+    """The guarantee is per row and the Poisson draw keys on the id: rows sharing an id would
+    always be drawn together. A repeat across files is named by both of its rows; unique
+    ids train."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3))
+    for name, ids in (("a", np.arange(20)), ("b", np.r_[np.arange(20, 33), 7, 34, 35, 36,
+                                                           37, 38, 39])):
+        rows = slice(0, 20) if name == "a" else slice(20, 40)
+        write_parquet(tmp_path / "d" / f"{name}.parquet",
+                      {"uid": ids, "x0": x[rows, 0], "x1": x[rows, 1], "x2": x[rows, 2],
+                       "label": np.arange(20) % 2}, row_group_size=6)
+    flags = ["--id-column", "uid", "--no-standardize", "--dp-clip", 1, "--dp-noise", 1,
+             "--dp-delta", 1e-3, "--batch-rate", 0.3, "--steps", 2, "--workers", 0, "-q"]
+    out = tmp_path / "run"
+    message = one_line_error(_cli("train", tmp_path / "d", "--out", out, *flags),
+                             "--id-column 'uid'", "id 7")
+    assert f"row 7 of {tmp_path / 'd' / 'a.parquet'}" in message
+    assert f"row 13 of {tmp_path / 'd' / 'b.parquet'}" in message
+    assert "1 repeated id in all" in message and not out.exists()
+    (tmp_path / "d" / "b.parquet").unlink()
+    assert _cli("train", tmp_path / "d", "--out", out, *flags).exit_code == 0

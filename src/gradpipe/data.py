@@ -365,6 +365,34 @@ def _target_batches(
             raise DataError(f"{path}: cannot read column {column!r} ({e})") from None
 
 
+def check_unique_ids(dataset: Dataset) -> None:
+    """Refuse a dataset whose --id-column repeats a value, naming the two rows: a private
+    run's guarantee is per row, and the Poisson draw keys on the id, so rows sharing one
+    would always be drawn together. Reads the id column whole (8 bytes a row)."""
+    if dataset.id_column is None:
+        return
+    fs, _ = filesystem(dataset.source)
+    files = list(dict.fromkeys(b.file for b in dataset.blocks))
+    parts = [values.to_numpy(zero_copy_only=False).astype(np.int64)
+             for _, _, values in _target_batches(fs, files, dataset.id_column)]
+    ids = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    order = np.argsort(ids, kind="stable")
+    same = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if not len(same):
+        return
+    first, second = int(order[same[0]]), int(order[same[0] + 1])  # global rows, in order
+
+    def where(row: int) -> str:
+        block = next(b for b in dataset.blocks if b.first_id <= row < b.first_id + b.n)
+        return f"row {block.file_row + row - block.first_id} of {block.file}"
+
+    raise DataError(
+        f"--id-column {dataset.id_column!r}: id {int(ids[first])} is on {where(first)} and "
+        f"{where(second)} ({len(same)} repeated id{'s' * (len(same) != 1)} in all); a private "
+        "run needs one id a row, its guarantee being per row (without --id-column the row "
+        "index is the id)")
+
+
 def _whole_numbers(fs: pafs.FileSystem, files: list[str], column: str) -> bool:
     """True if every finite value of a float column is a whole number (stops at the first not)."""
     for path, row, values in _target_batches(fs, files, column):

@@ -24,7 +24,7 @@ from . import options, privacy, store
 from .atomic import atomic_file
 from .backprop import Partial
 from .config import LR, TrainConfig
-from .data import Dataset, DataSpec, plan, schema_line
+from .data import Dataset, DataSpec, check_unique_ids, plan, schema_line
 from .errors import WARNING, ConfigError, DataError, DivergenceError, RunInterrupted
 from .evaluate import evaluate_with, exact_name
 from .model import Architecture, Params, check_shapes, init_params
@@ -187,6 +187,8 @@ class Run:
             if not config.resume:
                 prepare_run_dir(config.out, overwrite=config.overwrite)
         self.dataset = plan(data_spec(config))
+        if config.private and not config.resume:
+            check_unique_ids(self.dataset)  # the guarantee is per row; the draw keys on ids
         self.arch, self.params, self.standardize = build_model(config, self.dataset)
         self.target_scale = read_model(config.weights).target_scale if config.weights else None
         # run.json keeps the resolved configuration: what auto chose, not "auto".

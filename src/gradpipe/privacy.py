@@ -238,6 +238,11 @@ def noise_multiplier(epsilon: float, delta: float, q: float, steps: int) -> floa
             sigma = dp_accounting.calibrate_dp_mechanism(
                 rdp.RdpAccountant, lambda s: _event(q, s, steps), epsilon, delta,
                 bracket_interval=dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-6)
+    except dp_accounting.mechanism_calibration.NoBracketIntervalFoundError:
+        # even sigma = 0.001, where the search starts, spends less than epsilon
+        raise ConfigError(f"--dp-epsilon {epsilon:g}: so large that its noise multiplier "
+                          f"would be below 0.001 (at --dp-delta {delta:g}, --batch-rate {q:g}, "
+                          f"{steps} steps); pass --dp-noise instead") from None
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"--dp-epsilon {epsilon:g}: no noise multiplier reaches it at "
                           f"--dp-delta {delta:g} with --batch-rate {q:g} over {steps} steps "

@@ -305,7 +305,7 @@ def _cli(*args):
     (["--batch", 10, "--batch-rate", 0.1], ["--batch N", "--batch-rate"]),
     (["--batch-rate", 1.5], ["--batch-rate"]),
     (["--dp-clip", 1, "--dp-epsilon", 1e8, "--dp-delta", 1e-5, "--batch-rate", 0.1,
-      "--no-standardize"], ["--dp-epsilon 1e+08", "--dp-noise"]),
+      "--steps", 20, "--no-standardize"], ["--dp-epsilon 1e+08", "--dp-noise"]),
 ])
 def test_what_the_accountant_does_not_cover_is_refused_in_one_line(cls_data, tmp_path, flags,
                                                                    names):

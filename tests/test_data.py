@@ -19,6 +19,7 @@ import pytest
 from conftest import DIGITS, make_classification, make_regression, write_parquet
 
 from gradpipe.data import Dataset, DataSpec, list_files, plan, read_block, read_rows
+from gradpipe.errors import DataError
 
 DIGIT_FEATURES = [f"x{d}" for d in range(64)]
 
@@ -453,3 +454,22 @@ def test_a_list_column_trains_evaluates_and_predicts_as_its_columns_do(tmp_path:
                      pq.read_table(tmp_path / f"pred-{kind}").sort_by("sample"))
     for a, b in zip(got["list"], got["cols"], strict=True):
         assert a == b
+
+
+def test_auto_refuses_an_integer_target_with_many_classes_of_few_rows(tmp_path: Path) -> None:
+    """A count or a measure stored as integers (scikit-learn's diabetes target cast to int:
+    214 values in 442 rows) is not silently taken as hundreds of classes: more than 20
+    classes with fewer than 5 rows a class on average are refused under --task auto, as a
+    float target of whole numbers is; --task says which it is."""
+    rng = np.random.default_rng(0)
+    for rows, many in ((100, True), (105, False)):  # 21 values: 4.8 and 5.0 rows a value
+        path = write_parquet(tmp_path / f"d{rows}.parquet",
+                             {"x0": rng.normal(size=rows), "y": np.arange(rows) % 21})
+        if many:
+            with pytest.raises(DataError, match="int64 with 21 distinct values in 100 rows "
+                               r"\(4.8 a value\): class labels or numbers\? Pass --task"):
+                plan(DataSpec(str(path), target=("y",)))
+            for task in ("classification", "regression"):
+                assert plan(DataSpec(str(path), target=("y",), task=task)).task == task
+        else:
+            assert plan(DataSpec(str(path), target=("y",))).n_outputs == 21

@@ -473,3 +473,25 @@ def test_auto_refuses_an_integer_target_with_many_classes_of_few_rows(tmp_path: 
                 assert plan(DataSpec(str(path), target=("y",), task=task)).task == task
         else:
             assert plan(DataSpec(str(path), target=("y",))).n_outputs == 21
+
+
+def test_a_nan_label_is_called_missing_under_either_task(tmp_path: Path) -> None:
+    """A float target with a NaN (not a null) names the NaN and its row: under --task auto
+    before asking which task (it is not a whole number), and under --task classification
+    as a missing label, not as a label outside a model's classes."""
+    from click.testing import CliRunner
+    from conftest import one_line_error
+
+    from gradpipe.cli import cli
+
+    y = np.arange(40, dtype=np.float64) % 3
+    y[9] = np.nan
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"x0": np.linspace(0, 1, 40), "y": pa.array(y, from_pandas=False)}),
+                   path)
+    for task, said in (("auto", "target column 'y' has 1 NaN value (first at row 9)"),
+                       ("classification", "column 'y' has a NaN label at row 9")):
+        result = CliRunner().invoke(cli, ["train", str(path), "--target", "y", "--task", task,
+                                          "--out", str(tmp_path / "run"), "--workers", "0"])
+        assert "model" not in one_line_error(result, said, "Drop or impute")
+        assert not (tmp_path / "run").exists()

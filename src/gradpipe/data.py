@@ -402,6 +402,11 @@ def _whole_numbers(fs: pafs.FileSystem, files: list[str], column: str) -> bool:
                             f"value{'s' * (values.null_count != 1)} (first at row {first}). "
                             "Drop or impute them first.")
         a = values.to_numpy(zero_copy_only=False)
+        nan = np.isnan(a)
+        if nan.any():  # as nulls: neither task takes them
+            raise DataError(f"{path}: target column {column!r} has {int(nan.sum())} NaN "
+                            f"value{'s' * (int(nan.sum()) != 1)} (first at row "
+                            f"{row + int(np.argmax(nan))}). Drop or impute them first.")
         a = a[np.isfinite(a)]
         if (a != np.floor(a)).any():
             return False
@@ -799,6 +804,11 @@ def class_indices(dataset: Dataset, col: pa.ChunkedArray, block: Block) -> NDArr
     index = pc.index_in(values, value_set=value_set)
     if index.null_count:
         i = int(np.argmax(pc.is_null(index).to_numpy(zero_copy_only=False)))
+        value = values[i].as_py()
+        if isinstance(value, float) and value != value:  # NaN: a missing label, no class
+            raise DataError(
+                f"{block.file}: column {dataset.target[0]!r} has a NaN label at row "
+                f"{block.file_row + i}. Drop or impute the rows without a label first.")
         raise DataError(
             f"{block.file}: column {dataset.target[0]!r} has label {values[i].as_py()!r} at row "
             f"{block.file_row + i}, not one of the {len(dataset.classes)} classes "

@@ -3,6 +3,8 @@ gives for the weights of that step, and every metrics row carries the columns.""
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from conftest import make_classification, make_regression
@@ -43,4 +45,25 @@ def test_val_is_refused_when_its_columns_do_not_match(tmp_path):
     r = CliRunner().invoke(cli, ["train", str(data), "--val", str(val), "--workers", "0",
                                  "--out", str(tmp_path / "run"), "--quiet"])
     assert r.exit_code == 2 and "'x4'" in r.stderr and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"gradpipe: error: --val {val}: missing column 'x4' that the "
+                               "training data has")
+    assert "--features" not in r.stderr  # the training data is fine: no flag of it to check
     assert not (tmp_path / "run").exists()
+
+
+def test_every_refusal_of_the_val_data_says_it_is_the_val_data(tmp_path):
+    data = make_classification(tmp_path / "train", rows=40)
+    no_target = make_classification(tmp_path / "v1", rows=20)
+    for part in no_target.glob("*.parquet"):
+        pq.write_table(pq.read_table(part).drop(["label"]), part)
+    spoiled = make_classification(tmp_path / "v2", rows=20)
+    table = pq.read_table(spoiled / "part-1.parquet")
+    pq.write_table(table.set_column(0, "x0", pa.array([float("nan")] * table.num_rows)),
+                   spoiled / "part-1.parquet")
+    for val, said in ((no_target, "missing column 'label' that the training data has"),
+                      (spoiled, "column 'x0' has")):
+        r = CliRunner().invoke(cli, ["train", str(data), "--val", str(val), "--workers", "0",
+                                     "--out", str(tmp_path / "run"), "--quiet"])
+        assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+        assert r.stderr.startswith("gradpipe: error: --val") and said in r.stderr, r.stderr
+        assert not (tmp_path / "run").exists()

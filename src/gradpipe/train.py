@@ -24,7 +24,15 @@ from . import options, privacy, store
 from .atomic import atomic_file
 from .backprop import Partial
 from .config import LR, TrainConfig
-from .data import Dataset, DataSpec, check_unique_ids, plan, schema_line
+from .data import (
+    Dataset,
+    DataSpec,
+    check_unique_ids,
+    column_names,
+    describe_columns,
+    plan,
+    schema_line,
+)
 from .errors import WARNING, ConfigError, DataError, DivergenceError, RunInterrupted
 from .evaluate import evaluate_with, exact_name
 from .model import Architecture, Params, check_shapes, init_params
@@ -189,6 +197,9 @@ class Run:
         self.dataset = plan(data_spec(config))
         if config.private and not config.resume:
             check_unique_ids(self.dataset)  # the guarantee is per row; the draw keys on ids
+        if not self.dataset.classify and "sample" in self.dataset.target:
+            raise ConfigError(f"{config.data}: a target named 'sample' would clash with the "
+                              "sample id column of per-sample files and predictions; rename it")
         self.arch, self.params, self.standardize = build_model(config, self.dataset)
         self.target_scale = read_model(config.weights).target_scale if config.weights else None
         # run.json keeps the resolved configuration: what auto chose, not "auto".
@@ -341,10 +352,20 @@ class Run:
         spec = DataSpec(self.config.val or "", tuple(exact_name(f) for f in d.features),
                         d.target, classes=d.classes if d.classify else None, task=d.task,
                         block_rows=self.config.block_rows)
-        val = plan(spec)
-        pool = start_pool(val, 0, self.config.dtype,
-                          flops=(2.0 * val.n_rows * self.arch.n_params, 1))  # a forward pass
-        pool.load()
+        names = column_names(spec.path)
+        missing = [c for c in (*d.features, *d.target) if c not in names]
+        if missing and not d.feature_list:
+            raise DataError(f"--val {spec.path}: missing column{'s' * (len(missing) > 1)} "
+                            f"{', '.join(map(repr, missing))} that the training data has "
+                            f"(found: {describe_columns(names)}); --val needs the training "
+                            "data's feature and target columns, by name")
+        try:
+            val = plan(spec)
+            pool = start_pool(val, 0, self.config.dtype,
+                              flops=(2.0 * val.n_rows * self.arch.n_params, 1))  # forward
+            pool.load()
+        except DataError as e:
+            raise DataError(f"--val: {e}") from None
         return pool
 
     def _val_metrics(self) -> dict:

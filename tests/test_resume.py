@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 from conftest import make_classification
 
@@ -146,3 +147,23 @@ def test_a_failure_mid_run_marks_it_failed_and_resume_completes_it(cls_data, tmp
     assert invoke("train", cls_data, *common, "--out", whole).exit_code == 0
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
     assert pq.read_table(out / "weights.parquet").equals(pq.read_table(whole / "weights.parquet"))
+
+
+@pytest.mark.parametrize("after", [0.05, 0.3, 0.6, 0.9, 1.5])
+def test_ctrl_c_at_any_moment_of_the_start_is_one_line_and_status_130(tmp_path, after):
+    """While Python imports the command line, click reads the flags, pyarrow looks for
+    pandas (which swallowed a Ctrl-C: the run went on to its end) or the run begins: never
+    a traceback, never ignored, and a resume hint only where there is a run to resume."""
+    out = tmp_path / "run"
+    p = subprocess.Popen([GRADPIPE, "train", "data/digits", "--steps", "3000", "--out",
+                          str(out), "-q"], cwd=Path(__file__).resolve().parents[1],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, (p.returncode, stdout, stderr)
+    assert stderr.count("\n") == 1 and stderr.startswith("gradpipe: error: interrupted"), stderr
+    if "--resume" in stderr:
+        assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    else:
+        assert "nothing was written" in stderr and not (out / "run.json").exists()

@@ -38,6 +38,13 @@ class Interrupted(UserError):
 class Group(click.Group):
     """A click group that turns GradpipeError into UserError, in one place."""
 
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:  # reading the group's flags (click would say "Aborted!")
+            raise Interrupted("interrupted before any work began; nothing was written") \
+                from None
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

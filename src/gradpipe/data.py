@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import re
+import signal
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -29,6 +31,29 @@ from numpy.typing import NDArray
 from . import store
 from .errors import ConfigError, DataError
 from .store import filesystem
+
+
+def _look_for_pandas_now() -> None:
+    """Have pyarrow look for pandas now, with Ctrl-C held until it has.
+
+    pyarrow imports pandas, where installed, at the first array it converts, inside a shim
+    that catches what the import raises: a Ctrl-C landing in that import (0.4 s, during a
+    command's first block) was lost, and the run went on to its end, or failed with pandas'
+    "partially initialized module" error. Here it happens when this module is imported, with
+    SIGINT blocked; a Ctrl-C pressed meanwhile arrives as soon as it is done.
+    """
+    hold = (hasattr(signal, "pthread_sigmask")
+            and threading.current_thread() is threading.main_thread())
+    if hold:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        pa.array(np.zeros(1))
+    finally:
+        if hold:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+_look_for_pandas_now()
 
 # Rows per block when a row group is larger: bounds the memory of one block's pass.
 BLOCK_ROWS = 65536

@@ -428,14 +428,18 @@ class Run:
             with _sigterm_as_interrupt():
                 return self._loop(progress)
         except KeyboardInterrupt:
-            if rec is not None and store.is_file(store.join(rec.out, "run.json")):
+            started = rec is not None and store.is_file(store.join(rec.out, "run.json"))
+            if started:
+                assert rec is not None
                 rec.status(self.info("interrupted", started=self.started, steps_done=self.step))
             raise RunInterrupted(
-                f"interrupted after {self.step} steps; continue with "
+                f"interrupted after {self.step} step{'s' * (self.step != 1)}; continue with "
                 f"gradpipe {_endpoint_flag(self.config.out)}train --resume --out "
                 f"{self.config.out}"
-                if rec is not None and self.config.update else
-                f"interrupted after {self.step} steps") from None
+                if started and self.config.update else
+                f"interrupted after {self.step} step{'s' * (self.step != 1)}"
+                if started or rec is None else
+                "interrupted before the run folder was begun; nothing was written") from None
         except DivergenceError:
             raise  # run.json says diverged already
         except Exception as e:  # bad data met mid-run (streaming), a lost cluster, or a bug

@@ -279,3 +279,27 @@ def test_the_schema_line_says_where_the_work_runs(ray_local, tmp_path: Path) -> 
                           steps=1, workers=workers), note=said[workers].append)
     assert said[0][0].endswith("; in-process")
     assert said[2][0].endswith("; 2 Ray workers on a local instance")
+
+
+@pytest.mark.parametrize("flags,said", [
+    # full batch: the last step's loss against the first's
+    (dict(lr=300.0), "the loss did not decrease ("),
+    # sampled: the first batch's loss (at the initial weights, near the data's) against the
+    # saved weights' over every row; a last batch's loss alone would be noise
+    (dict(lr=300.0, batch_rate=0.3), "on the batch of step 0, "),
+    (dict(lr=300.0, batch=10), "over every row with the saved weights): try a smaller --lr"),
+    (dict(lr=0.5, batch=10), None),
+    (dict(lr=0.5), None),
+])
+def test_a_run_that_did_not_learn_says_so(cls_data, tmp_path, flags, said):
+    from gradpipe.train import TrainConfig, train
+
+    out = tmp_path / "run"
+    summary = train(TrainConfig(data=str(cls_data), out=str(out), workers=0, steps=30,
+                                hidden=(8,), **flags))
+    warnings = json.loads((out / "run.json").read_text())["warnings"]
+    assert summary.get("warnings", warnings) == warnings
+    if said is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and said in warnings[0], warnings

@@ -491,8 +491,8 @@ class Run:
                 self._checkpoint()
             if progress is not None:
                 progress(self.step, metrics)
-        self._warn(first, metrics)
         saved = self._saved_metrics() if config.update else None
+        self._warn(first, metrics, saved)
         self._finish(metrics, converged, saved)
         return {**metrics, "saved": saved} if saved is not None else metrics
 
@@ -581,18 +581,28 @@ class Run:
         """What the weights record of the data: features, target, task, classes, scales."""
         return model_meta(self.dataset, self.target_scale)
 
-    def _warn(self, first: dict, last: dict) -> None:
+    def _warn(self, first: dict, last: dict, saved: dict | None = None) -> None:
         """One line for a run that did not learn: a loss that did not decrease, or a gradient
         that vanished (saturated outputs, dead units) while the loss is still high."""
         if not self.config.update or not first or first is last:
             return
-        if not (math.isfinite(first["loss"]) and math.isfinite(last["loss"])):
-            return  # a Poisson draw that took no sample
         config = self.config
         sampled = config.batch is not None or config.batch_rate is not None
         standardize = ("" if config.standardize or config.private
                        else ", or --standardize if it is off")
-        # The loss of one sampled batch is noise: a first and a last batch say nothing.
+        less_noise = (", or less noise (a larger --dp-epsilon, a smaller --dp-noise)"
+                      if config.private else "")
+        # The loss of one sampled batch is noise, but at the initial weights every batch's
+        # is near the data's: the saved weights' loss over every row is compared with it.
+        if (sampled and saved is not None and math.isfinite(first["loss"])
+                and not saved["loss"] < first["loss"]):
+            self.warnings.append(
+                f"the loss did not decrease ({first['loss']:.6g} on the batch of step "
+                f"{first['step']}, {saved['loss']:.6g} over every row with the saved weights): "
+                f"try a smaller --lr{less_noise}{standardize}")
+            return
+        if not (math.isfinite(first["loss"]) and math.isfinite(last["loss"])):
+            return  # a Poisson draw that took no sample
         if not sampled and not last["loss"] < first["loss"]:
             self.warnings.append(
                 f"the loss did not decrease ({first['loss']:.6g} at step {first['step']}, "

@@ -105,7 +105,9 @@ def config_options(command: str) -> Callable[[Callable], Callable]:
 
 def output_options(f: Callable) -> Callable:
     f = click.option("--json", "as_json", is_flag=True, help="Print one JSON summary line.")(f)
-    return click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(f)
+    return click.option("--quiet", "-q", is_flag=True,
+                        help="No progress bar and no schema line (stderr); the summary and "
+                             "warnings stay.")(f)
 
 
 def build_config(ctx: click.Context, data: str | None, params: dict, **fixed: Any):

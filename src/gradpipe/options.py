@@ -174,9 +174,14 @@ def check_value(name: str, option: Option, value: Any) -> None:
             raise _bad(name, value, _allowed(option))
 
 
-def _help(option: Option, default: Any) -> str:
+def _help(option: Option, default: Any, name: str = "") -> str:
     text = option.help  # the choices show in the metavar
-    if option.kind != "bool" and default is not None and default != ():
+    if option.kind == "bool":
+        if default is True:  # spelled --NAME/--no-NAME: say which is the default
+            text += f" Default: {flag(name)}."
+    elif option.kind == "batch" and default is None:
+        text += " Default: full."
+    elif default is not None and default != ():
         text += f" Default: {_show(default)}."
     return text
 
@@ -198,7 +203,7 @@ def click_options(cls: type, command: str) -> Callable[[Callable], Callable]:
         for name, option in reversed(options(cls).items()):
             if not option.as_flag or command not in option.commands:
                 continue
-            text = _help(option, defaults[name])
+            text = _help(option, defaults[name], name)
             if option.kind == "bool":
                 spelled = (flag(name) if defaults[name] is False
                            else f"{flag(name)}/--no-{name.replace('_', '-')}")
@@ -227,7 +232,7 @@ def click_option(cls: type, name: str) -> Callable[[Callable], Callable]:
 
     assert option.kind != "bool", "flags are spelled by click_options"
     return click.option(flag(name), name, default=None, metavar=_metavar(option),
-                        help=_help(option, default), callback=convert)
+                        help=_help(option, default, name), callback=convert)
 
 
 def parse_values(cls: type, raw: dict[str, Any], where: str = "") -> dict[str, Any]:

@@ -326,3 +326,26 @@ def test_inspect_shows_the_scores_of_a_run_that_has_them(tmp_path):
     assert sum(summary["forgetting_events"].values()) == 45
     text = run("inspect", out, "--top", "4").stdout
     assert "Scores of 45 samples (gradpipe scores): top 4 by self_influence" in text
+
+
+def test_a_sampled_run_says_how_many_rows_have_no_score(cls_data, tmp_path):
+    """With --batch, only the samples drawn at a recorded step are scored: the schema line
+    and the summary say so, with the dataset's row count, instead of two unrelated counts."""
+    from click.testing import CliRunner
+
+    from gradpipe.cli import cli
+
+    out = tmp_path / "run"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["train", str(cls_data), "--out", str(out), "--workers", "0",
+                               "--batch", "5", "--steps", "3", "--per-sample", "norms",
+                               "--per-sample-every", "1", "-q"]).exit_code == 0
+    r = runner.invoke(cli, ["scores", str(out), "--workers", "0", "--top", "0"])
+    assert r.exit_code == 0, r.output
+    assert r.stderr.startswith("scoring the samples drawn at 3 recorded steps of a sampled run")
+    assert "of the 60 rows, one never drawn at these steps has no score" in r.stderr
+    summary = json.loads(runner.invoke(cli, ["scores", str(out), "--workers", "0", "--json"])
+                         .stdout)
+    assert summary["rows_in_data"] == 60 and 5 <= summary["rows"] <= 15
+    assert f"wrote scores of {summary['rows']} samples (of 60 rows: the others were not " \
+           "drawn at a recorded step)" in r.stdout

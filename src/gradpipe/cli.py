@@ -482,8 +482,11 @@ def scores(ctx: click.Context, run: str, **params: Any) -> None:
                           address=params["address"] or ctx.obj["address"],
                           verbose=ctx.obj["verbose"])
     summary = run_scores(config, note=Note(params))
+    unscored = ("" if summary["rows"] == summary["rows_in_data"] else
+                f" (of {summary['rows_in_data']} rows: the others were not drawn at a "
+                "recorded step)")
     _report(summary, params["as_json"],
-            f"wrote scores of {summary['rows']} samples over {len(summary['steps'])} "
+            f"wrote scores of {summary['rows']} samples{unscored} over {len(summary['steps'])} "
             f"recorded step{'s' * (len(summary['steps']) != 1)} in {summary['parts']} "
             f"part{'s' * (summary['parts'] != 1)} to "
             f"{summary['out']}", *render_top(summary))

@@ -331,11 +331,18 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
     pool: Pool = start_pool(dataset, config.workers, "float64", address=config.address,
                             verbose=config.verbose,
                             flops=(50.0 * dataset.n_rows * len(steps), 1))
+    rows_in_data = int(info.get("dataset", {}).get("rows", dataset.n_rows))
+    config_run = info.get("config", {})
+    sampled = config_run.get("batch") is not None or config_run.get("batch_rate") is not None
     if note is not None:
         where = pool.without_ray()
-        note(f"scoring {dataset.n_rows} samples in {len(dataset.blocks)} "
-             f"block{'s' * (len(dataset.blocks) != 1)} over "
-             f"{len(steps)} recorded step{'s' * (len(steps) != 1)} ({_steps_text(steps)})"
+        what = (f"the samples drawn at {len(steps)} recorded step"
+                f"{'s' * (len(steps) != 1)} of a sampled run ({_steps_text(steps)}; of the "
+                f"{rows_in_data} rows, one never drawn at these steps has no score), in "
+                if sampled else
+                f"{dataset.n_rows} samples over {len(steps)} recorded step"
+                f"{'s' * (len(steps) != 1)} ({_steps_text(steps)}), in ")
+        note(f"scoring {what}{len(dataset.blocks)} block{'s' * (len(dataset.blocks) != 1)}"
              f"{where}")
     classify = dataset.classify
     try:
@@ -347,7 +354,7 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
             columns = [c for c in COLUMNS if classify or c != "label"]
             summary: dict[str, Any] = {
                 "out": config.out or f"{config.run.rstrip('/')}/scores", "run": config.run,
-                "rows": rows, "parts": len(written),
+                "rows": rows, "rows_in_data": rows_in_data, "parts": len(written),
                 "steps": steps, "lr": etas, "columns": columns,
                 "el2n": _recorded(run, steps[-1], "el2n"),
                 "correct": classify and _recorded(run, steps[-1], "correct"),

@@ -135,11 +135,11 @@ def render(summary: dict, console: Any = None) -> None:
             batch += f" (this run: {noise['samples_per_step']:,} per step)"
         t.add_row("suggested batch", batch)
         if noise["window_finite"] == 0 and noise["latest"] is not None:
-            t.caption = ("no estimate in the last 10%: the mean gradient has become too small "
-                         "to tell from rounding beside the per-sample spread (the noise "
-                         "dominates; B_simple would be beyond any batch), so it reads as null; "
-                         "the suggestion comes from the latest finite step, capped at the "
-                         "dataset's rows")
+            t.caption = ("no estimate in the last 10%: the estimate of |G_true|^2, |G|^2 less "
+                         "the per-sample spread over n, is zero, negative or within rounding "
+                         "of zero there (the noise dominates the mean gradient; B_simple "
+                         "would be beyond any batch), so it reads as null; the suggestion "
+                         "comes from the latest finite step, capped at the dataset's rows")
             t.caption_justify = "left"
         for layer in noise.get("layers") or []:  # B_simple of each layer's parameters alone
             latest = (f"{_num(layer['latest'], 4)} (step {layer['latest_step']})"

@@ -495,3 +495,23 @@ def test_a_nan_label_is_called_missing_under_either_task(tmp_path: Path) -> None
                                           "--out", str(tmp_path / "run"), "--workers", "0"])
         assert "model" not in one_line_error(result, said, "Drop or impute")
         assert not (tmp_path / "run").exists()
+
+
+def test_an_unused_index_column_in_some_files_only_is_not_a_schema_difference(tmp_path: Path):
+    """pandas writes a RangeIndex as metadata and a shuffled index as a column: two halves of
+    one DataFrame saved with to_parquet are one dataset. A used column missing is still
+    refused, by name."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"x0": rng.normal(size=40), "x1": rng.normal(size=40),
+                       "label": np.arange(40) % 2})
+    (tmp_path / "d").mkdir()
+    df.iloc[:20].to_parquet(tmp_path / "d" / "a.parquet")  # RangeIndex: no column
+    df.iloc[20:].sample(frac=1, random_state=0).to_parquet(tmp_path / "d" / "b.parquet")
+    assert "__index_level_0__" in pq.read_schema(tmp_path / "d" / "b.parquet").names
+    ds = plan(DataSpec(str(tmp_path / "d")))
+    assert ds.features == ("x0", "x1") and ds.n_rows == 40
+    assert ds.ignored_columns == ("__index_level_0__",)  # said on the schema line
+    df.iloc[20:].drop(columns="x1").to_parquet(tmp_path / "d" / "b.parquet")
+    with pytest.raises(DataError, match="b.parquet: schema differs .*column 'x1' is missing"):
+        plan(DataSpec(str(tmp_path / "d")))

@@ -351,7 +351,7 @@ def test_schema_line_and_to_dict(tmp_path: Path) -> None:
     # Many classes are abbreviated; regression names its targets; an id column is said.
     write_parquet(tmp_path / "m" / "a.parquet", {"x": np.arange(40.0), "id": np.arange(40),
                                                  "label": np.arange(40) * 10}, row_group_size=15)
-    ds = plan(DataSpec(str(tmp_path / "m"), id_column="id"))
+    ds = plan(DataSpec(str(tmp_path / "m"), id_column="id", task="classification"))
     assert schema_line(ds) == ("classification on 'label': 40 classes (0, 10, 20, 30, 40, 50, "
                                "60, 70, 80, ..., 380, 390); 1 feature (x); 40 rows in 3 blocks; "
                                "id column id")

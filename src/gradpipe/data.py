@@ -593,16 +593,22 @@ def plan(spec: DataSpec) -> Dataset:
     digest = hashlib.sha256(str(schema).encode())
     row = 0
     counting = _Counting(schema, () if feature_list else features)
+    used = {*features, *spec.target, *([spec.id_column] if spec.id_column else [])}
     for path in files:
         pf = first if path == files[0] else _open(fs, path)
         other = pf.schema_arrow
-        # Columns are read by name: the same columns in another order are the same data.
-        if not other.equals(schema) and _by_name(other) != _by_name(schema):
-            diff = _schema_difference(schema, other)
+        # Columns are read by name: the same columns in another order are the same data, and
+        # an index column that is not used may be in one file and not in another (pandas
+        # writes a RangeIndex as metadata and a shuffled one as a column).
+        if not other.equals(schema) and _data_columns(other, used) != _data_columns(schema,
+                                                                                    used):
+            diff = _schema_difference(_data_columns(schema, used), _data_columns(other, used))
             raise DataError(
                 f"{path}: schema differs from {files[0]}: {diff}. All files of a dataset "
                 "must have the same columns and types."
             )
+        ignored += tuple(c for c in index_columns(other.names, pandas_metadata(other))
+                         if c not in used and c not in ignored)  # said on the schema line
         md = pf.metadata
         info = fs.get_file_info(path)
         digest.update(f"{path}\0{info.size}\0{info.mtime_ns}\0{md.num_rows}\0"
@@ -638,8 +644,8 @@ def plan(spec: DataSpec) -> Dataset:
         classes=classes,
         class_type=class_type,
         ignored_columns=ignored,
-        ignored_integer_index=next((c for c in ignored if c and pa.types.is_integer(
-            schema.field(c).type)), None),
+        ignored_integer_index=next((c for c in ignored if c and c in schema.names  # 1st file
+                                    and pa.types.is_integer(schema.field(c).type)), None),
         counting_columns=counting.found(row),
         probability_targets=spec.probability_targets and task == "regression",
         has_target=spec.read_target,
@@ -752,17 +758,20 @@ def schema_line(dataset: Dataset) -> str:
     return "; ".join(parts)
 
 
-def _by_name(schema: pa.Schema) -> dict[str, pa.DataType]:
-    return {f.name: f.type for f in schema}
+def _data_columns(schema: pa.Schema, used: set[str]) -> dict[str, pa.DataType]:
+    """{name: type} of the columns that make two files the same data: all but the index
+    columns that are not `used` (features, target, id)."""
+    index = set(index_columns(schema.names, pandas_metadata(schema))) - used
+    return {f.name: f.type for f in schema if f.name not in index}
 
 
-def _schema_difference(a: pa.Schema, b: pa.Schema) -> str:
-    for name in a.names:
-        if name not in b.names:
+def _schema_difference(a: dict[str, pa.DataType], b: dict[str, pa.DataType]) -> str:
+    for name, type_a in a.items():
+        if name not in b:
             return f"column {name!r} is missing"
-        if not a.field(name).type.equals(b.field(name).type):
-            return f"column {name!r} is {b.field(name).type} here, {a.field(name).type} there"
-    extra = [n for n in b.names if n not in a.names]
+        if not type_a.equals(b[name]):
+            return f"column {name!r} is {b[name]} here, {type_a} there"
+    extra = [n for n in b if n not in a]
     if extra:
         return f"extra column {extra[0]!r}"
     return "the columns are in another order"

@@ -593,3 +593,20 @@ def test_string_classes_show_as_their_values(tmp_path: Path) -> None:
         assert r["prediction"] in ("cat", "dog", "eel")
     for r in summary["scores"]["top"]:
         assert r["label"] == labels[r["sample"]]
+
+
+def test_inspect_says_when_a_runs_scores_are_out_of_date(cls_data, tmp_path):
+    """gradpipe scores, then train --resume with more steps: the scores no longer cover the
+    run's per-sample rows, and inspect says so (it showed them as if current)."""
+    out = tmp_path / "run"
+    runner = CliRunner()
+    common = ["--workers", "0", "--per-sample", "norms", "--per-sample-every", "2", "-q"]
+    assert runner.invoke(cli, ["train", str(cls_data), "--out", str(out), "--steps", "4",
+                               *common]).exit_code == 0
+    assert runner.invoke(cli, ["scores", str(out), "--workers", "0", "-q"]).exit_code == 0
+    assert json.loads(inspect(out, "--json").stdout)["scores"]["newer_steps"] == []
+    r = runner.invoke(cli, ["train", "--resume", "--out", str(out), "--steps", "8", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(inspect(out, "--json").stdout)["scores"]["newer_steps"] == [4, 6, 7]
+    assert ("out of date: the run recorded 3 steps of per-sample rows after these scores (up "
+            "to step 7); run gradpipe scores again") in " ".join(inspect(out).stdout.split())

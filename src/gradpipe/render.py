@@ -231,6 +231,10 @@ def render(summary: dict, console: Any = None) -> None:
             spread = ", ".join(f"{n:,} with {k}" for k, n in scores["forgetting_events"].items())
             console.print(f"never learned: {scores['never_learned']:,}; forgetting events: "
                           f"{spread}")
+        if newer := scores.get("newer_steps"):
+            console.print(f"out of date: the run recorded {_count(len(newer), 'step')} of "
+                          f"per-sample rows after these scores (up to step {newer[-1]}); run "
+                          "gradpipe scores again", style="bold")
 
 
 def _render_predictions(console: Any, table: Any, p: dict) -> None:

@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 
 from . import store
 from .data import describe_columns
-from .errors import ConfigError
+from .errors import ConfigError, GradpipeError
 from .outputs import read_run_json, read_weights
 
 F64 = NDArray[np.float64]
@@ -559,6 +559,8 @@ def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) 
                    json.loads(store.read_text(store.join(output.path, "_scores.json")))
                    .get("classes"))
         summary["scores"] = None if table is None else scores_summary(table, top, classes)
+        if summary["scores"] is not None and output.kind == "run":
+            summary["scores"]["newer_steps"] = _unscored_steps(output.path)
     if output.kind == "predictions":
         summary["predictions"] = predictions_summary(output.path, top)
     if output.kind == "influence":
@@ -625,6 +627,18 @@ def influence_summary(path: str, top: int) -> dict:
         out[kind] = [{"train_sample": r["train_sample"], "test_samples": r["test_sample_count"],
                       "influence_sum": r["influence_sum"]} for r in rows[:top]]
     return out
+
+
+def _unscored_steps(run: str) -> list[int]:
+    """The run's completed per-sample steps that RUN/scores does not cover: recorded after
+    `gradpipe scores` ran (a resumed run), so that the scores are out of date."""
+    from .scores import MARKER, scored_steps
+
+    try:
+        covered = set(json.loads(store.read_text(store.join(run, "scores", MARKER)))["steps"])
+        return [s for s in scored_steps(run)[0] if s not in covered]
+    except (GradpipeError, OSError, KeyError, ValueError):
+        return []
 
 
 def scores_summary(table: pa.Table, top: int, classes: list | None = None) -> dict:

@@ -515,3 +515,13 @@ def test_an_unused_index_column_in_some_files_only_is_not_a_schema_difference(tm
     df.iloc[20:].drop(columns="x1").to_parquet(tmp_path / "d" / "b.parquet")
     with pytest.raises(DataError, match="b.parquet: schema differs .*column 'x1' is missing"):
         plan(DataSpec(str(tmp_path / "d")))
+
+
+def test_a_missing_column_message_names_the_closest_columns_the_cut_hides() -> None:
+    from gradpipe.data import describe_columns
+
+    names = [f"f{k}" for k in range(12)] + ["Target"]
+    assert describe_columns(names) == "f0, f1, f2, f3, f4, f5, ... (13)"
+    assert describe_columns(names, "target").endswith("(13); closest to 'target': 'Target'")
+    assert describe_columns(names, "Traget").endswith("; closest to 'Traget': 'Target'")
+    assert describe_columns(names, "label") == describe_columns(names)

@@ -91,7 +91,7 @@ def select_columns(
     for t in target:
         if t not in names:
             raise DataError(
-                f"{where}: missing target column {t!r} (found: {describe_columns(names)}). "
+                f"{where}: missing target column {t!r} (found: {describe_columns(names, t)}). "
                 "Pass --target with the right name."
             )
     index = index_columns(names)
@@ -240,7 +240,8 @@ def check_batch(batch: pa.RecordBatch, where: str, first_row: int, nulls: str = 
         if values.null_count:
             i = int(np.argmax(values.is_null().to_numpy(zero_copy_only=False))) // width
             raise DataError(
-                f"{where}: column {name!r} has {values.null_count} {nulls} values in rows "
+                f"{where}: column {name!r} has {values.null_count} {nulls} "
+                f"value{'s' * (values.null_count != 1)} in rows "
                 f"{first_row}..{last} (first at row {first_row + i}). Drop or impute them first."
             )
         if pa.types.is_floating(values.type):

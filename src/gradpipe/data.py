@@ -11,6 +11,7 @@ target column's type and values (read alone, file by file), never guessed in sil
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import json
@@ -240,9 +241,17 @@ def type_name(t: pa.DataType) -> str:
             pa.float16(): "float16"}.get(t, str(t))
 
 
-def describe_columns(names: list[str]) -> str:
-    """Column names for a message: all of them, or the first six and the count."""
-    return ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:6])}, ... ({len(names)})"
+def describe_columns(names: list[str], near: str | None = None) -> str:
+    """Column names for a message: all of them, or the first six and the count; with `near`
+    (a name that was not found), the names closest to it too, which the cut may leave out
+    ('Target' for 'target')."""
+    text = ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:6])}, ... ({len(names)})"
+    if near is None:
+        return text
+    folded = {n.casefold(): n for n in names}
+    close = ([folded[near.casefold()]] if near.casefold() in folded else
+             difflib.get_close_matches(near, names, n=2, cutoff=0.7))
+    return text + (f"; closest to {near!r}: {', '.join(map(repr, close))}" if close else "")
 
 
 def _show(name: str) -> str:
@@ -312,7 +321,7 @@ def select_features(
             if not hits:
                 raise DataError(
                     f"{where}: no column matches feature {pattern!r} "
-                    f"(found: {describe_columns(names)}). Check --features."
+                    f"(found: {describe_columns(names, pattern)}). Check --features."
                 )
             # A glob may sweep in the target, the id or an index; they are never features.
             chosen += [h for h in hits if h not in chosen and h not in excluded
@@ -362,7 +371,7 @@ def _check_columns(schema: pa.Schema, spec: DataSpec, path: str) -> None:
     for t in spec.target if spec.read_target else ():
         if t not in names:
             raise DataError(
-                f"{path}: missing target column {t!r} (found: {describe_columns(names)}). "
+                f"{path}: missing target column {t!r} (found: {describe_columns(names, t)}). "
                 "Pass --target with the right name."
             )
     if spec.id_column is not None:

@@ -355,12 +355,13 @@ def plan_for_model(config: EvalConfig, model: Model, read_target: bool) -> Datas
         raise DataError(
             f"{config.data}: missing feature column{plural} "
             f"{', '.join(map(repr, missing))} that the model {model.path} takes (found: "
-            f"{describe_columns(names)}). The data needs every feature column by name.")
+            f"{describe_columns(names, missing[0])}). The data needs every feature column by "
+            "name.")
     absent = [t for t in target if t not in names]
     if read_target and absent:
         raise DataError(
             f"{config.data}: no target column {', '.join(map(repr, absent))} to evaluate "
-            f"the model {model.path} against (found: {describe_columns(names)}). "
+            f"the model {model.path} against (found: {describe_columns(names, absent[0])}). "
             "gradpipe predict needs no target.")
     id_column = config.id_column
     if id_column is None:

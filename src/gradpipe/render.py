@@ -77,8 +77,9 @@ def render(summary: dict, console: Any = None) -> None:
         task = data.get("task") or ""
         if task == "classification":
             task += f" ({data.get('n_outputs')} classes)"
-        t.add_row("dataset", f"{data.get('source')}: {_num(data.get('rows'))} rows, "
-                  f"{_num(data.get('files'))} files, {_num(data.get('blocks'))} blocks, {task}")
+        t.add_row("dataset", f"{data.get('source')}: {_count(data.get('rows') or 0, 'row')}, "
+                  f"{_count(data.get('files') or 0, 'file')}, "
+                  f"{_count(data.get('blocks') or 0, 'block')}, {task}")
         t.add_row("fingerprint", str(data.get("fingerprint")))
         steps = f"{_num(run.get('steps_done'))} of {_num(run.get('steps'))}"
         if run.get("diverged_at") is not None:

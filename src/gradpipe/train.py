@@ -357,8 +357,8 @@ class Run:
         if missing and not d.feature_list:
             raise DataError(f"--val {spec.path}: missing column{'s' * (len(missing) > 1)} "
                             f"{', '.join(map(repr, missing))} that the training data has "
-                            f"(found: {describe_columns(names)}); --val needs the training "
-                            "data's feature and target columns, by name")
+                            f"(found: {describe_columns(names, missing[0])}); --val needs the "
+                            "training data's feature and target columns, by name")
         try:
             val = plan(spec)
             pool = start_pool(val, 0, self.config.dtype,

@@ -457,3 +457,19 @@ def test_a_null_in_a_whole_number_float_target_is_said_first(tmp_path: Path):
     with pytest.raises(DataError, match=r"target column 'label' has 1 null value \(first at "
                                         r"row 17\)"):
         plan(DataSpec(str(tmp_path / "d")))
+
+
+def test_an_integer_feature_named_like_an_id_is_said(tmp_path: Path) -> None:
+    """A CSV export of a split keeps its named index (row_id: 124 of 0..177, so it counts no
+    rows): it is a feature as asked, but the schema line names it."""
+    rng = np.random.default_rng(0)
+    cols = {"row_id": rng.permutation(178)[:124], "customer_idx": np.arange(124) % 7,
+            "row_count": np.arange(124) % 5, "grid": np.arange(124) % 3,
+            "x": rng.normal(size=124), "label": np.arange(124) % 3}
+    ds = plan(DataSpec(str(one_file(tmp_path, cols))))
+    assert ds.id_named_columns == ("row_id", "customer_idx")
+    line = schema_line(ds)
+    assert ("feature row_id is named like an id: --id-column row_id makes it the sample id "
+            "instead; feature customer_idx is named like an id") in line
+    assert plan(DataSpec(str(one_file(tmp_path, cols)), id_column="row_id")).id_named_columns \
+        == ("customer_idx",)

@@ -56,6 +56,9 @@ def _look_for_pandas_now() -> None:
 
 _look_for_pandas_now()
 
+# An integer feature named like this is said on the schema line (an id, a saved index?).
+ID_NAME = re.compile(r"(?i)(^|[_\W])(id|idx|index|rowid|uuid)$|^(id|idx|index|rowid)([_\W]|$)")
+
 # Rows per block when a row group is larger: bounds the memory of one block's pass.
 BLOCK_ROWS = 65536
 TASKS = ("auto", "classification", "regression")
@@ -142,6 +145,9 @@ class Dataset:
     # each file), by the row groups' statistics: a saved index, most likely. Said on the
     # schema line, still used (the user chose no features, or chose these).
     counting_columns: tuple[str, ...] = ()
+    # Integer features named like an id (row_id, index, ID, sample_idx): said on the schema
+    # line, still used; a split's saved index counts no rows, and its name is all there is.
+    id_named_columns: tuple[str, ...] = ()
     # An ignored index column of integers (pandas' index), which --id-column could name.
     ignored_integer_index: str | None = None
     probability_targets: bool = False  # see DataSpec.probability_targets
@@ -164,6 +170,7 @@ class Dataset:
             "id_column": self.id_column,
             "ignored_columns": list(self.ignored_columns),
             "counting_columns": list(self.counting_columns),
+            "id_named_columns": list(self.id_named_columns),
             "probability_targets": self.probability_targets,
             "rows": self.n_rows,
             "files": len({b.file for b in self.blocks}),
@@ -655,7 +662,10 @@ def plan(spec: DataSpec) -> Dataset:
         ignored_columns=ignored,
         ignored_integer_index=next((c for c in ignored if c and c in schema.names  # 1st file
                                     and pa.types.is_integer(schema.field(c).type)), None),
-        counting_columns=counting.found(row),
+        counting_columns=(counting_found := counting.found(row)),
+        id_named_columns=() if feature_list else tuple(
+            c for c in features if ID_NAME.search(c) and c not in counting_found
+            and pa.types.is_integer(schema.field(c).type)),
         probability_targets=spec.probability_targets and task == "regression",
         has_target=spec.read_target,
     )
@@ -757,6 +767,9 @@ def schema_line(dataset: Dataset) -> str:
     for name in dataset.counting_columns:
         parts.append(f"feature {_show(name)} counts the rows: a saved index? --id-column "
                      f"{_show(name)} makes it the sample id instead")
+    for name in dataset.id_named_columns:
+        parts.append(f"feature {_show(name)} is named like an id: --id-column {_show(name)} "
+                     "makes it the sample id instead")
     if dataset.ignored_columns:
         plural = "s" * (len(dataset.ignored_columns) != 1)
         parts.append(f"ignored index column{plural} "

@@ -9,7 +9,7 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import DIGITS
+from conftest import DIGITS, make_classification
 from reference import naive_full_batch
 
 from gradpipe.errors import DivergenceError
@@ -279,6 +279,12 @@ def test_the_schema_line_says_where_the_work_runs(ray_local, tmp_path: Path) -> 
                           steps=1, workers=workers), note=said[workers].append)
     assert said[0][0].endswith("; in-process")
     assert said[2][0].endswith("; 2 Ray workers on a local instance")
+    one: list[str] = []  # a dataset of one block: one worker, whatever --workers says
+    data = make_classification(tmp_path / "one", rows=30, files=1, row_group_size=30)
+    train(TrainConfig(data=str(data), out=str(tmp_path / "w1"), hidden=(4,), steps=1,
+                      workers=2), note=one.append)
+    assert one[0].endswith("; 1 Ray worker on a local instance (--workers 2, but 1 block: a "
+                           "smaller --block-rows splits them)"), one[0]
 
 
 @pytest.mark.parametrize("flags,said", [

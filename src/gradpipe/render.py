@@ -69,6 +69,9 @@ def render(summary: dict, console: Any = None) -> None:
         model, data, opt = run["model"], run["dataset"], run["optimizer"]
         t = table("Run", "", "")
         t.show_header = False
+        # The labels whole, the values wrapped: at 80 columns a long value cut both.
+        t.columns[0].min_width = len("fingerprint")
+        t.columns[1].no_wrap, t.columns[1].overflow = False, "fold"
         sizes = "-".join(str(n) for n in model.get("sizes") or [])
         t.add_row("command", f"{run['command']}  ({run['status']})")
         t.add_row("model", f"{sizes}  {model.get('activation')} / {model.get('output_activation')}"

@@ -525,3 +525,13 @@ def test_a_missing_column_message_names_the_closest_columns_the_cut_hides() -> N
     assert describe_columns(names, "target").endswith("(13); closest to 'target': 'Target'")
     assert describe_columns(names, "Traget").endswith("; closest to 'Traget': 'Target'")
     assert describe_columns(names, "label") == describe_columns(names)
+
+
+def test_a_target_name_with_a_comma_is_pointed_to_a_job_file(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "d.parquet", {"x0": np.arange(9.0),
+                                                  "class, final": np.arange(9) % 3})
+    with pytest.raises(DataError, match=r"missing target column 'class' .*--target splits names "
+                       r"at commas: name 'class, final' in a job file, target = \[\"class, "
+                       r"final\"\]"):
+        plan(DataSpec(str(path), target=("class", "final")))
+    assert plan(DataSpec(str(path), target=("class, final",))).n_outputs == 3

@@ -40,7 +40,8 @@ class TrainConfig:
         metavar="NAMES")
     target: tuple[str, ...] = opt(
         ("label",), "Target: one class column (integer, bool or string), or comma-separated "
-        "float columns for regression.", kind="names", metavar="NAMES")
+        "float columns for regression (a name with a comma: a list in a job file).",
+        kind="names", metavar="NAMES")
     id_column: str | None = opt(None, "Integer column to use as the sample id. Default: the "
                                 "global row index.", optional=True, metavar="NAME")
     task: str = opt("auto", "What the target is: auto takes integer, bool and string columns "

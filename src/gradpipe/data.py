@@ -377,9 +377,13 @@ def _check_columns(schema: pa.Schema, spec: DataSpec, path: str) -> None:
     names = schema.names
     for t in spec.target if spec.read_target else ():
         if t not in names:
+            comma = next((c for c in names if "," in c and t in
+                          [p.strip() for p in c.split(",")]), None)
             raise DataError(
                 f"{path}: missing target column {t!r} (found: {describe_columns(names, t)}). "
-                "Pass --target with the right name."
+                + ("Pass --target with the right name." if comma is None else
+                   f"--target splits names at commas: name {comma!r} in a job file, "
+                   f"target = [{json.dumps(comma)}]")
             )
     if spec.id_column is not None:
         if spec.id_column not in names:

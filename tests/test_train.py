@@ -309,3 +309,22 @@ def test_a_run_that_did_not_learn_says_so(cls_data, tmp_path, flags, said):
         assert warnings == []
     else:
         assert len(warnings) == 1 and said in warnings[0], warnings
+
+
+def test_a_softmax_output_on_numeric_targets_is_refused(reg_data, tmp_path):
+    """--output-activation softmax makes auto's loss cross_entropy, which needs targets that
+    are probability rows: other numbers trained on a meaningless loss (-36235) and said
+    nothing, while --loss cross_entropy given was refused."""
+    from click.testing import CliRunner
+    from conftest import one_line_error
+
+    from gradpipe.cli import cli
+
+    for flags in (["--output-activation", "softmax"],
+                  ["--output-activation", "softmax", "--loss", "cross_entropy"]):
+        r = CliRunner().invoke(cli, ["train", str(reg_data), "--target", "t0,t1", *flags,
+                                     "--no-standardize", "--workers", "0", "--out",
+                                     str(tmp_path / "run")])
+        one_line_error(r, "'t0', 't1'", "are not probabilities",
+                       "leave --output-activation and --loss to auto")
+        assert not (tmp_path / "run").exists()

@@ -896,7 +896,8 @@ def check_probability_rows(y: NDArray, columns: tuple[str, ...], block: Block) -
         raise DataError(
             f"{block.file}: target columns {', '.join(map(repr, columns))} at row "
             f"{block.file_row + i} are not probabilities: {found}. softmax + cross_entropy "
-            "needs rows of values >= 0 that sum to 1; normalize them or use --loss squared."
+            "needs rows of values >= 0 that sum to 1; normalize them, or leave "
+            "--output-activation and --loss to auto (identity and squared for numbers)."
         )
 
 

@@ -59,9 +59,13 @@ def data_spec(config: TrainConfig) -> DataSpec:
                         config.id_column, classes=model.classes,
                         block_rows=config.block_rows, task=model.task or config.task,
                         probability_targets=model.arch.loss == "cross_entropy")
+    # cross_entropy, given or chosen by auto for a softmax output, needs target rows that
+    # are probabilities (regression on other targets would train on a meaningless loss)
+    cross_entropy = config.loss == "cross_entropy" or (
+        config.loss == "auto" and config.output_activation == "softmax")
     return DataSpec(config.data, config.features, config.target, config.id_column,
                     block_rows=config.block_rows, task=config.task,
-                    probability_targets=config.loss == "cross_entropy")
+                    probability_targets=cross_entropy)
 
 
 def output_layer(config: TrainConfig, dataset: Dataset) -> tuple[str, str]:
@@ -596,18 +600,20 @@ class Run:
                        else ", or --standardize if it is off")
         less_noise = (", or less noise (a larger --dp-epsilon, a smaller --dp-noise)"
                       if config.private else "")
-        # The loss of one sampled batch is noise, but at the initial weights every batch's
-        # is near the data's: the saved weights' loss over every row is compared with it.
-        if (sampled and saved is not None and math.isfinite(first["loss"])
-                and not saved["loss"] < first["loss"]):
+        # The saved weights' loss over every row against the first step's (on its batch: at
+        # the initial weights every batch's is near the data's); a last batch's loss would be
+        # noise, and even a full batch's is that of the weights before the last update.
+        judged = saved is not None and math.isfinite(first["loss"])
+        if saved is not None and judged and not saved["loss"] < first["loss"]:
+            on = " on the batch of" if sampled else " at"
             self.warnings.append(
-                f"the loss did not decrease ({first['loss']:.6g} on the batch of step "
-                f"{first['step']}, {saved['loss']:.6g} over every row with the saved weights): "
+                f"the loss did not decrease ({first['loss']:.6g}{on} step {first['step']}, "
+                f"{saved['loss']:.6g} over every row with the saved weights): "
                 f"try a smaller --lr{less_noise}{standardize}")
             return
         if not (math.isfinite(first["loss"]) and math.isfinite(last["loss"])):
             return  # a Poisson draw that took no sample
-        if not sampled and not last["loss"] < first["loss"]:
+        if not judged and not sampled and not last["loss"] < first["loss"]:
             self.warnings.append(
                 f"the loss did not decrease ({first['loss']:.6g} at step {first['step']}, "
                 f"{last['loss']:.6g} at step {last['step']}): try a smaller --lr"

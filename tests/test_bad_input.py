@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner, Result
 from conftest import DIGITS, make_classification, make_regression, write_parquet
@@ -349,6 +350,15 @@ def _job_missing(tmp: Path, w: dict):
     return str(tmp / "d"), ["--job", str(job)], [str(job), "--job"]
 
 
+def _column_twice(tmp: Path, w: dict):
+    cols = good_columns()
+    table = pa.Table.from_arrays([pa.array(cols["x0"]), pa.array(cols["label"]),
+                                  pa.array(cols["x1"])], names=["x0", "label", "x0"])
+    (tmp / "d").mkdir()
+    pq.write_table(table, tmp / "d" / "part-0.parquet")
+    return str(tmp / "d"), [], ["part-0.parquet", "column 'x0' appears 2 times"]
+
+
 def _option(*args: str, names: tuple[str, ...]) -> Callable:
     def make(tmp: Path, w: dict):
         write_parquet(tmp / "d" / "part-0.parquet", good_columns())
@@ -399,6 +409,14 @@ CASES = [
     Case("block-rows-0", _option("--block-rows", "0", names=("--block-rows",))),
     Case("hidden-0", _option("--hidden", "4,0", names=("--hidden",))),
     Case("workers-negative", _option("--workers", "-1", names=("--workers",))),
+    Case("target-empty", _option("--target", "", names=("--target is empty",))),
+    Case("target-only-commas", _option("--target", ",", names=("--target is empty",))),
+    Case("target-twice", _option("--target", "label,label",
+                                 names=("--target label,label", "'label' is named twice"))),
+    Case("feature-twice", _option("--features", "x0,x1,x0", names=("'x0' is named twice",))),
+    Case("feature-is-the-target", _option("--features", "x0,label",
+                                          names=("--features names 'label'",))),
+    Case("column-twice-in-a-file", _column_twice),
     Case("lr-0", _option("--lr", "0", names=("--lr",)), TRAIN),
     Case("lr-negative", _option("--lr", "-1", names=("--lr",)), TRAIN),
     Case("lr-nan", _option("--lr", "nan", names=("--lr",)), TRAIN),

@@ -175,6 +175,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         options.check(self)
+        if not self.target:
+            raise ConfigError("--target is empty: name the target column (default: label)")
+        for name in ("target", "features"):
+            names = getattr(self, name)
+            repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            if repeated is not None:
+                raise ConfigError(f"--{name} {','.join(names)}: {repeated!r} is named twice")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite cannot be used together")
         if self.batch is not None and self.batch_rate is not None:

@@ -330,6 +330,9 @@ def select_features(
                     f"{where}: no column matches feature {pattern!r} "
                     f"(found: {describe_columns(names, pattern)}). Check --features."
                 )
+            if pattern in excluded:  # named, not swept in by a glob
+                raise DataError(f"{where}: --features names {pattern!r}, the target or the id "
+                                "column; it cannot be a feature too")
             # A glob may sweep in the target, the id or an index; they are never features.
             chosen += [h for h in hits if h not in chosen and h not in excluded
                        and (h == pattern or h not in index)]
@@ -370,6 +373,15 @@ def _resolve_features(
                    "Drop it or pass --features with the numeric columns.")
             )
     return tuple(chosen), False, len(chosen), ignored
+
+
+def _check_unique_names(schema: pa.Schema, path: str) -> None:
+    """Columns are read by name: a name twice in one file cannot be read."""
+    names = schema.names
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise DataError(f"{path}: column {twice!r} appears {names.count(twice)} times; "
+                        "columns are read by name, so each must be unique")
 
 
 def _check_columns(schema: pa.Schema, spec: DataSpec, path: str) -> None:
@@ -606,6 +618,7 @@ def plan(spec: DataSpec) -> Dataset:
     fs, files = list_files(spec.path)
     first = _open(fs, files[0])
     schema = first.schema_arrow
+    _check_unique_names(schema, files[0])
     _check_columns(schema, spec, files[0])  # first: a missing target explains the rest
     features, feature_list, n_features, ignored = _resolve_features(schema, spec, files[0])
 
@@ -617,6 +630,7 @@ def plan(spec: DataSpec) -> Dataset:
     for path in files:
         pf = first if path == files[0] else _open(fs, path)
         other = pf.schema_arrow
+        _check_unique_names(other, path)
         # Columns are read by name: the same columns in another order are the same data, and
         # an index column that is not used may be in one file and not in another (pandas
         # writes a RangeIndex as metadata and a shuffled one as a column).

@@ -328,3 +328,24 @@ def test_a_softmax_output_on_numeric_targets_is_refused(reg_data, tmp_path):
         one_line_error(r, "'t0', 't1'", "are not probabilities",
                        "leave --output-activation and --loss to auto")
         assert not (tmp_path / "run").exists()
+
+
+def test_per_sample_rows_refuse_repeated_ids(tmp_path):
+    """Per-sample rows, scores and influence are keyed by --id-column: repeated ids were
+    accepted by train and refused only later by scores."""
+    from click.testing import CliRunner
+    from conftest import one_line_error, write_parquet
+
+    from gradpipe.cli import cli
+
+    write_parquet(tmp_path / "d" / "a.parquet",
+                  {"uid": np.arange(20) // 2, "x0": np.linspace(0, 1, 20),
+                   "label": np.arange(20) % 2})
+    common = ["train", str(tmp_path / "d"), "--id-column", "uid", "--workers", "0",
+              "--steps", "2", "-q"]
+    r = CliRunner().invoke(cli, [*common, "--per-sample", "norms", "--out", str(tmp_path / "a")])
+    one_line_error(r, "--id-column 'uid': id 0 is on row 0", "row 1 of",
+                   "per-sample rows, scores and influence are keyed by the id")
+    assert not (tmp_path / "a").exists()
+    # Without per-sample rows the id is not used: the run goes on.
+    assert CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "b")]).exit_code == 0

@@ -422,10 +422,11 @@ def _target_batches(
             raise DataError(f"{path}: cannot read column {column!r} ({e})") from None
 
 
-def check_unique_ids(dataset: Dataset) -> None:
-    """Refuse a dataset whose --id-column repeats a value, naming the two rows: a private
-    run's guarantee is per row, and the Poisson draw keys on the id, so rows sharing one
-    would always be drawn together. Reads the id column whole (8 bytes a row)."""
+def check_unique_ids(dataset: Dataset, why: str) -> None:
+    """Refuse a dataset whose --id-column repeats a value, naming the two rows and `why`
+    ids must be unique (a private run's guarantee is per row and its Poisson draw keys on
+    the id; per-sample rows, scores and influence are keyed by it). Reads the id column
+    whole (8 bytes a row)."""
     if dataset.id_column is None:
         return
     fs, _ = filesystem(dataset.source)
@@ -445,9 +446,8 @@ def check_unique_ids(dataset: Dataset) -> None:
 
     raise DataError(
         f"--id-column {dataset.id_column!r}: id {int(ids[first])} is on {where(first)} and "
-        f"{where(second)} ({len(same)} repeated id{'s' * (len(same) != 1)} in all); a private "
-        "run needs one id a row, its guarantee being per row (without --id-column the row "
-        "index is the id)")
+        f"{where(second)} ({len(same)} repeated id{'s' * (len(same) != 1)} in all); {why} "
+        "(without --id-column the row index is the id)")
 
 
 def _whole_numbers(fs: pafs.FileSystem, files: list[str], column: str) -> bool:

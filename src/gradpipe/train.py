@@ -200,7 +200,11 @@ class Run:
                 prepare_run_dir(config.out, overwrite=config.overwrite)
         self.dataset = plan(data_spec(config))
         if config.private and not config.resume:
-            check_unique_ids(self.dataset)  # the guarantee is per row; the draw keys on ids
+            check_unique_ids(self.dataset, "a private run needs one id a row, its guarantee "
+                             "being per row")
+        elif config.per_sample != "none" and not config.resume:
+            check_unique_ids(self.dataset, "per-sample rows, scores and influence are keyed "
+                             "by the id, one a row")
         if not self.dataset.classify and "sample" in self.dataset.target:
             raise ConfigError(f"{config.data}: a target named 'sample' would clash with the "
                               "sample id column of per-sample files and predictions; rename it")

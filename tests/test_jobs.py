@@ -73,7 +73,9 @@ def test_the_bundled_job_files_are_valid():
     digits = read_job_file(REPO / "jobs" / "digits.toml")
     assert digits.command == "train"
     config = TrainConfig(**digits.values)
-    assert (config.data, config.out, config.per_sample) == ("data/digits", "runs/digits", "norms")
+    # its own folder: the README's runs/digits (scores, influence) is not replaced
+    assert (config.data, config.out, config.per_sample) == ("data/digits", "runs/digits-job",
+                                                            "norms")
     synth = read_job_file(REPO / "jobs" / "synth-1m.toml")
     config = TrainConfig(**synth.values)
     assert (config.data, config.hidden) == ("data/synth-1m", (256, 64)) and config.steps <= 10

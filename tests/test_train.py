@@ -349,3 +349,25 @@ def test_per_sample_rows_refuse_repeated_ids(tmp_path):
     assert not (tmp_path / "a").exists()
     # Without per-sample rows the id is not used: the run goes on.
     assert CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "b")]).exit_code == 0
+
+
+def test_a_flag_that_contradicts_the_weights_is_refused_not_ignored(cls_data, tmp_path):
+    """--weights decides the model: --hidden or --no-standardize saying otherwise is refused
+    (--no-standardize was ignored: the run standardized, and run.json said it did not)."""
+    from click.testing import CliRunner
+    from conftest import one_line_error
+
+    from gradpipe.cli import cli
+
+    runner = CliRunner()
+    base = tmp_path / "base"
+    assert runner.invoke(cli, ["train", str(cls_data), "--out", str(base), "--workers", "0",
+                               "--hidden", "4", "--steps", "2", "-q"]).exit_code == 0
+    common = ["train", str(cls_data), "--weights", str(base), "--workers", "0", "--steps",
+              "2", "--out", str(tmp_path / "run"), "-q"]
+    one_line_error(runner.invoke(cli, [*common, "--hidden", "5"]),
+                   "--hidden 5 contradicts --weights", "hidden 4")
+    one_line_error(runner.invoke(cli, [*common, "--no-standardize"]),
+                   "--no-standardize contradicts --weights", "standardizes its features")
+    assert not (tmp_path / "run").exists()
+    assert runner.invoke(cli, [*common, "--hidden", "4"]).exit_code == 0  # agrees: fine

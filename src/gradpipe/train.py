@@ -104,6 +104,10 @@ def build_model(
                     f"{config.weights}, whose model has {name.replace('_', ' ')} "
                     f"{','.join(map(str, have[name])) if name == 'hidden' else have[name]}. "
                     "Leave it out to use the model's.")
+        if not config.standardize and standardize is not None:
+            raise ConfigError(f"--no-standardize contradicts --weights {config.weights}, whose "
+                              "model standardizes its features with stored statistics. Leave "
+                              "it out to use the model's.")
         arch = dataclasses.replace(arch, dtype=config.dtype)
         params = params.astype(config.dtype)
     else:

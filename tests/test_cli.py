@@ -159,3 +159,18 @@ def test_per_sample_every_without_per_sample_is_refused(tmp_path):
     assert "--per-sample-every 10 writes per-sample rows every K steps: add --per-sample " \
            "norms" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args,said", [
+    (["scores", "RUN", "--top", "-1"], "Invalid value for '--top'"),
+    (["train", "--nope"], "No such option '--nope'"),
+    (["trian"], "No such command 'trian'. Did you mean 'train'?"),
+    (["--nope"], "No such option '--nope'"),
+    (["predict", "RUN"], "Missing argument 'DATA'"),
+])
+def test_a_usage_error_is_one_line_as_every_refusal(args, said):
+    """click's usage errors (usage, a hint, a blank line, the error) read as one line."""
+    from conftest import one_line_error
+
+    line = one_line_error(run(*args), said)
+    assert line.endswith("--help)")

@@ -44,6 +44,8 @@ class Group(click.Group):
         except KeyboardInterrupt:  # reading the group's flags (click would say "Aborted!")
             raise Interrupted("interrupted before any work began; nothing was written") \
                 from None
+        except click.UsageError as e:
+            raise UserError(_usage_line(e)) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -57,6 +59,14 @@ class Group(click.Group):
                 from None
         except GradpipeError as e:
             raise UserError(str(e)) from None
+        except click.UsageError as e:  # a subcommand's flags: one line, as every refusal
+            raise UserError(_usage_line(e)) from None
+
+
+def _usage_line(e: click.UsageError) -> str:
+    """click's usage error (four lines: usage, a hint, a blank, the error) as one."""
+    where = e.ctx.command_path if e.ctx is not None else "gradpipe"
+    return f"{e.format_message()} (see {where} --help)"
 
 
 @click.group(cls=Group)

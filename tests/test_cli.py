@@ -174,3 +174,14 @@ def test_a_usage_error_is_one_line_as_every_refusal(args, said):
 
     line = one_line_error(run(*args), said)
     assert line.endswith("--help)")
+
+
+def test_empty_paths_are_refused_not_read_as_the_current_folder(tmp_path):
+    from conftest import one_line_error
+
+    assert run("train", DIGITS, "--steps", "1", "--hidden", "4", "--out", tmp_path / "run",
+               "-q").exit_code == 0
+    one_line_error(run("evaluate", tmp_path / "run", ""), "an empty path was given for data")
+    for args in (["predict", tmp_path, DIGITS, "--out", ""], ["scores", tmp_path, "--out", ""],
+                 ["influence", tmp_path, "--test", DIGITS, "--out", ""]):
+        one_line_error(run(*args), "--out is an empty path")

@@ -343,7 +343,7 @@ def test_a_sampled_run_says_how_many_rows_have_no_score(cls_data, tmp_path):
     r = runner.invoke(cli, ["scores", str(out), "--workers", "0", "--top", "0"])
     assert r.exit_code == 0, r.output
     assert r.stderr.startswith("scoring the samples drawn at 3 recorded steps of a sampled run")
-    assert "of the 60 rows, one never drawn at these steps has no score" in r.stderr
+    assert "of the 60 rows, those never drawn at these steps have no score" in r.stderr
     summary = json.loads(runner.invoke(cli, ["scores", str(out), "--workers", "0", "--json"])
                          .stdout)
     assert summary["rows_in_data"] == 60 and 5 <= summary["rows"] <= 15

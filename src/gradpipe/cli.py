@@ -653,7 +653,8 @@ def data_synth(out: str, as_json: bool, **params: Any) -> None:
     click.echo(json.dumps(summary) if as_json else
                f"wrote {summary['rows']} rows in {summary['files']} "
                f"file{'s' * (summary['files'] != 1)} "
-               f"({summary['row_groups']} row groups) to {summary['out']}")
+               f"({summary['row_groups']} row group{'s' * (summary['row_groups'] != 1)}) to "
+               f"{summary['out']}")
 
 
 def _jobs_client(ctx: click.Context, address: str | None):

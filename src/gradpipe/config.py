@@ -116,8 +116,9 @@ class TrainConfig:
                                  "(below 1/N).", kind="float", low=0, low_open=True, high=1,
                                  high_open=True, optional=True, metavar="DELTA",
                                  commands=TRAIN)
-    dp_key: str | None = opt(None, "File with the secret (64 hex digits) that keys the "
-                             "Poisson draw and the noise. Default: a fresh one, kept in the "
+    dp_key: str | None = opt(None, "File with the secret (hex digits, at least 32; a fresh "
+                             "key has 64) that keys the Poisson draw and the noise. Default: "
+                             "a fresh one, kept in the "
                              "run folder as privacy-key.", optional=True, metavar="FILE",
                              commands=TRAIN, resume="free")
     dp_allow_per_sample: bool = opt(False, "Write --per-sample rows in a private run: they are "
@@ -177,6 +178,9 @@ class TrainConfig:
         options.check(self)
         if not self.target:
             raise ConfigError("--target is empty: name the target column (default: label)")
+        for name in ("out", "val", "weights"):
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise ConfigError(f"--{name} is an empty path")
         for name in ("target", "features"):
             names = getattr(self, name)
             repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)

@@ -181,6 +181,8 @@ class Dataset:
 
 def existing(source: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
     """The filesystem, path and file info of a file or folder that exists (else DataError)."""
+    if not str(source).strip():  # "" would be the current folder, read recursively
+        raise DataError("an empty path was given for data: pass a Parquet file, folder or URI")
     fs, path = filesystem(source)
     info = store.info(source)
     if info.type == pafs.FileType.NotFound:

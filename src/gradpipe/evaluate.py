@@ -327,6 +327,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_values(TrainConfig, workers=self.workers, address=self.address,
                      block_rows=self.block_rows, memory_budget=self.memory_budget)
+        if self.out is not None and not self.out.strip():
+            raise ConfigError("--out is an empty path")
 
 
 def exact_name(name: str) -> str:

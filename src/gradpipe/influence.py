@@ -256,6 +256,8 @@ class InfluenceConfig:
             raise ConfigError(f"--top {self.top}: must be >= 1")
         check_values(TrainConfig, workers=self.workers, address=self.address,
                      memory_budget=self.memory_budget)
+        if not self.out.strip():
+            raise ConfigError("--out is an empty path")
         if self.dtype not in (None, "float32", "float64"):
             raise ConfigError(f"--dtype {self.dtype}: choose float32 or float64")
 
@@ -315,8 +317,12 @@ def influence(config: InfluenceConfig, note: Note | None = None) -> dict:
     if train.fingerprint != info.get("dataset", {}).get("fingerprint"):
         raise ConfigError(f"{run}: its training data {data} changed since the run (files, "
                           "sizes or times differ from run.json); influence needs the same rows")
-    test = plan_for_model(EvalConfig(model=str(run), data=config.test, block_rows=TEST_ROWS,
-                                     id_column=config.id_column), model, read_target=True)
+    try:
+        test = plan_for_model(EvalConfig(model=str(run), data=config.test,
+                                         block_rows=TEST_ROWS, id_column=config.id_column),
+                              model, read_target=True)
+    except DataError as e:  # said of the --test data, not of the run's
+        raise DataError(f"--test: {e}") from None
     weights = []
     for step, eta, path in checkpoints:
         ck_arch, params, _, _ = read_weights(path)

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import secrets
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
@@ -181,7 +182,9 @@ def _quiet_accountant() -> Iterator[None]:
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():  # numpy's overflow at an epsilon of 1e300, say
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
     finally:
         log.setLevel(level)
 

@@ -243,6 +243,8 @@ class ScoresConfig:
         if self.top < 0:
             raise ConfigError(f"--top {self.top}: must be >= 0")
         check_values(TrainConfig, workers=self.workers, address=self.address)
+        if self.out is not None and not self.out.strip():
+            raise ConfigError("--out is an empty path")
 
 
 def step_rates(run: str | Path) -> dict[int, float]:
@@ -338,7 +340,7 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
         where = pool.without_ray()
         what = (f"the samples drawn at {len(steps)} recorded step"
                 f"{'s' * (len(steps) != 1)} of a sampled run ({_steps_text(steps)}; of the "
-                f"{rows_in_data} rows, one never drawn at these steps has no score), in "
+                f"{rows_in_data} rows, those never drawn at these steps have no score), in "
                 if sampled else
                 f"{dataset.n_rows} samples over {len(steps)} recorded step"
                 f"{'s' * (len(steps) != 1)} ({_steps_text(steps)}), in ")

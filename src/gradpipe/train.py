@@ -368,7 +368,10 @@ class Run:
         spec = DataSpec(self.config.val or "", tuple(exact_name(f) for f in d.features),
                         d.target, classes=d.classes if d.classify else None, task=d.task,
                         block_rows=self.config.block_rows)
-        names = column_names(spec.path)
+        try:
+            names = column_names(spec.path)
+        except DataError as e:  # no such file, no Parquet in the folder, not Parquet
+            raise DataError(f"--val: {e}") from None
         missing = [c for c in (*d.features, *d.target) if c not in names]
         if missing and not d.feature_list:
             raise DataError(f"--val {spec.path}: missing column{'s' * (len(missing) > 1)} "

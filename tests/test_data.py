@@ -535,3 +535,26 @@ def test_a_target_name_with_a_comma_is_pointed_to_a_job_file(tmp_path: Path) -> 
                        r"final\"\]"):
         plan(DataSpec(str(path), target=("class", "final")))
     assert plan(DataSpec(str(path), target=("class, final",))).n_outputs == 3
+
+
+def test_a_feature_that_is_int_in_one_file_and_float_in_another_is_one_column(tmp_path: Path):
+    """pandas writes a column with a missing value as double: the same feature as int64 in
+    one file and double in another reads as numbers, into the compute dtype; a target or a
+    string feature must still agree."""
+    from gradpipe.convert import import_dataset
+
+    write_parquet(tmp_path / "d" / "a.parquet", {"x0": np.arange(5), "x1": np.arange(5.0),
+                                                 "label": np.arange(5) % 2})
+    write_parquet(tmp_path / "d" / "b.parquet", {"x0": np.arange(5) + 0.5,
+                                                 "x1": np.arange(5.0), "label": np.arange(5) % 2})
+    ds = plan(DataSpec(str(tmp_path / "d")))
+    _, x, _ = all_x_y(ds)
+    np.testing.assert_array_equal(x[:, 0], np.r_[np.arange(5), np.arange(5) + 0.5])
+    import_dataset(str(tmp_path / "d"), str(tmp_path / "imported"))
+    table = pq.read_table(tmp_path / "imported")
+    assert table.schema.field("x0").type == pa.float64()  # widened, not truncated
+    assert table.column("x0").to_pylist() == list(x[:, 0])
+    write_parquet(tmp_path / "d" / "b.parquet", {"x0": np.arange(5) + 0.5, "x1": np.arange(5.0),
+                                                 "label": np.arange(5) % 2 + 0.0})
+    with pytest.raises(DataError, match="column 'label' is double here, int64 there"):
+        plan(DataSpec(str(tmp_path / "d")))

@@ -211,13 +211,25 @@ def parquet_batches(source: str, columns: list[str], batch_rows: int
                     ) -> Iterator[tuple[str, int, pa.RecordBatch]]:
     """(file, first row in that file, batch) of `columns`, file by file in sorted path order."""
     fs, files = list_files(source)
+    # A numeric column of other types in other files (int64 here, double there: pandas
+    # writes a column with a missing value as double) is written as double everywhere.
+    types: dict[str, set[pa.DataType]] = {c: set() for c in columns}
+    for path in files:
+        try:
+            schema = pq.read_schema(fs.open_input_file(path))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({_one_line(e)})") from None
+        for c in columns:
+            types[c].add(schema.field(c).type)
+    widen = {c for c, ts in types.items() if len(ts) > 1}
     for path in files:
         try:
             pf = pq.ParquetFile(fs.open_input_file(path))
             row = 0
             for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 yield path, row, pa.RecordBatch.from_arrays(
-                    [batch.column(c) for c in columns], names=columns)
+                    [batch.column(c).cast(pa.float64()) if c in widen else batch.column(c)
+                     for c in columns], names=columns)
                 row += batch.num_rows
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{path}: not a readable Parquet file ({_one_line(e)})") from None

@@ -636,9 +636,10 @@ def plan(spec: DataSpec) -> Dataset:
         # Columns are read by name: the same columns in another order are the same data, and
         # an index column that is not used may be in one file and not in another (pandas
         # writes a RangeIndex as metadata and a shuffled one as a column).
-        if not other.equals(schema) and _data_columns(other, used) != _data_columns(schema,
-                                                                                    used):
-            diff = _schema_difference(_data_columns(schema, used), _data_columns(other, used))
+        if not other.equals(schema) and _data_columns(other, used, features) != _data_columns(
+                schema, used, features):
+            diff = _schema_difference(_data_columns(schema, used, features),
+                                      _data_columns(other, used, features))
             raise DataError(
                 f"{path}: schema differs from {files[0]}: {diff}. All files of a dataset "
                 "must have the same columns and types."
@@ -800,11 +801,19 @@ def schema_line(dataset: Dataset) -> str:
     return "; ".join(parts)
 
 
-def _data_columns(schema: pa.Schema, used: set[str]) -> dict[str, pa.DataType]:
+_NUMBER = pa.float64()  # the type every numeric feature column compares as
+
+
+def _data_columns(schema: pa.Schema, used: set[str], features: Iterable[str] = ()
+                  ) -> dict[str, pa.DataType]:
     """{name: type} of the columns that make two files the same data: all but the index
-    columns that are not `used` (features, target, id)."""
+    columns that are not `used` (features, target, id); scalar numeric features as one
+    type, since they are read into the compute dtype whatever they are (int64 in one file,
+    double in another: pandas writes a column with a missing value as double)."""
     index = set(index_columns(schema.names, pandas_metadata(schema))) - used
-    return {f.name: f.type for f in schema if f.name not in index}
+    numeric = {f for f in features if f in schema.names and _is_numeric(schema.field(f).type)}
+    return {f.name: _NUMBER if f.name in numeric else f.type
+            for f in schema if f.name not in index}
 
 
 def _schema_difference(a: dict[str, pa.DataType], b: dict[str, pa.DataType]) -> str:

@@ -558,3 +558,19 @@ def test_a_feature_that_is_int_in_one_file_and_float_in_another_is_one_column(tm
                                                  "label": np.arange(5) % 2 + 0.0})
     with pytest.raises(DataError, match="column 'label' is double here, int64 there"):
         plan(DataSpec(str(tmp_path / "d")))
+
+
+def test_decimal_columns_are_numbers(tmp_path: Path) -> None:
+    """DuckDB writes 1.5 literals as DECIMAL: features and a regression target read as
+    numbers (they were 'decimal128(21, 1), not numeric'); --task auto takes a decimal target
+    as regression, as a float one."""
+    path = tmp_path / "dec.parquet"
+    duckdb.sql(f"copy (select i * 1.5 as a, (i % 7) * 0.25 as b, (i * 0.5)::decimal(6, 2) as y "
+               f"from range(12) t(i)) to '{path}' (format parquet)")
+    assert pa.types.is_decimal(pq.read_schema(path).field("a").type)
+    ds = plan(DataSpec(str(path), target=("y",)))
+    assert ds.task == "regression" and ds.features == ("a", "b")
+    d = read_block(ds, ds.blocks[0], "float64")
+    np.testing.assert_array_equal(d.x[:, 0], np.arange(12) * 1.5)
+    np.testing.assert_array_equal(d.x[:, 1], (np.arange(12) % 7) * 0.25)
+    np.testing.assert_array_equal(d.y[:, 0], np.arange(12) * 0.5)

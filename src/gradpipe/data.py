@@ -226,7 +226,13 @@ def _open(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
 
 
 def _is_numeric(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+    return (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+            or pa.types.is_decimal(t))
+
+
+def _numbers(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A decimal column (DuckDB writes 1.0 literals as DECIMAL) as float64; others as they are."""
+    return col.cast(pa.float64()) if pa.types.is_decimal(col.type) else col
 
 
 def _value_type(t: pa.DataType) -> pa.DataType:
@@ -460,7 +466,7 @@ def _whole_numbers(fs: pafs.FileSystem, files: list[str], column: str) -> bool:
             raise DataError(f"{path}: target column {column!r} has {values.null_count} null "
                             f"value{'s' * (values.null_count != 1)} (first at row {first}). "
                             "Drop or impute them first.")
-        a = values.to_numpy(zero_copy_only=False)
+        a = _numbers(values).to_numpy(zero_copy_only=False)
         nan = np.isnan(a)
         if nan.any():  # as nulls: neither task takes them
             raise DataError(f"{path}: target column {column!r} has {int(nan.sum())} NaN "
@@ -562,7 +568,7 @@ def _resolve_task(
             )
         return "regression", (), None
     if spec.task == "auto":
-        if pa.types.is_floating(value_type):
+        if pa.types.is_floating(value_type) or pa.types.is_decimal(value_type):
             if _whole_numbers(fs, files, name):
                 raise DataError(
                     f"{spec.path}: target column {name!r} is {type_name(t)} and all its values "
@@ -966,7 +972,7 @@ def read_block(
     else:
         x = np.empty((n, dataset.n_features), dtype=dtype)  # (n, n_0)
         for k, name in enumerate(dataset.features):
-            values = _column(table, name, block).to_numpy()
+            values = _numbers(_column(table, name, block)).to_numpy()
             if values.dtype.kind == "f":
                 _check_finite(values, name, block)
             with np.errstate(over="ignore"):  # too large for float32: inf, refused below
@@ -985,7 +991,7 @@ def read_block(
     else:
         y64 = np.empty((n, len(dataset.target)), dtype=np.float64)  # (n, T)
         for j, name in enumerate(dataset.target):
-            values = _decoded(_column(table, name, block)).to_numpy()
+            values = _numbers(_decoded(_column(table, name, block))).to_numpy()
             if values.dtype.kind == "f":
                 _check_finite(values, name, block)
             y64[:, j] = values

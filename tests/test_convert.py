@@ -469,3 +469,20 @@ def test_interrupted_overwrite_keeps_the_old_dataset(tmp_path: Path,
         convert.import_dataset(str(csv), tmp_path / "out", files=2, overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert listing(tmp_path) == {"in.csv", "out", "out/part-00000.parquet"}
+
+
+def test_a_semicolon_separated_csv_is_named_as_such(tmp_path):
+    from click.testing import CliRunner
+    from conftest import one_line_error
+
+    from gradpipe.cli import cli
+
+    csv = tmp_path / "semi.csv"
+    csv.write_text("a;b;label\n1;2;0\n3;4;1\n")
+    r = CliRunner().invoke(cli, ["data", "import", str(csv), str(tmp_path / "out")])
+    one_line_error(r, "missing target column 'label'", "seems separated by ';'",
+                   "sep=';'")
+    assert not (tmp_path / "out").exists()
+    # data import's --target, --task and --features are TrainConfig's: the same checks
+    one_line_error(CliRunner().invoke(cli, ["data", "import", str(csv), str(tmp_path / "o"),
+                                            "--task", "nope"]), "--task nope: must be one of")

@@ -94,12 +94,6 @@ def cli(ctx: click.Context, address: str | None, s3_endpoint: str | None,
         configure(s3_endpoint)
 
 
-def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
 def config_options(command: str) -> Callable[[Callable], Callable]:
     """The TrainConfig options `command` takes (declared once, in config.py), and --job."""
     from .config import TrainConfig
@@ -895,15 +889,9 @@ def inspect_(path: str, top: int, step: int | None, as_json: bool, plot_file: st
               help="Rows per row group (one block each).")
 @click.option("--files", type=int, default=1, show_default=True,
               help="Parquet files to write; the rows are split evenly over them, in order.")
-@click.option("--target", callback=_names, default="label", show_default=True,
-              help="Target: one class column (integer, bool or string), or comma-separated "
-                   "float columns for regression.")
-@click.option("--task", type=click.Choice(["auto", "classification", "regression"]),
-              default="auto", show_default=True,
-              help="What the target is: auto takes integer, bool and string columns as classes "
-                   "and float columns as regression targets.")
-@click.option("--features", callback=_names, help="Feature columns to keep: comma-separated "
-              "names or globs (x*). Default: all but the target and index columns.")
+@_train_option("target")
+@_train_option("task")
+@_train_option("features")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds only Parquet files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def data_import(src: str, out: str, as_json: bool, **params: Any) -> None:
@@ -919,7 +907,6 @@ def data_import(src: str, out: str, as_json: bool, **params: Any) -> None:
     """
     from .convert import import_dataset
 
-    params["features"] = params["features"] or ()
     summary = import_dataset(src, out, **params)
     if as_json:
         click.echo(json.dumps(summary))

@@ -90,9 +90,13 @@ def select_columns(
     """
     for t in target:
         if t not in names:
+            one = len(names) == 1 and next((d for d in ";|\t" if d in names[0]), None)
             raise DataError(
                 f"{where}: missing target column {t!r} (found: {describe_columns(names, t)}). "
-                "Pass --target with the right name."
+                + (f"The header reads as one column: the file seems separated by {one!r}; data "
+                   "import reads ',' in .csv and tab in .tsv files: convert it first (pandas: "
+                   f"pd.read_csv(path, sep={one!r}).to_parquet(...))." if one else
+                   "Pass --target with the right name.")
             )
     index = index_columns(names)
     chosen = select_features(names, features, set(target), where, index)

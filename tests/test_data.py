@@ -525,6 +525,7 @@ def test_a_missing_column_message_names_the_closest_columns_the_cut_hides() -> N
     assert describe_columns(names, "target").endswith("(13); closest to 'target': 'Target'")
     assert describe_columns(names, "Traget").endswith("; closest to 'Traget': 'Target'")
     assert describe_columns(names, "label") == describe_columns(names)
+    assert describe_columns(["a", "class, final", " b"]) == "a, 'class, final', ' b'"
 
 
 def test_a_target_name_with_a_comma_is_pointed_to_a_job_file(tmp_path: Path) -> None:

@@ -464,12 +464,13 @@ def test_an_integer_feature_named_like_an_id_is_said(tmp_path: Path) -> None:
     rows): it is a feature as asked, but the schema line names it."""
     rng = np.random.default_rng(0)
     cols = {"row_id": rng.permutation(178)[:124], "customer_idx": np.arange(124) % 7,
+            "PassengerId": np.arange(124) + 5, "monkey": np.arange(124) % 4,
             "row_count": np.arange(124) % 5, "grid": np.arange(124) % 3,
             "x": rng.normal(size=124), "label": np.arange(124) % 3}
     ds = plan(DataSpec(str(one_file(tmp_path, cols))))
-    assert ds.id_named_columns == ("row_id", "customer_idx")
+    assert ds.id_named_columns == ("row_id", "customer_idx", "PassengerId")
     line = schema_line(ds)
     assert ("feature row_id is named like an id: --id-column row_id makes it the sample id "
             "instead; feature customer_idx is named like an id") in line
     assert plan(DataSpec(str(one_file(tmp_path, cols)), id_column="row_id")).id_named_columns \
-        == ("customer_idx",)
+        == ("customer_idx", "PassengerId")

@@ -57,7 +57,8 @@ def _look_for_pandas_now() -> None:
 _look_for_pandas_now()
 
 # An integer feature named like this is said on the schema line (an id, a saved index?).
-ID_NAME = re.compile(r"(?i)(^|[_\W])(id|idx|index|rowid|uuid)$|^(id|idx|index|rowid)([_\W]|$)")
+ID_NAME = re.compile(r"(?i:(^|[_\W])(id|idx|index|key|rowid|uuid)$|^(id|idx|index|rowid)([_\W]|$))"
+                     r"|[a-z](Id|ID|Idx|Key)$")  # and camelCase: PassengerId, customerKey
 
 # Rows per block when a row group is larger: bounds the memory of one block's pass.
 BLOCK_ROWS = 65536
@@ -260,7 +261,8 @@ def describe_columns(names: list[str], near: str | None = None) -> str:
     """Column names for a message: all of them, or the first six and the count; with `near`
     (a name that was not found), the names closest to it too, which the cut may leave out
     ('Target' for 'target')."""
-    text = ", ".join(names) if len(names) <= 8 else f"{', '.join(names[:6])}, ... ({len(names)})"
+    shown = [repr(n) if "," in n or n != n.strip() or not n else n for n in names]
+    text = ", ".join(shown) if len(shown) <= 8 else f"{', '.join(shown[:6])}, ... ({len(shown)})"
     if near is None:
         return text
     folded = {n.casefold(): n for n in names}

@@ -371,3 +371,35 @@ def test_a_flag_that_contradicts_the_weights_is_refused_not_ignored(cls_data, tm
                    "--no-standardize contradicts --weights", "standardizes its features")
     assert not (tmp_path / "run").exists()
     assert runner.invoke(cli, [*common, "--hidden", "4"]).exit_code == 0  # agrees: fine
+
+
+def test_probability_targets_are_not_standardized(tmp_path):
+    """Soft labels (rows of probabilities) trained with softmax + cross_entropy keep their
+    values: standardized, they gave a loss of -343 and predictions summing to 1.4."""
+    import pandas as pd
+    from click.testing import CliRunner
+    from conftest import write_parquet
+
+    from gradpipe.cli import cli
+    from gradpipe.outputs import read_model
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3))
+    logits = x @ rng.normal(size=(3, 3))
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    write_parquet(tmp_path / "d" / "a.parquet", {"x0": x[:, 0], "x1": x[:, 1], "x2": x[:, 2],
+                                                 "p0": p[:, 0], "p1": p[:, 1], "p2": p[:, 2]})
+    runner = CliRunner()
+    out = tmp_path / "run"
+    r = runner.invoke(cli, ["train", str(tmp_path / "d"), "--target", "p0,p1,p2", "--loss",
+                            "cross_entropy", "--output-activation", "softmax", "--workers",
+                            "0", "--steps", "20", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert "cross_entropy loss, features standardized, lr" in summary["schema"]  # no targets
+    assert read_model(str(out)).target_scale is None
+    assert 0 < summary["saved"]["loss"] < summary["loss"] + 1  # a cross-entropy: positive
+    assert runner.invoke(cli, ["predict", str(out), str(tmp_path / "d"), "--out",
+                               str(tmp_path / "pred")]).exit_code == 0
+    rows = pd.read_parquet(tmp_path / "pred")[["p0", "p1", "p2"]].sum(axis=1)
+    np.testing.assert_allclose(rows, 1, atol=1e-6)

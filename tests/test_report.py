@@ -610,3 +610,17 @@ def test_inspect_says_when_a_runs_scores_are_out_of_date(cls_data, tmp_path):
     assert json.loads(inspect(out, "--json").stdout)["scores"]["newer_steps"] == [4, 6, 7]
     assert ("out of date: the run recorded 3 steps of per-sample rows after these scores (up "
             "to step 7); run gradpipe scores again") in " ".join(inspect(out).stdout.split())
+
+
+def test_inspect_of_regression_scores_says_nothing_of_learning_events(reg_data, tmp_path):
+    """first_learned and forgetting_events are null for regression: inspect said 'never
+    learned: 331' of every sample, and an empty 'forgetting events:'."""
+    out = tmp_path / "run"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["train", str(reg_data), "--target", "t0,t1", "--out", str(out),
+                               "--workers", "0", "--steps", "4", "--per-sample", "norms",
+                               "--per-sample-every", "2", "-q"]).exit_code == 0
+    assert runner.invoke(cli, ["scores", str(out), "--workers", "0", "-q"]).exit_code == 0
+    summary = json.loads(inspect(out / "scores", "--json").stdout)["scores"]
+    assert "never_learned" not in summary and "forgetting_events" not in summary
+    assert "never learned" not in inspect(out / "scores").stdout

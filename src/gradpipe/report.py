@@ -648,7 +648,9 @@ def scores_summary(table: pa.Table, top: int, classes: list | None = None) -> di
     ranked = sorted(rows, key=lambda r: (-(r["self_influence"] or 0.0), r["sample"]))
     out: dict = {"samples": len(rows), "top": with_class_values(ranked[:top], classes),
                  "columns": table.column_names}
-    if "first_learned" in table.column_names:
+    # (classes only: a regression run's first_learned and forgetting_events are null)
+    if "first_learned" in table.column_names and table.num_rows and (
+            table.column("forgetting_events").null_count < table.num_rows):
         out["never_learned"] = sum(r["first_learned"] is None for r in rows)
         counts: dict[int, int] = defaultdict(int)
         for r in rows:

@@ -285,6 +285,13 @@ def test_the_schema_line_says_where_the_work_runs(ray_local, tmp_path: Path) -> 
                       workers=2), note=one.append)
     assert one[0].endswith("; 1 Ray worker on a local instance (--workers 2, but 1 block: a "
                            "smaller --block-rows splits them)"), one[0]
+    # evaluate (as predict, scores and influence) says it too: it said nothing of Ray
+    from gradpipe.evaluate import EvalConfig, evaluate
+
+    said_eval: list[str] = []
+    evaluate(EvalConfig(model=str(tmp_path / "w2"), data=str(DIGITS), workers=2),
+             note=said_eval.append)
+    assert said_eval[0].endswith("; 2 Ray workers on a local instance"), said_eval[0]
 
 
 @pytest.mark.parametrize("flags,said", [

@@ -407,7 +407,7 @@ def _pool(config: EvalConfig, dataset: Dataset, model: Model, note: Note | None)
     pool = start_pool(config, dataset, model.arch.dtype,
                       flops=(2.0 * dataset.n_rows * model.arch.n_params, 1))
     if note is not None:
-        where = pool.without_ray()
+        where = pool.where(config.address, config.workers)
         note(schema_line(dataset) + where)
     return pool
 

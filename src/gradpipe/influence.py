@@ -337,7 +337,7 @@ def influence(config: InfluenceConfig, note: Note | None = None) -> dict:
                             memory_budget=config.memory_budget, verbose=config.verbose,
                             flops=(flops, 1))
     if note is not None:
-        where = pool.without_ray()
+        where = pool.where(config.address, config.workers)
         note(f"training data: {schema_line(train)}{where}")
         note(f"test data: {schema_line(test)}")
         note(f"{len(weights)} checkpoints (steps {', '.join(str(s) for s, _, _ in weights)}), "

@@ -337,7 +337,7 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
     config_run = info.get("config", {})
     sampled = config_run.get("batch") is not None or config_run.get("batch_rate") is not None
     if note is not None:
-        where = pool.without_ray()
+        where = pool.where(config.address, config.workers)
         what = (f"the samples drawn at {len(steps)} recorded step"
                 f"{'s' * (len(steps) != 1)} of a sampled run ({_steps_text(steps)}; of the "
                 f"{rows_in_data} rows, those never drawn at these steps have no score), in "

@@ -261,14 +261,7 @@ class Run:
             self.val_pool = self._val_pool()
         # Said once the data is read and checked, before the first step.
         model = self.describe_model() + (f", lr {config.lr:g}" if config.update else "")
-        n, cluster = self.pool.workers, config.address not in (None, "", "local")
-        blocks = len(self.dataset.blocks)
-        fewer = (f" (--workers {config.workers}, but {blocks} block{'s' * (blocks != 1)}: "
-                 "a smaller --block-rows splits them)"
-                 if config.workers is not None and 0 < n < config.workers else "")
-        where = ((self.pool.without_ray() or "; in-process") if n == 0 else
-                 f"; {n} Ray worker{'s' * (n != 1)} on "
-                 f"{config.address if cluster else 'a local instance'}{fewer}")
+        where = self.pool.where(config.address, config.workers)
         resumed = (f"; resuming at step {self.step} of {config.steps} (its last checkpoint)"
                    if config.resume else "")
         self.note(f"{schema_line(self.dataset)}; model {model}{self._describe_privacy()}"

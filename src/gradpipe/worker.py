@@ -624,6 +624,19 @@ class Pool:
             return f"; without Ray: {self.processes} worker processes on this machine"
         return ""
 
+    def where(self, address: str | None = None, asked: int | None = None) -> str:
+        """What a command's schema line adds: where the work runs, and with `asked` (its
+        --workers) why fewer Ray workers than asked, when the data has fewer blocks."""
+        n = self.workers
+        if n == 0:
+            return self.without_ray() or "; in-process"
+        blocks = len(self.dataset.blocks)
+        fewer = (f" (--workers {asked}, but {blocks} block{'s' * (blocks != 1)}: a smaller "
+                 "--block-rows splits them)" if asked is not None and n < asked else "")
+        cluster = address not in (None, "", "local")
+        return (f"; {n} Ray worker{'s' * (n != 1)} on "
+                f"{address if cluster else 'a local instance'}{fewer}")
+
     def _call(self, method: str, *args) -> list:
         """Call `method` on every worker and wait for all; results in worker order."""
         if self.local is not None:

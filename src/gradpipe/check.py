@@ -57,7 +57,7 @@ def _setup(config: TrainConfig):
         # whole dataset, so that the check sees the inputs and targets training would.
         pool = Pool(dataset, 0, "float64")
         standardize = pool.moments()
-        if not dataset.classify and not dataset.probability_targets:
+        if dataset.scales_targets:
             target_scale = pool.moments(targets=True)
     return dataset, arch, params.astype("float64"), (standardize, target_scale)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from . import options
 from .activations import ACTIVATIONS, HIDDEN_ACTIVATIONS
-from .data import BLOCK_ROWS
+from .data import BLOCK_ROWS, first_repeated
 from .errors import ConfigError
 from .losses import LOSSES
 from .model import DTYPES
@@ -178,12 +178,10 @@ class TrainConfig:
         options.check(self)
         if not self.target:
             raise ConfigError("--target is empty: name the target column (default: label)")
-        for name in ("out", "val", "weights"):
-            if getattr(self, name) is not None and not getattr(self, name).strip():
-                raise ConfigError(f"--{name} is an empty path")
+        options.check_paths(out=self.out, val=self.val, weights=self.weights)
         for name in ("target", "features"):
             names = getattr(self, name)
-            repeated = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            repeated = first_repeated(names)
             if repeated is not None:
                 raise ConfigError(f"--{name} {','.join(names)}: {repeated!r} is named twice")
         if self.resume and self.overwrite:

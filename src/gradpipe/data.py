@@ -155,6 +155,12 @@ class Dataset:
     has_target: bool = True  # False: blocks carry no targets (DataSpec.read_target)
 
     @property
+    def scales_targets(self) -> bool:
+        """Whether --standardize scales the targets too: regression targets, but not
+        probability rows, which cross_entropy needs summing to 1."""
+        return not self.classify and not self.probability_targets
+
+    @property
     def classify(self) -> bool:
         return self.task == "classification"
 
@@ -385,10 +391,15 @@ def _resolve_features(
     return tuple(chosen), False, len(chosen), ignored
 
 
+def first_repeated(names: list[str] | tuple[str, ...]) -> str | None:
+    """The first name given a second time, or None."""
+    return next((n for i, n in enumerate(names) if n in names[:i]), None)
+
+
 def _check_unique_names(schema: pa.Schema, path: str) -> None:
     """Columns are read by name: a name twice in one file cannot be read."""
     names = schema.names
-    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    twice = first_repeated(names)
     if twice is not None:
         raise DataError(f"{path}: column {twice!r} appears {names.count(twice)} times; "
                         "columns are read by name, so each must be unique")
@@ -637,6 +648,7 @@ def plan(spec: DataSpec) -> Dataset:
     row = 0
     counting = _Counting(schema, () if feature_list else features)
     used = {*features, *spec.target, *([spec.id_column] if spec.id_column else [])}
+    columns = _data_columns(schema, used, features)
     for path in files:
         pf = first if path == files[0] else _open(fs, path)
         other = pf.schema_arrow
@@ -644,10 +656,8 @@ def plan(spec: DataSpec) -> Dataset:
         # Columns are read by name: the same columns in another order are the same data, and
         # an index column that is not used may be in one file and not in another (pandas
         # writes a RangeIndex as metadata and a shuffled one as a column).
-        if not other.equals(schema) and _data_columns(other, used, features) != _data_columns(
-                schema, used, features):
-            diff = _schema_difference(_data_columns(schema, used, features),
-                                      _data_columns(other, used, features))
+        if not other.equals(schema) and (theirs := _data_columns(other, used, features)) != columns:
+            diff = _schema_difference(columns, theirs)
             raise DataError(
                 f"{path}: schema differs from {files[0]}: {diff}. All files of a dataset "
                 "must have the same columns and types."
@@ -830,10 +840,7 @@ def _schema_difference(a: dict[str, pa.DataType], b: dict[str, pa.DataType]) -> 
             return f"column {name!r} is missing"
         if not type_a.equals(b[name]):
             return f"column {name!r} is {b[name]} here, {type_a} there"
-    extra = [n for n in b if n not in a]
-    if extra:
-        return f"extra column {extra[0]!r}"
-    return "the columns are in another order"
+    return f"extra column {next(n for n in b if n not in a)!r}"  # a and b differ
 
 
 @dataclass

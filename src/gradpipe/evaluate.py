@@ -37,7 +37,7 @@ from .data import (
 )
 from .errors import ConfigError, DataError
 from .model import Architecture, Params, forward
-from .options import check_values
+from .options import check_paths, check_values
 from .outputs import Model, read_model, read_run_json, write_json, write_table
 from .recorder import check_apart
 
@@ -327,8 +327,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_values(TrainConfig, workers=self.workers, address=self.address,
                      block_rows=self.block_rows, memory_budget=self.memory_budget)
-        if self.out is not None and not self.out.strip():
-            raise ConfigError("--out is an empty path")
+        check_paths(out=self.out)
 
 
 def exact_name(name: str) -> str:

@@ -31,7 +31,7 @@ from .config import TrainConfig  # the execution options, declared there
 from .data import BlockData, Dataset, filesystem, read_block, schema_line
 from .errors import ConfigError, DataError
 from .model import Architecture, Params, forward
-from .options import check_values
+from .options import check_paths, check_values
 from .outputs import read_model, read_run_json, read_weights, write_table
 from .recorder import check_apart, recorded_steps
 
@@ -256,8 +256,7 @@ class InfluenceConfig:
             raise ConfigError(f"--top {self.top}: must be >= 1")
         check_values(TrainConfig, workers=self.workers, address=self.address,
                      memory_budget=self.memory_budget)
-        if not self.out.strip():
-            raise ConfigError("--out is an empty path")
+        check_paths(out=self.out)
         if self.dtype not in (None, "float32", "float64"):
             raise ConfigError(f"--dtype {self.dtype}: choose float32 or float64")
 

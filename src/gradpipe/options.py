@@ -152,6 +152,13 @@ def check_values(cls: type, **values: Any) -> None:
         check_value(name, declared[name], value)
 
 
+def check_paths(**paths: str | None) -> None:
+    """Refuse an empty path (given, but "": it would mean the current folder)."""
+    for name, value in paths.items():
+        if value is not None and not value.strip():
+            raise ConfigError(f"{flag(name)} is an empty path")
+
+
 def check_value(name: str, option: Option, value: Any) -> None:
     """One value within its option's declared choices and range (a ConfigError otherwise)."""
     if value is None:

@@ -33,7 +33,7 @@ from .atomic import atomic_dir
 from .config import TrainConfig  # the execution options, declared there
 from .data import Block, Dataset
 from .errors import ConfigError, DataError
-from .options import check_values
+from .options import check_paths, check_values
 from .outputs import per_sample_path, read_run_json, write_json, write_table
 from .recorder import read_metrics, recorded_steps
 
@@ -243,8 +243,7 @@ class ScoresConfig:
         if self.top < 0:
             raise ConfigError(f"--top {self.top}: must be >= 0")
         check_values(TrainConfig, workers=self.workers, address=self.address)
-        if self.out is not None and not self.out.strip():
-            raise ConfigError("--out is an empty path")
+        check_paths(out=self.out)
 
 
 def step_rates(run: str | Path) -> dict[int, float]:

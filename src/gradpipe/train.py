@@ -254,8 +254,7 @@ class Run:
         self.data_bytes = self.pool.load()  # reads and checks every block
         if config.standardize and not config.weights:  # the weights bring their own
             self.standardize = self.pool.moments()
-            if not self.dataset.classify and not self.dataset.probability_targets:
-                # (probability rows stay probabilities: cross_entropy needs them to sum to 1)
+            if self.dataset.scales_targets:
                 self.target_scale = self.pool.moments(targets=True)
         if config.val:
             self.val_pool = self._val_pool()
@@ -396,9 +395,9 @@ class Run:
         a = self.arch
         standardized = self.standardize is not None or (
             self.config.standardize and not self.config.weights)
-        scaled = ("raw features" if not standardized else "features standardized"
-                  if self.dataset.classify or self.dataset.probability_targets
-                  else "features and targets standardized")
+        scaled = ("raw features" if not standardized else
+                  "features and targets standardized" if self.dataset.scales_targets else
+                  "features standardized")
         return (f"{'-'.join(map(str, a.sizes))}, {a.activation} hidden, {a.output_activation} "
                 f"output, {a.loss} loss, {scaled}")
 

@@ -71,6 +71,26 @@ def test_explain_text_names_the_factors():
         assert part in result.output
 
 
+@pytest.mark.parametrize("standardize", ["--standardize", "--no-standardize"])
+def test_explain_and_check_see_the_features_train_would(standardize):
+    # a_k of layer 1 is feature k of the sample, standardized or as stored, as train uses it.
+    from gradpipe.data import plan, read_rows
+    from gradpipe.train import TrainConfig, data_spec
+
+    dataset = plan(data_spec(TrainConfig(data=str(DIGITS))))
+    _, x, _ = read_rows(dataset, [7], "float64")
+    _, everything, _ = read_rows(dataset, list(range(dataset.n_rows)), "float64")
+    std = everything.std(axis=0)
+    expected = x[0, 10] if standardize == "--no-standardize" else (
+        (x[0, 10] - everything[:, 10].mean()) / std[10])
+    result = run("explain", DIGITS, "--layer", "1", "--j", "3", "--k", "10", "--sample", "7",
+                 standardize, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["dz_dw"] == pytest.approx(expected, rel=1e-12)
+    check = run("check", DIGITS, standardize)
+    assert check.exit_code == 0 and check.output.strip().endswith("ok"), check.output
+
+
 def test_explain_refuses_a_weight_outside_the_model():
     result = run("explain", DIGITS, "--layer", "3", "--j", "0", "--k", "0")
     assert result.exit_code == 2 and "--layer 3" in result.stderr

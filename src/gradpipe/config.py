@@ -49,8 +49,7 @@ class TrainConfig:
                     choices=TASKS)
     standardize: bool = opt(True, "Scale features, and regression targets, to mean 0 and std "
                             "1 (statistics computed by the workers, stored with the weights; "
-                            "predictions come back in the targets' units).", kind="bool",
-                            commands=RUNS)
+                            "predictions come back in the targets' units).", kind="bool")
     block_rows: int = opt(BLOCK_ROWS, "Largest block, in rows (row groups are split to this "
                           "size).", kind="int", low=1, commands=RUNS)
     # model

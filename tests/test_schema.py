@@ -474,3 +474,97 @@ def test_an_integer_feature_named_like_an_id_is_said(tmp_path: Path) -> None:
             "instead; feature customer_idx is named like an id") in line
     assert plan(DataSpec(str(one_file(tmp_path, cols)), id_column="row_id")).id_named_columns \
         == ("customer_idx", "PassengerId")
+
+
+def _wine_like(tmp_path: Path, **extra) -> dict:
+    rng = np.random.default_rng(0)
+    return {"alcohol": rng.normal(size=12), "ash": rng.normal(size=12),
+            "nonflav[a]": rng.normal(size=12), "label": np.arange(12) % 2, **extra}
+
+
+def test_an_exact_column_name_wins_over_its_glob_reading(tmp_path: Path) -> None:
+    # 'nonflav[a]' as a glob matches only 'nonflava'; the column is named exactly so
+    write_parquet(tmp_path / "d" / "a.parquet", _wine_like(tmp_path))
+    ds = plan(DataSpec(str(tmp_path / "d"), features=("nonflav[a]", "a*")))
+    assert ds.features == ("nonflav[a]", "alcohol", "ash")
+
+
+def test_features_can_leave_columns_out(tmp_path: Path) -> None:
+    cols = _wine_like(tmp_path, region=np.array(["n", "s"] * 6),
+                      when=pa.array(np.arange(12).astype("datetime64[s]")))
+    write_parquet(tmp_path / "d" / "a.parquet", cols)
+    path = str(tmp_path / "d")
+    with pytest.raises(DataError, match=r"columns not numeric: 'region' is string, 'when' is "
+                       r"timestamp\[ms\]\. Leave them out with --features '!region,!when'"):
+        plan(DataSpec(path))  # both named at once, with the way out
+    assert plan(DataSpec(path, features=("!region", "!when"))).features == (
+        "alcohol", "ash", "nonflav[a]")
+    assert plan(DataSpec(path, features=("a*", "!ash"))).features == ("alcohol",)
+    with pytest.raises(DataError, match="no column of any file matches the left-out feature "
+                       "'regoin'"):
+        plan(DataSpec(path, features=("!region", "!when", "!regoin")))
+
+
+def test_a_list_column_of_varying_length_is_said_to_need_a_fixed_size(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"pixels": pa.array([[0.0, 1.0], [2.0, 3.0]]),
+                             "label": [0, 1]}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=r"column 'pixels' is a list of varying length .*"
+                       r"pa.list_\(pa.float64\(\), SIZE\)"):
+        plan(DataSpec(str(tmp_path / "a.parquet"), features=("pixels",)))
+
+
+def test_with_features_only_the_used_columns_must_agree_between_files(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "d" / "a.parquet", _wine_like(tmp_path))
+    write_parquet(tmp_path / "d" / "b.parquet", _wine_like(tmp_path, new=np.ones(12)))
+    path = str(tmp_path / "d")
+    with pytest.raises(DataError, match="extra column 'new'.*with --features, only the "
+                       "columns used"):
+        plan(DataSpec(path))  # 'new' would be a feature of b.parquet alone
+    assert plan(DataSpec(path, features=("alcohol", "ash"))).n_rows == 24
+    assert plan(DataSpec(path, features=("!new",))).features == ("alcohol", "ash",
+                                                                   "nonflav[a]")
+    with pytest.raises(DataError, match=r"b.parquet: --features a\*,n\* matches other columns "
+                       "here than in"):
+        plan(DataSpec(path, features=("a*", "n*")))
+
+
+def test_several_bool_targets_are_not_taken_as_regression_in_silence(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    write_parquet(tmp_path / "a.parquet", {"x": rng.normal(size=10), "malignant":
+                                           np.arange(10) % 2 == 0, "big": np.arange(10) > 4,
+                                           "size": rng.normal(size=10)})
+    path = str(tmp_path / "a.parquet")
+    with pytest.raises(DataError, match="target columns 'malignant', 'big' are bool: several "
+                       "class targets at once"):
+        plan(DataSpec(path, target=("malignant", "big", "size")))
+    ds = plan(DataSpec(path, target=("malignant", "big"), task="regression"))
+    assert ds.task == "regression" and ds.n_outputs == 2
+
+
+def test_hive_partition_keys_are_named_not_missing(tmp_path: Path) -> None:
+    # pandas' partition_cols: the key is in the folder names, not in the files
+    for split in ("train", "test"):
+        write_parquet(tmp_path / "d" / f"split={split}" / "part-0.parquet",
+                      {"x": np.arange(4.0), "label": np.arange(4) % 2})
+    path = str(tmp_path / "d")
+    ds = plan(DataSpec(path))
+    assert ds.partition_keys == (("split", ("test", "train")),)
+    assert ("partition key split in the folder names not read (split=test, split=train): "
+            "every folder's rows are used") in schema_line(ds)
+    assert ds.to_dict()["partition_keys"] == {"split": ["test", "train"]}
+    with pytest.raises(DataError, match=r"'split' is a partition key in the folder names "
+                       r"\(split=test/...\), not a column of the files"):
+        plan(DataSpec(path, target=("split",)))
+    with pytest.raises(DataError, match="'split' is a partition key"):
+        plan(DataSpec(path, features=("x", "split")))
+
+
+def test_tiny_row_groups_are_said_on_the_schema_line(tmp_path: Path) -> None:
+    write_parquet(tmp_path / "a.parquet", {"x": np.arange(200.0), "label": np.arange(200) % 2},
+                  row_group_size=4)
+    line = schema_line(plan(DataSpec(str(tmp_path / "a.parquet"))))
+    assert ("200 rows in 50 blocks (about 4 rows a block: row groups this small slow every "
+            "step; gradpipe data import DATA OUT rewrites them)") in line
+    write_parquet(tmp_path / "b.parquet", {"x": np.arange(200.0), "label": np.arange(200) % 2},
+                  row_group_size=100)
+    assert "rows a block" not in schema_line(plan(DataSpec(str(tmp_path / "b.parquet"))))

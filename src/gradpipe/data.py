@@ -19,7 +19,7 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,6 +62,10 @@ ID_NAME = re.compile(r"(?i:(^|[_\W])(id|idx|index|key|rowid|uuid)$|^(id|idx|inde
 
 # Rows per block when a row group is larger: bounds the memory of one block's pass.
 BLOCK_ROWS = 65536
+# The schema line names row groups this small (rows a block, on average), when there are
+# at least TINY_BLOCKS of them: 1,257 one-row groups took a 300-step run 107 s, one group 2.5 s.
+TINY_BLOCK_ROWS = 64
+TINY_BLOCKS = 32
 TASKS = ("auto", "classification", "regression")
 # Rows of target values per read while settling the task and classes in `plan`.
 SCAN_ROWS = 65536
@@ -153,6 +157,9 @@ class Dataset:
     ignored_integer_index: str | None = None
     probability_targets: bool = False  # see DataSpec.probability_targets
     has_target: bool = True  # False: blocks carry no targets (DataSpec.read_target)
+    # Hive partition keys in the files' folder names (split=train/), {key: values}: not
+    # columns of the files, so not read; said on the schema line.
+    partition_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def scales_targets(self) -> bool:
@@ -179,6 +186,7 @@ class Dataset:
             "counting_columns": list(self.counting_columns),
             "id_named_columns": list(self.id_named_columns),
             "probability_targets": self.probability_targets,
+            "partition_keys": {k: list(v) for k, v in self.partition_keys},
             "rows": self.n_rows,
             "files": len({b.file for b in self.blocks}),
             "blocks": len(self.blocks),
@@ -328,43 +336,68 @@ def index_columns(names: list[str], metadata: dict | None = None) -> list[str]:
 
 def select_features(
     names: list[str], patterns: tuple[str, ...], excluded: set[str], where: str,
-    index: Iterable[str] = (),
+    index: Iterable[str] = (), *, all_names: Callable[[], list[str]] | None = None,
 ) -> list[str]:
-    """Feature columns: those matching the names or globs in order, or all but `excluded`.
+    """Feature columns: those matching the names or globs in order, or all but `excluded`;
+    then without those matching a pattern `!NAME` (`!region` alone: all but region), which
+    must match a column here, or of another file (`all_names()`: the columns of all).
 
-    Index columns (`index`) are left out, unless a pattern is exactly their name.
+    A pattern that is exactly a column's name is that column, brackets and all. Index
+    columns (`index`) are left out, unless a pattern is exactly their name.
     """
     index = set(index)
-    if not patterns:
+
+    def matches(pattern: str, kind: str) -> list[str]:
+        hits = ([pattern] if pattern in names else
+                [n for n in names if fnmatch.fnmatchcase(n, pattern)])
+        if not hits and kind != "feature" and all_names is not None:
+            every = all_names()
+            if any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in every):
+                return []  # a column of another file
+            raise DataError(
+                f"{where}: no column of any file matches the left-out feature {pattern!r} "
+                f"(found: {describe_columns(every, pattern)}). Check --features."
+            )
+        if not hits:
+            raise DataError(
+                f"{where}: no column matches {kind} {pattern!r} "
+                f"(found: {describe_columns(names, pattern)}). Check --features."
+            )
+        return hits
+
+    leave_out = [p for p in patterns if p.startswith("!") and p not in names]
+    dropped = [p[1:] for p in leave_out]
+    wanted = [p for p in patterns if p not in leave_out]
+    if not wanted:
         chosen = [n for n in names if n not in excluded and n not in index]
     else:
         chosen = []
-        for pattern in patterns:
-            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                raise DataError(
-                    f"{where}: no column matches feature {pattern!r} "
-                    f"(found: {describe_columns(names, pattern)}). Check --features."
-                )
+        for pattern in wanted:
+            hits = matches(pattern, "feature")
             if pattern in excluded:  # named, not swept in by a glob
                 raise DataError(f"{where}: --features names {pattern!r}, the target or the id "
                                 "column; it cannot be a feature too")
             # A glob may sweep in the target, the id or an index; they are never features.
             chosen += [h for h in hits if h not in chosen and h not in excluded
                        and (h == pattern or h not in index)]
+    for pattern in dropped:
+        left_out = set(matches(pattern, "the left-out feature"))
+        chosen = [c for c in chosen if c not in left_out]
     if not chosen:
         raise DataError(f"{where}: no feature columns left besides the target. Check --features.")
     return chosen
 
 
 def _resolve_features(
-    schema: pa.Schema, spec: DataSpec, path: str
+    schema: pa.Schema, spec: DataSpec, path: str,
+    all_names: Callable[[], list[str]] | None = None,
 ) -> tuple[tuple[str, ...], bool, int, tuple[str, ...]]:
     """(features, one list column?, n_features, index columns left out)."""
     names = schema.names
     excluded = set(spec.target) | ({spec.id_column} if spec.id_column else set())
     index = index_columns(names, pandas_metadata(schema))
-    chosen = select_features(names, spec.features, excluded, path, index)
+    chosen = select_features(names, spec.features, excluded, path, index,
+                             all_names=all_names)
     ignored = tuple(c for c in index if c not in chosen and c not in excluded)
     types = {c: schema.field(c).type for c in chosen}
     lists = [c for c in chosen if pa.types.is_fixed_size_list(types[c])]
@@ -380,14 +413,26 @@ def _resolve_features(
                 f"{path}: column {lists[0]!r} is a list of {t.value_type}, not of numbers"
             )
         return tuple(chosen), True, t.list_size, ignored
-    for c in chosen:
-        if not _is_numeric(types[c]):
-            raise DataError(
-                f"{path}: column {c!r} is {types[c]}, not numeric. "
-                + ("The model was trained on it as numbers: cast it to a number type."
-                   if spec.features_from_model else
-                   "Drop it or pass --features with the numeric columns.")
-            )
+    varying = [c for c in chosen if pa.types.is_list(types[c]) or
+               pa.types.is_large_list(types[c])]
+    if varying:
+        raise DataError(
+            f"{path}: column {varying[0]!r} is a list of varying length ({types[varying[0]]}); "
+            "a list feature needs a fixed size, the same in every row: cast the column to "
+            "pa.list_(pa.float64(), SIZE) (polars: pl.Array(pl.Float64, SIZE)), or store one "
+            "column a feature")
+    bad = [c for c in chosen if not _is_numeric(types[c])]
+    if bad:
+        plural = "s" * (len(bad) > 1)
+        kinds = ", ".join(f"{c!r} is {types[c]}" for c in bad[:5]) + (
+            f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(
+            f"{path}: column{plural} not numeric: {kinds}. "
+            + ("The model was trained on them as numbers: cast them to a number type."
+               if spec.features_from_model else
+               "Leave them out with --features '" + ",".join(f"!{c}" for c in bad) + "', or "
+               "convert them to numbers first")
+        )
     return tuple(chosen), False, len(chosen), ignored
 
 
@@ -403,6 +448,34 @@ def _check_unique_names(schema: pa.Schema, path: str) -> None:
     if twice is not None:
         raise DataError(f"{path}: column {twice!r} appears {names.count(twice)} times; "
                         "columns are read by name, so each must be unique")
+
+
+_PARTITION = re.compile(r"^([^=]+)=(.*)$")
+
+
+def partition_keys(files: list[str], columns: list[str]) -> dict[str, list[str]]:
+    """{key: sorted values} of the hive partitions in the files' folder names (species=setosa/
+    part-0.parquet, as pandas' partition_cols and Spark write them), but for names that are
+    columns of the files too."""
+    found: dict[str, set[str]] = {}
+    for path in files:
+        for part in path.split("/")[:-1]:
+            if (m := _PARTITION.match(part)) and m.group(1) not in columns:
+                found.setdefault(m.group(1), set()).add(m.group(2))
+    return {k: sorted(v) for k, v in found.items()}
+
+
+def _check_partition_keys(keys: dict[str, list[str]], spec: DataSpec, path: str) -> None:
+    """A target, id or feature named as a partition key: said so, not 'missing'."""
+    asked = [*(spec.target if spec.read_target else ()),
+             *([spec.id_column] if spec.id_column else []), *spec.features]
+    named = next((n for n in asked if n in keys), None)
+    if named is not None:
+        raise DataError(
+            f"{path}: {named!r} is a partition key in the folder names ({named}="
+            f"{keys[named][0]}/...), not a column of the files, and gradpipe reads the files' "
+            f"columns. Write the column into the files: pandas.read_parquet(FOLDER)"
+            f".to_parquet(FILE) (without partition_cols)")
 
 
 def _check_columns(schema: pa.Schema, spec: DataSpec, path: str) -> None:
@@ -569,6 +642,14 @@ def _resolve_task(
                     f"{files[0]}: target column {t!r} is {schema.field(t).type}, not numeric; "
                     "several target columns are regression targets."
                 )
+        bools = [t for t in names if pa.types.is_boolean(_value_type(schema.field(t).type))]
+        if bools and spec.task == "auto":
+            raise DataError(
+                f"{files[0]}: target column{'s' * (len(bools) > 1)} "
+                f"{', '.join(map(repr, bools))} {'are' if len(bools) > 1 else 'is'} bool: "
+                "several class targets at once (multi-label) are not supported. Pass one "
+                "--target to classify, or --task regression to fit them as numbers 0 and 1."
+            )
         return "regression", (), None
     name = names[0]
     t = schema.field(name).type
@@ -640,15 +721,23 @@ def plan(spec: DataSpec) -> Dataset:
     first = _open(fs, files[0])
     schema = first.schema_arrow
     _check_unique_names(schema, files[0])
+    keys = partition_keys(files, schema.names)
+    _check_partition_keys(keys, spec, files[0])
     _check_columns(schema, spec, files[0])  # first: a missing target explains the rest
-    features, feature_list, n_features, ignored = _resolve_features(schema, spec, files[0])
+
+    def all_names() -> list[str]:  # a left-out feature not in the first file: rare
+        return list(dict.fromkeys(n for p in files for n in _open(fs, p).schema_arrow.names))
+
+    features, feature_list, n_features, ignored = _resolve_features(schema, spec, files[0],
+                                                                    all_names)
 
     blocks: list[Block] = []
     digest = hashlib.sha256(str(schema).encode())
     row = 0
     counting = _Counting(schema, () if feature_list else features)
     used = {*features, *spec.target, *([spec.id_column] if spec.id_column else [])}
-    columns = _data_columns(schema, used, features)
+    # With --features, the columns a dataset does not use may differ between its files.
+    columns = _data_columns(schema, used, features, only_used=bool(spec.features))
     for path in files:
         pf = first if path == files[0] else _open(fs, path)
         other = pf.schema_arrow
@@ -656,12 +745,23 @@ def plan(spec: DataSpec) -> Dataset:
         # Columns are read by name: the same columns in another order are the same data, and
         # an index column that is not used may be in one file and not in another (pandas
         # writes a RangeIndex as metadata and a shuffled one as a column).
-        if not other.equals(schema) and (theirs := _data_columns(other, used, features)) != columns:
+        theirs = columns if other.equals(schema) else _data_columns(
+            other, used, features, only_used=bool(spec.features))
+        if theirs != columns:
             diff = _schema_difference(columns, theirs)
             raise DataError(
                 f"{path}: schema differs from {files[0]}: {diff}. All files of a dataset "
-                "must have the same columns and types."
+                "must have the same columns, of the same types (a number feature may be "
+                "integer in one file and float in another)"
+                + ("; with --features, only the columns used." if not spec.features else ".")
             )
+        if spec.features and not other.equals(schema) and tuple(select_features(
+                other.names, spec.features, used - set(features), path,
+                index_columns(other.names, pandas_metadata(other)),
+                all_names=all_names)) != features:
+            raise DataError(f"{path}: --features {','.join(spec.features)} matches other "
+                            f"columns here than in {files[0]}; name the columns, or make "
+                            "the files' columns the same")
         ignored += tuple(c for c in index_columns(other.names, pandas_metadata(other))
                          if c not in used and c not in ignored)  # said on the schema line
         md = pf.metadata
@@ -707,6 +807,7 @@ def plan(spec: DataSpec) -> Dataset:
             and pa.types.is_integer(schema.field(c).type)),
         probability_targets=spec.probability_targets and task == "regression",
         has_target=spec.read_target,
+        partition_keys=tuple((k, tuple(v)) for k, v in keys.items()),
     )
 
 
@@ -801,6 +902,10 @@ def schema_line(dataset: Dataset) -> str:
     rows = (f"{dataset.n_rows} row{'s' * (dataset.n_rows != 1)} in {n_blocks} "
             f"block{'s' * (n_blocks != 1)}" + (f" of {n_files} files" if n_files > 1 else ""))
     parts = [head, features, rows]
+    if n_blocks >= TINY_BLOCKS and dataset.n_rows < TINY_BLOCK_ROWS * n_blocks:
+        # each block costs a step about 0.2 ms of Python however few its rows
+        parts[-1] += (f" (about {dataset.n_rows // n_blocks} rows a block: row groups this "
+                      "small slow every step; gradpipe data import DATA OUT rewrites them)")
     if dataset.id_column:
         parts.append(f"id column {_show(dataset.id_column)}")
     for name in dataset.counting_columns:
@@ -809,6 +914,11 @@ def schema_line(dataset: Dataset) -> str:
     for name in dataset.id_named_columns:
         parts.append(f"feature {_show(name)} is named like an id: --id-column {_show(name)} "
                      "makes it the sample id instead")
+    for key, values in dataset.partition_keys:
+        shown = ", ".join(f"{key}={v}" for v in values[:4]) + (", ..." if len(values) > 4
+                                                               else "")
+        parts.append(f"partition key {_show(key)} in the folder names not read ({shown}): "
+                     "every folder's rows are used")
     if dataset.ignored_columns:
         plural = "s" * (len(dataset.ignored_columns) != 1)
         parts.append(f"ignored index column{plural} "
@@ -822,16 +932,17 @@ def schema_line(dataset: Dataset) -> str:
 _NUMBER = pa.float64()  # the type every numeric feature column compares as
 
 
-def _data_columns(schema: pa.Schema, used: set[str], features: Iterable[str] = ()
-                  ) -> dict[str, pa.DataType]:
+def _data_columns(schema: pa.Schema, used: set[str], features: Iterable[str] = (),
+                  only_used: bool = False) -> dict[str, pa.DataType]:
     """{name: type} of the columns that make two files the same data: all but the index
-    columns that are not `used` (features, target, id); scalar numeric features as one
-    type, since they are read into the compute dtype whatever they are (int64 in one file,
-    double in another: pandas writes a column with a missing value as double)."""
+    columns that are not `used` (features, target, id), or only the `used` ones; scalar
+    numeric features as one type, since they are read into the compute dtype whatever they
+    are (int64 in one file, double in another: pandas writes a column with a missing value
+    as double)."""
     index = set(index_columns(schema.names, pandas_metadata(schema))) - used
     numeric = {f for f in features if f in schema.names and _is_numeric(schema.field(f).type)}
     return {f.name: _NUMBER if f.name in numeric else f.type
-            for f in schema if f.name not in index}
+            for f in schema if f.name not in index and (f.name in used or not only_used)}
 
 
 def _schema_difference(a: dict[str, pa.DataType], b: dict[str, pa.DataType]) -> str:
@@ -878,8 +989,11 @@ def _check_finite(values: NDArray, name: str, block: Block) -> None:
         kind = ("NaN" if n_nan == int(bad.sum())
                 else "infinite" if n_nan == 0 else "NaN or infinite")
         row = int(np.argmax(bad.reshape(bad.shape[0], -1).any(axis=1)))
+        # read into float32, a finite value beyond its range is infinite too
+        beyond = (" (or beyond float32's range, 3.4e38: --dtype float64 reads those)"
+                  if values.dtype == np.float32 and n_nan < int(bad.sum()) else "")
         raise DataError(
-            f"{block.file}: column {name!r} has {int(bad.sum())} {kind} "
+            f"{block.file}: column {name!r} has {int(bad.sum())} {kind}{beyond} "
             f"value{'s' * (int(bad.sum()) != 1)} in rows "
             f"{block.file_row}..{block.file_row + block.n - 1} (first at row "
             f"{block.file_row + row}). Drop or impute them first."

@@ -17,6 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "data" / "digits"
 
 
+def overriding(base: list, extra: tuple | list) -> list:
+    """base's (--flag, value) pairs, but those whose --flag is in extra, then extra: an
+    option given twice is refused."""
+    given = {str(a) for a in extra if str(a).startswith("--")}
+    out, items = [], iter(base)
+    for a in items:
+        if str(a) in given:
+            next(items, None)  # its value
+            continue
+        out.append(a)
+    return out + list(extra)
+
+
 def write_parquet(path: Path, columns: dict, row_group_size: int | None = None) -> Path:
     """Write a dict of columns as one Parquet file (creating folders)."""
     path.parent.mkdir(parents=True, exist_ok=True)

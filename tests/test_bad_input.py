@@ -65,9 +65,12 @@ def assert_one_line_error(result: Result, *names: str) -> str:
 
 
 def cmd(command: str, data: str, out: Path, extra: list[str]) -> list[str]:
-    base = [command, data, "--workers", "0", "--out", str(out), "--quiet"]
-    if command == "train":
-        base += ["--steps", "1"]  # extra comes after, so --steps 0 there overrides it
+    defaults = {"--workers": "0", "--out": str(out), "--steps": "1" if command == "train"
+                else None}
+    base = [command, data, "--quiet"]
+    for flag, value in defaults.items():  # a flag in extra replaces its default here
+        if value is not None and flag not in extra:
+            base += [flag, value]
     return base + extra
 
 

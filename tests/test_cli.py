@@ -205,3 +205,23 @@ def test_empty_paths_are_refused_not_read_as_the_current_folder(tmp_path):
     for args in (["predict", tmp_path, DIGITS, "--out", ""], ["scores", tmp_path, "--out", ""],
                  ["influence", tmp_path, "--test", DIGITS, "--out", ""]):
         one_line_error(run(*args), "--out is an empty path")
+
+
+@pytest.mark.parametrize("args,said", [
+    (["train", DIGITS, "--target", "label", "--target", "x0"], "--target given twice: give "
+     "each option once, several names in one, comma-separated (see cli train --help)"),
+    (["train", DIGITS, "--standardize", "--no-standardize"], "--standardize and "
+     "--no-standardize both given"),
+    (["train", DIGITS, "--lr=1", "--lr", "2"], "--lr given twice"),
+    (["evaluate", "RUN", DIGITS, "--workers", "0", "--workers", "1"], "--workers given twice"),
+    (["--address", "a", "--address", "b", "train", DIGITS], "--address given twice"),
+])
+def test_an_option_given_twice_is_refused_not_dropped(args, said):
+    # click keeps the last value in silence: a dropped --target became a feature
+    result = run(*args)
+    assert result.exit_code == 2 and said in result.output, result.output
+
+
+def test_an_option_value_that_looks_like_an_option_is_a_value():
+    result = run("train", DIGITS, "--features", "--target", "--target", "label", "--help")
+    assert result.exit_code == 0

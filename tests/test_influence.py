@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import make_classification, one_line_error, write_parquet
+from conftest import make_classification, one_line_error, overriding, write_parquet
 from reference import naive_full_batch
 from test_train import load_xy
 
@@ -34,10 +34,11 @@ def run(*args):
 
 
 def train(data: Path, out: Path, *extra, workers: int = 0) -> Path:
-    result = run("train", data, "--workers", workers, "--dtype", "float64", "--hidden", "4",
+    result = run("train", data, *overriding([
+                 "--workers", workers, "--dtype", "float64", "--hidden", "4",
                  "--activation", "tanh", "--steps", "11", "--lr", "1.5", "--seed", "2",
-                 "--checkpoint-every", "4", "--schedule", "cosine", "--out", out, "--quiet",
-                 *extra)
+                 "--checkpoint-every", "4", "--schedule", "cosine", "--out", out, "--quiet"],
+                 extra))
     assert result.exit_code == 0, (result.output, result.exception)
     return out
 

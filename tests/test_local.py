@@ -219,3 +219,17 @@ def test_a_bug_in_a_child_keeps_its_traceback(data):
         assert children.call("pid") != [os.getpid()]  # answers again after the error
     finally:
         children.close()
+
+
+def test_one_block_runs_in_process_by_default_however_large(tmp_path):
+    # a block is one worker's: starting Ray would only add its start to the wait
+    data = make_classification(tmp_path / "d", rows=50, files=1, row_group_size=50)
+    dataset = plan(DataSpec(str(data)))
+    assert len(dataset.blocks) == 1
+    pool = worker.start_pool(dataset, None, "float64", flops=(1e12, 1000))
+    try:
+        assert pool.workers == 0 and pool.processes == 0
+        assert pool.where() == ("; in-process: one block (a smaller --block-rows splits it), "
+                                "--workers N to use Ray")
+    finally:
+        pool.close()

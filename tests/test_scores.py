@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, make_classification, one_line_error
+from conftest import REPO, make_classification, one_line_error, overriding
 from reference import naive_full_batch
 from test_train import load_xy
 
@@ -34,10 +34,11 @@ def run(*args):
 def train(data: Path, out: Path, *extra, workers: int = 0) -> Path:
     """A float64 run with per-sample rows and whole gradients (w_t) every 3 steps. lr 3 on
     random labels keeps some samples flipping between right and wrong."""
-    result = run("train", data, "--workers", workers, "--dtype", "float64", "--hidden", "4",
+    result = run("train", data, *overriding([
+                 "--workers", workers, "--dtype", "float64", "--hidden", "4",
                  "--activation", "tanh", "--steps", "14", "--lr", "3", "--seed", "3",
                  "--per-sample", "norms", "--per-sample-every", "3", "--record-every", "3",
-                 "--checkpoint-every", "5", "--out", out, "--quiet", *extra)
+                 "--checkpoint-every", "5", "--out", out, "--quiet"], extra))
     assert result.exit_code == 0, (result.output, result.exception)
     return out
 
@@ -267,6 +268,9 @@ def test_regression_runs_have_no_label_and_no_forgetting(reg_data, tmp_path):
     assert "label" not in table.column_names
     assert table.column("forgetting_events").null_count == table.num_rows
     assert table.column("el2n_mean").null_count == 0
+    # ranking by a column that is null for every sample would print nothing, and say nothing
+    one_line_error(run("scores", out, "--workers", "0", "--by", "forgetting_events"),
+                   "--by forgetting_events:", "regression run", "rank by self_influence")
 
 
 def test_rerun_replaces_the_scores_and_refuses_a_foreign_folder(tmp_path):

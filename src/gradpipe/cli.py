@@ -35,8 +35,41 @@ class Interrupted(UserError):
     exit_code = 130  # the shell's status for a command stopped by SIGINT
 
 
+def refuse_repeated(command: click.Command, ctx: click.Context, args: list[str]) -> None:
+    """A usage error for an option given twice (`--target a --target b`, `--standardize
+    --no-standardize`): click keeps the last in silence, and a dropped --target becomes a
+    feature. Options that take several values by design are left alone."""
+    names: dict[str, click.Option] = {}
+    for p in command.params:
+        if isinstance(p, click.Option) and not (p.multiple or p.count):
+            names.update(dict.fromkeys([*p.opts, *p.secondary_opts], p))
+    seen: dict[str, str] = {}
+    tokens = iter(args)
+    for token in tokens:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0] if token.startswith("--") else token
+        param = names.get(name)
+        if param is None:
+            continue
+        if param.name in seen:
+            first = seen[param.name]
+            said = f"{first} and {name} both given" if first != name else f"{name} given twice"
+            several = (", several names in one, comma-separated" if param.metavar == "NAMES"
+                       else "")
+            raise click.UsageError(f"{said}: give each option once{several}", ctx=ctx)
+        seen[str(param.name)] = name
+        if not param.is_flag and "=" not in token:
+            next(tokens, None)  # its value, which may look like an option
+
+
 class Group(click.Group):
-    """A click group that turns GradpipeError into UserError, in one place."""
+    """A click group that turns GradpipeError into UserError, in one place, and refuses
+    an option given twice, in every command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        refuse_repeated(self, ctx, args)
+        return super().parse_args(ctx, args)
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
@@ -61,6 +94,18 @@ class Group(click.Group):
             raise UserError(str(e)) from None
         except click.UsageError as e:  # a subcommand's flags: one line, as every refusal
             raise UserError(_usage_line(e)) from None
+
+
+class Command(click.Command):
+    """A command that refuses an option given twice."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        refuse_repeated(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+Group.command_class = Command
+Group.group_class = type  # subgroups are Groups
 
 
 def _usage_line(e: click.UsageError) -> str:
@@ -241,12 +286,14 @@ def _report(summary: dict, as_json: bool, *lines: str) -> None:
 
 def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None = None,
              said: frozenset[str] | set[str] = frozenset()) -> None:
+    from .render import metric_parts
+
     summary = {"out": out, **metrics, **(extra or {})}
     if as_json:
         # JSON has no NaN: an undefined statistic (noise scale at n = 1, say) is null.
         click.echo(json.dumps(_no_nan(summary)))
         return
-    parts = [f"step {metrics['step']}", *_metric_parts(metrics)]
+    parts = [f"step {metrics['step']}", *metric_parts(metrics)]
     if metrics.get("epsilon") is not None:  # a private run: the privacy spent
         parts.append(f"epsilon {metrics['epsilon']:.4g} at delta {metrics['delta']:g}")
     click.echo("  ".join(parts))
@@ -254,22 +301,12 @@ def _summary(out: str | None, metrics: dict, as_json: bool, extra: dict | None =
         steps = metrics["saved"]["steps"]
         click.echo(f"saved weights (after {steps} step{'s' * (steps != 1)}, all "
                    f"{metrics['saved']['samples']} rows): "
-                   + "  ".join(_metric_parts(metrics["saved"])))
+                   + "  ".join(metric_parts(metrics["saved"])))
     for warning in metrics.get("warnings", []):
         if warning not in said:
             click.echo(f"{WARNING}{warning}", err=True)
     if out:
         click.echo(f"wrote {out}")
-
-
-def _metric_parts(metrics: dict) -> list[str]:
-    """'loss X', 'grad_norm Y', 'accuracy Z', 'val_loss ..' of a metrics row, those it has."""
-    parts = []
-    for key, form in (("loss", ".6g"), ("grad_norm", ".6g"), ("accuracy", ".4f"),
-                      ("val_loss", ".6g"), ("val_accuracy", ".4f"), ("val_mse", ".6g")):
-        if metrics.get(key) is not None:
-            parts.append(f"{key} {metrics[key]:{form}}")
-    return parts
 
 
 def _no_nan(value: Any) -> Any:

@@ -22,10 +22,13 @@ from .options import ALL, RUNS, TRAIN, opt
 PER_SAMPLE = ("none", "norms", "full")
 SCHEDULES = ("constant", "cosine", "linear")
 TASKS = ("auto", "classification", "regression")
-# The default learning rate by task: cross_entropy on standardized features takes a larger
-# step than squared loss on standardized targets, which diverged at 2 on scikit-learn's
-# diabetes (benches/RESULTS.md, "Defaults on real data").
-LR = {"classification": 2.0, "regression": 0.1}
+# The default learning rate and momentum by task: cross_entropy on standardized features
+# takes a larger step than squared loss on standardized targets, which diverged at 2 on
+# scikit-learn's diabetes. Plain SGD at 0.1 (the largest stable rate there: 0.5 diverged)
+# left nonlinear targets underfit after 300 steps: test r2 0.05 on sin(x0) cos(x1), where
+# momentum 0.9 at 0.05 reaches 0.91 (benches/RESULTS.md, "Defaults on real data").
+LR = {"classification": 2.0, "regression": 0.05}
+MOMENTUM = {"classification": 0.0, "regression": 0.9}
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class TrainConfig:
     data: str = opt("", "Parquet file, folder or URI.", as_flag=False, resume="free")
     features: tuple[str, ...] = opt(
         (), "Feature columns: comma-separated names or globs (x*), or one fixed-size list "
-        "column. Default: all but the target, the id and index columns.", kind="names",
+        "column; !NAME leaves columns out ('!region': all but region). Default: all but the "
+        "target, the id and index columns.", kind="names",
         metavar="NAMES")
     target: tuple[str, ...] = opt(
         ("label",), "Target: one class column (integer, bool or string), or comma-separated "
@@ -77,8 +81,11 @@ class TrainConfig:
                            low_open=True, optional=True, commands=TRAIN)
     steps: int = opt(300, "SGD steps; on --resume it may grow to extend the run.", kind="int",
                      low=1, commands=TRAIN, resume="grow")
-    momentum: float = opt(0.0, "Momentum (0: plain SGD).", kind="float", low=0, high=1,
-                          high_open=True, commands=TRAIN)
+    momentum: float | None = opt(None, "Momentum (0: plain SGD). Default: "
+                                 f"{MOMENTUM['classification']:g} for classification, "
+                                 f"{MOMENTUM['regression']:g} for regression.", kind="float",
+                                 low=0, high=1, high_open=True, optional=True,
+                                 commands=TRAIN)
     weight_decay: float = opt(0.0, "L2 weight decay lambda, on the weights only.",
                               kind="float", low=0, commands=TRAIN)
     schedule: str = opt("constant", "Learning-rate schedule (cosine and linear decay to 0 at "

@@ -361,9 +361,9 @@ def plan_for_model(config: EvalConfig, model: Model, read_target: bool) -> Datas
     absent = [t for t in target if t not in names]
     if read_target and absent:
         raise DataError(
-            f"{config.data}: no target column {', '.join(map(repr, absent))} to evaluate "
-            f"the model {model.path} against (found: {describe_columns(names, absent[0])}). "
-            "gradpipe predict needs no target.")
+            f"{config.data}: no target column {', '.join(map(repr, absent))} of the model "
+            f"{model.path} (found: {describe_columns(names, absent[0])}): its loss on these "
+            "rows needs the targets (gradpipe predict alone goes without).")
     id_column = config.id_column
     if id_column is None:
         id_column = _model_id_column(model)

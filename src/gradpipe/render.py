@@ -15,6 +15,20 @@ from typing import Any
 
 import numpy as np
 
+from .report import VAL_COLUMNS
+
+
+def metric_parts(metrics: dict) -> list[str]:
+    """'loss X', 'grad_norm Y', 'accuracy Z' or 'r2 Z', 'val_loss ..' of a metrics row,
+    those it has."""
+    parts = []
+    for key, form in (("loss", ".6g"), ("grad_norm", ".6g"), ("accuracy", ".4f"),
+                      ("r2", ".4f"), ("val_loss", ".6g"), ("val_accuracy", ".4f"),
+                      ("val_mse", ".6g"), ("val_r2", ".4f")):
+        if metrics.get(key) is not None:
+            parts.append(f"{key} {metrics[key]:{form}}")
+    return parts
+
 
 def _num(value: Any, digits: int = 6) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -91,6 +105,9 @@ def render(summary: dict, console: Any = None) -> None:
         t.add_row("optimizer", f"lr {_num(opt.get('lr'))}, momentum {_num(opt.get('momentum'))}, "
                   f"weight decay {_num(opt.get('weight_decay'))}, schedule {opt.get('schedule')}, "
                   f"batch {_batch(opt)}")
+        if saved := run.get("saved"):
+            t.add_row("saved weights", f"after {_count(saved['steps'], 'step')}, all "
+                      f"{_num(saved['samples'])} rows: {'  '.join(metric_parts(saved))}")
         t.add_row("per-sample", str(run.get("per_sample")))
         if p := run.get("privacy"):
             t.add_row("privacy", f"({_num(p['epsilon'], 4)}, {_num(p['delta'], 3)})-DP after "
@@ -115,13 +132,26 @@ def render(summary: dict, console: Any = None) -> None:
                           f"{metrics['best']['step']}")
         if metrics.get("val"):
             val = metrics["val"]
-            keys = [k for k in ("val_loss", "val_accuracy", "val_mse") if k in val[0]]
+            keys = [k for k in VAL_COLUMNS if k in val[0]]
             t = table(f"Held-out data (--val) at {_count(len(val), 'recorded step')}", "step",
                       *keys)
-            for r in [val[i] for i in sorted({0, len(val) // 2, len(val) - 1})]:
-                t.add_row(str(r["step"]), *[_num(r[k], 4 if k == "val_accuracy" else 6)
-                                            for k in keys])
+            best = metrics.get("best_val")
+            shown = {0, len(val) // 2, len(val) - 1} | {i for i, r in enumerate(val) if r is best
+                                                         or r == best}
+            for r in [val[i] for i in sorted(shown)]:
+                t.add_row(str(r["step"]), *[
+                    _num(r[k], 4 if k in ("val_accuracy", "val_r2") else 6) for k in keys])
             console.print(t)
+            saved = ((summary.get("run") or {}).get("saved") or {}).get("val_loss")
+            if saved is not None and best and saved <= best["val_loss"]:
+                console.print(f"lowest val_loss {_num(saved)}: the saved weights'")
+            elif best:
+                where = (f", the weights in {best['checkpoint']}" if best.get("checkpoint")
+                         else " (no checkpoint of that step: --checkpoint-every K keeps some)")
+                console.print(f"lowest val_loss {_num(best['val_loss'])} at step "
+                              f"{best['step']}{where}"
+                              + (f"; the saved weights' {_num(saved)}" if saved is not None
+                                 else ""))
         _norm_table(console, table, "Gradient norm |dC/dtheta| per layer", curve,
                     metrics["layers"])
 

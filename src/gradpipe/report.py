@@ -236,6 +236,7 @@ def run_info(run: dict) -> dict:
         "optimizer": {key: config.get(key) for key in (
             "lr", "momentum", "weight_decay", "schedule", "batch", "batch_rate", "dp_clip")},
         "per_sample": config.get("per_sample"),
+        "saved": run.get("saved"),
         "privacy": {key: (run.get("privacy") or {}).get(key) for key in (
             "epsilon", "delta", "steps", "noise_multiplier", "clip", "sampling_rate",
             "accountant")} if run.get("privacy") else None,
@@ -266,14 +267,16 @@ def read_metrics(path: str) -> pa.Table:
     return table
 
 
-VAL_COLUMNS = ("val_loss", "val_accuracy", "val_mse")
+# The held-out metrics of --val: val_accuracy for classes, val_mse and val_r2 for regression.
+VAL_COLUMNS = ("val_loss", "val_accuracy", "val_mse", "val_r2")
 
 
 def metrics_summary(table: pa.Table) -> dict:
-    """Steps recorded, the curve at evenly spaced steps, the last row and the lowest loss."""
+    """Steps recorded, the curve at evenly spaced steps, the last row, the lowest loss and
+    (with --val) the lowest val_loss."""
     if table.num_rows == 0:
         return {"steps": 0, "first_step": None, "last_step": None, "layers": [],
-                "curve": [], "final": None, "best": None, "val": []}
+                "curve": [], "final": None, "best": None, "val": [], "best_val": None}
     rows = table.to_pylist()
     loss = _floats(table.column("loss"))  # null: NaN
     best = int(np.nanargmin(loss)) if np.isfinite(loss).any() else None
@@ -285,9 +288,10 @@ def metrics_summary(table: pa.Table) -> dict:
         "curve": [rows[i] for i in _spaced(len(rows))],
         "final": rows[-1],
         "best": None if best is None else {"step": rows[best]["step"], "loss": rows[best]["loss"]},
-        # --val: the held-out metrics at every step that has them
-        "val": [{k: r[k] for k in ("step", *VAL_COLUMNS) if k in r} for r in rows
-                if r.get("val_loss") is not None],
+        # --val: the held-out metrics at every step that has them, and the lowest val_loss
+        "val": (val := [{k: r[k] for k in ("step", *VAL_COLUMNS) if k in r} for r in rows
+                        if r.get("val_loss") is not None]),
+        "best_val": min(val, key=lambda r: (r["val_loss"], r["step"])) if val else None,
     }
 
 
@@ -542,6 +546,11 @@ def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) 
     if output.metrics is not None:
         result.metrics = read_metrics(output.metrics)
         summary["metrics"] = metrics_summary(result.metrics)
+        if (best_val := summary["metrics"]["best_val"]) and output.run is not None:
+            # its weights (those a metrics row is of) if a checkpoint of that step is whole
+            folder = store.join(str(output.path), "checkpoints", f"step-{best_val['step']:06d}")
+            best_val["checkpoint"] = (folder if store.is_file(store.join(folder, "state.json"))
+                                      else None)
         rows = (summary["run"] or {}).get("dataset", {}).get("rows")
         summary["noise_scale"] = noise_summary(result.metrics, rows)
     if output.per_sample:

@@ -327,6 +327,10 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
     out = store.resolve(config.out) if config.out else store.join(run, "scores")
     _check_out(out)
     dataset = per_sample_dataset(run, info, steps[-1])
+    if config.by == "forgetting_events" and not dataset.classify and config.top:
+        raise ConfigError(f"--by forgetting_events: {config.run} is a regression run, which "
+                          "has no right or wrong answers to forget (null there); rank by "
+                          f"{', '.join(r for r in RANKABLE if r != 'forgetting_events')}")
     from .worker import start_pool  # here: worker.py imports this module's block function
 
     pool: Pool = start_pool(dataset, config.workers, "float64", address=config.address,

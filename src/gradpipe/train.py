@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from . import options, privacy, store
 from .atomic import atomic_file
 from .backprop import Partial
-from .config import LR, TrainConfig
+from .config import LR, MOMENTUM, TrainConfig
 from .data import (
     Dataset,
     DataSpec,
@@ -43,6 +43,8 @@ from .reduce import Gradient, reduce
 from .worker import Pool, StepRequest, start_pool
 
 F64 = NDArray[np.float64]
+# Training r2 below this: the saved weights explain almost none of the target (a warning).
+USELESS_R2 = 0.05
 INIT_SCHEME = "glorot-uniform (he-uniform for relu layers), zero biases, numpy PCG64(seed)"
 Progress = Callable[[int, dict], None]
 
@@ -194,6 +196,10 @@ class Run:
         self.note = note or (lambda line: None)
         self.warnings: list[str] = []
         self.val_pool: Pool | None = None
+        # Targets this run standardized itself, none constant: the loss on them is the sum
+        # over targets of SSE_j / SST_j, so r2 (uniform average) = 1 - loss / targets.
+        self.r2_from_loss = False
+        self.class_shares: F64 | None = None  # each class's share of the rows
 
     def prepare(self) -> None:
         """Check everything that can be checked before a file is written."""
@@ -217,6 +223,8 @@ class Run:
         # run.json keeps the resolved configuration: what auto chose, not "auto".
         config = self.config = dataclasses.replace(
             config, lr=config.lr or LR[self.dataset.task], task=self.dataset.task,
+            momentum=(MOMENTUM[self.dataset.task] if config.momentum is None
+                      else config.momentum),
             output_activation=self.arch.output_activation, loss=self.arch.loss)
         self.step, self.velocity = 0, np.zeros(self.arch.n_params)
         if config.resume:
@@ -253,13 +261,18 @@ class Run:
         self.n_workers = self.pool.workers
         self.data_bytes = self.pool.load()  # reads and checks every block
         if config.standardize and not config.weights:  # the weights bring their own
-            self.standardize = self.pool.moments()
-            if self.dataset.scales_targets:
-                self.target_scale = self.pool.moments(targets=True)
+            self.standardize, (mean, std, constant) = self.pool.both_moments()
+            if self.dataset.classify:
+                self.class_shares = mean
+            elif self.dataset.scales_targets:
+                self.target_scale = mean, np.where(constant, 1.0, std)
+                self._note_constant_targets(constant)
         if config.val:
             self.val_pool = self._val_pool()
         # Said once the data is read and checked, before the first step.
-        model = self.describe_model() + (f", lr {config.lr:g}" if config.update else "")
+        model = self.describe_model() + (
+            f", lr {config.lr:g}" + (f", momentum {config.momentum:g}" if config.momentum else "")
+            if config.update else "")
         where = self.pool.where(config.address, config.workers)
         resumed = (f"; resuming at step {self.step} of {config.steps} (its last checkpoint)"
                    if config.resume else "")
@@ -380,16 +393,29 @@ class Run:
             raise DataError(f"--val: {e}") from None
         return pool
 
+    def _note_constant_targets(self, constant: NDArray[np.bool_]) -> None:
+        """Warn of constant regression targets (nothing to learn, r2 undefined); otherwise
+        the saved weights' r2 follows from their loss."""
+        assert self.target_scale is not None
+        mean = self.target_scale[0]
+        values = [f"{t!r} is {mean[i]:.6g}" for i, t in enumerate(self.dataset.target)
+                  if constant[i]]
+        self.r2_from_loss = not values
+        if values:
+            self.warnings.append(f"the target is constant ({', '.join(values)} in every row): "
+                                 "there is nothing to learn, and r2 is undefined; is --target "
+                                 "the column you meant?")
+
     def _val_metrics(self) -> dict:
-        """val_loss and val_accuracy (classification) or val_mse (regression), in the model's
-        training units for the loss and in the targets' units for the mse."""
+        """val_loss and val_accuracy (classification) or val_mse and val_r2 (regression), in
+        the model's training units for the loss and in the targets' units for the mse."""
         if self.val_pool is None:
             return {}
         m = evaluate_with(self.val_pool, self.arch, self.params, self.standardize,
                           self.target_scale)
         return {"val_loss": m["loss"],
                 **({"val_accuracy": m["accuracy"]} if self.dataset.classify else
-                   {"val_mse": m["mse"]})}
+                   {"val_mse": m["mse"], "val_r2": m["r2"]})}
 
     def describe_model(self) -> str:
         a = self.arch
@@ -398,7 +424,8 @@ class Run:
         scaled = ("raw features" if not standardized else
                   "features and targets standardized" if self.dataset.scales_targets else
                   "features standardized")
-        return (f"{'-'.join(map(str, a.sizes))}, {a.activation} hidden, {a.output_activation} "
+        hidden = f"{a.activation} hidden" if a.L > 1 else "no hidden layer"
+        return (f"{'-'.join(map(str, a.sizes))}, {hidden}, {a.output_activation} "
                 f"output, {a.loss} loss, {scaled}")
 
     def close(self) -> None:
@@ -524,6 +551,8 @@ class Run:
                      "samples": grad.n}
         if dataset.classify:
             row["accuracy"] = grad.correct / grad.n if grad.n else float("nan")
+        elif self.r2_from_loss:
+            row["r2"] = 1.0 - grad.loss / len(dataset.target)
         row.update(self._val_metrics())
         if config.private:
             row["grad_norm"] = None  # exact, hence not private: kept out as in metrics/
@@ -573,6 +602,7 @@ class Run:
 
     def _update(self, flat: F64, g: F64, lr: float, metrics: dict) -> None:
         """The SGD (momentum) update; weights that overflow stop the run as diverged."""
+        assert self.config.momentum is not None  # resolved by prepare()
         flat, self.velocity = sgd_step(flat, self.velocity, g, lr, self.config.momentum)
         with np.errstate(over="ignore"):  # overflow to inf is caught just below
             self.params = params_from_flat(self.arch.sizes, flat, self.arch.dtype)
@@ -625,15 +655,43 @@ class Run:
                 f"{standardize}")
         elif last["grad_norm"] <= 1e-6 * first["grad_norm"] and last["loss"] > 1e-3 * first[
                 "loss"]:
+            if self.arch.L == 1:  # a linear model's loss is convex: this is its minimum
+                why = "the best a model without a hidden layer does here; try --hidden"
+            else:
+                why = (f"saturated outputs or dead units; try "
+                       f"{'' if config.standardize or config.private else '--standardize, '}"
+                       "another --activation or a smaller --lr")
             self.warnings.append(
                 f"the gradient vanished (norm {last['grad_norm']:.3g} at step {last['step']}, "
                 f"{first['grad_norm']:.3g} at step {first['step']}) while the loss is "
-                f"{last['loss']:.6g}: saturated outputs or dead units; try "
-                f"{'' if config.standardize or config.private else '--standardize, '}"
-                "another --activation or a smaller --lr")
+                f"{last['loss']:.6g}: {why}")
+        elif saved is not None and (trivial := self._no_better_than_trivial(saved)):
+            self.warnings.append(f"{trivial}: try more --steps or another --lr{less_noise}"
+                                 f"{standardize}")
+
+    def _no_better_than_trivial(self, saved: dict) -> str | None:
+        """What the saved weights fell short of, if they do no better than a model without
+        inputs: always the most common class (training accuracy at most its share), or
+        always the targets' mean (training r2 below USELESS_R2)."""
+        if self.dataset.classify and saved.get("accuracy") is not None:
+            shares = self.class_shares
+            if shares is None:  # not standardized: one more pass, reading the labels
+                shares = self.class_shares = self.pool.moments(targets=True)[0]
+            top = int(np.argmax(shares))
+            if saved["accuracy"] <= shares[top] + 1e-12:
+                assert self.dataset.classes is not None
+                return (f"the saved weights do no better than always answering the most "
+                        f"common class (accuracy {saved['accuracy']:.4f} over every row; "
+                        f"class {self.dataset.classes[top]!r} is {shares[top]:.2%} of them)")
+        elif saved.get("r2") is not None and saved["r2"] < USELESS_R2:
+            return (f"the saved weights explain almost none of the target's variance (r2 "
+                    f"{saved['r2']:.3g} over every row, where always predicting the mean "
+                    "gives 0)")
+        return None
 
     def _val_keys(self) -> tuple[str, ...]:
-        return ("val_loss", "val_accuracy" if self.dataset.classify else "val_mse")
+        return ("val_loss", "val_accuracy") if self.dataset.classify else (
+            "val_loss", "val_mse", "val_r2")
 
     def _due(self, every: int, last: int) -> bool:
         """Whether the current step is a multiple of `every`, or the last step."""

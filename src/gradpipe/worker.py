@@ -86,9 +86,17 @@ class Moments:
 
 
 def combine_moments(parts: list[Moments]) -> tuple[F64, F64]:
-    """Mean and population std over all blocks, combined in block order (Chan et al.).
+    """Mean and population std over all blocks, combined in block order (Chan et al.),
+    with std 1 for the constant columns of `column_moments`."""
+    mean, std, constant = column_moments(parts)
+    return mean, np.where(constant, 1.0, std)
 
-    A constant column is given std 1, so that it is only centred: x - mean is 0 (or its
+
+def column_moments(parts: list[Moments]) -> tuple[F64, F64, NDArray[np.bool_]]:
+    """Mean, population std and which columns are constant, over all blocks, combined in
+    block order (Chan et al.).
+
+    combine_moments gives a constant column std 1, so that it is only centred: x - mean is 0 (or its
     rounding) in float32 and float64 alike. Its computed std is rounding, not 0: a block's
     mean sums n equal values one row at a time, off by up to n eps / 4 of the value, and
     each block of Chan's update adds about eps. So a column whose std is at most
@@ -110,7 +118,13 @@ def combine_moments(parts: list[Moments]) -> tuple[F64, F64]:
     rows = max(p.n for p in parts)
     rounding = 4 * float(np.finfo(np.float64).eps) * (rows + len(parts))
     constant = std <= rounding * np.hypot(mean, std)  # also std 0, mean 0
-    return mean, np.where(constant, 1.0, std)
+    return mean, std, constant
+
+
+def _block_moments(d: BlockData, values: NDArray[np.floating]) -> Moments:
+    x = values.astype(np.float64)
+    mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
+    return Moments(d.block.index, len(x), mean, ((x - mean) ** 2).sum(axis=0))
 
 
 def sample_outputs(arch: Architecture, a_L: NDArray[np.floating], y: NDArray[np.floating],
@@ -350,13 +364,12 @@ class BlockSet:
                 yield self._apply(data, standardize, target_scale)
 
     def moments(self, targets: bool = False) -> list[Moments]:
-        """Per-block moments of the raw features (or regression targets), for --standardize."""
-        out = []
-        for d in self.iter_blocks(None):
-            x = (d.y if targets else d.x).astype(np.float64)
-            mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
-            out.append(Moments(d.block.index, len(x), mean, ((x - mean) ** 2).sum(axis=0)))
-        return out
+        """Per-block moments of the raw features (or targets), for --standardize."""
+        return [_block_moments(d, d.y if targets else d.x) for d in self.iter_blocks(None)]
+
+    def both_moments(self) -> list[tuple[Moments, Moments]]:
+        """Per-block moments of the raw features and of the targets, in one read."""
+        return [(_block_moments(d, d.x), _block_moments(d, d.y)) for d in self.iter_blocks(None)]
 
     def step(self, req: StepRequest) -> list[Partial]:
         """The nodes of the reduction tree inside this worker's blocks, each the sum of
@@ -576,7 +589,9 @@ class Pool:
         self.dataset = dataset
         self.workers = workers
         self.stream = stream
-        self.small = False  # True: in-process because the work is small (start_pool)
+        # Why the work runs in this process though Ray was not declined (start_pool): "small
+        # work" or "one block"; None: it runs where it was asked to.
+        self.small: str | None = None
         self.local: BlockSet | None = None
         self.children: LocalWorkers | None = None  # workers == 0 in child processes
         self.actors: list = []
@@ -619,7 +634,7 @@ class Pool:
         """What a command's schema line adds when the work runs without Ray: why it runs
         in-process, or in how many worker processes; "" otherwise."""
         if self.small:
-            return "; in-process: small work, --workers N to use Ray"
+            return f"; in-process: {self.small}, --workers N to use Ray"
         if self.processes:
             return f"; without Ray: {self.processes} worker processes on this machine"
         return ""
@@ -657,6 +672,14 @@ class Pool:
     def moments(self, targets: bool = False) -> tuple[F64, F64]:
         """Feature (or target) mean and std over the whole dataset, reduced in block order."""
         return combine_moments([m for ms in self._call("moments", targets) for m in ms])
+
+    def both_moments(self) -> tuple[tuple[F64, F64], tuple[F64, F64, NDArray[np.bool_]]]:
+        """In one pass over the data: the features' (mean, std), as moments() gives it, and
+        the targets' column_moments (mean, std, constant); the mean of one-hot class rows
+        is each class's share of the rows."""
+        pairs = [pair for ps in self._call("both_moments") for pair in ps]
+        return (combine_moments([x for x, _ in pairs]),
+                column_moments([y for _, y in pairs]))
 
     def step(self, req: StepRequest) -> list[Partial]:
         """Fan one step out, the weights travelling once as one object-store reference;
@@ -751,14 +774,20 @@ def start_pool(dataset: Dataset, workers: int | None, dtype: str, *, address: st
     `memory_budget` bytes (default: half this machine's memory over the workers; on a
     cluster, set it for the nodes).
 
-    With neither `workers` nor `address` given, small work runs in-process (`Pool.small` is
-    then True): `flops`, the caller's estimate (operations per step, steps), below
-    SMALL_WORK_FLOPS in all or SMALL_STEP_FLOPS a step. Work without Ray whose steps reach
+    With neither `workers` nor `address` given, small work runs in-process (`Pool.small`
+    then says why): `flops`, the caller's estimate (operations per step, steps), below
+    SMALL_WORK_FLOPS in all or SMALL_STEP_FLOPS a step; so does a dataset of one block,
+    which one worker would compute while Ray's start only adds to the wait. Work without Ray whose steps reach
     PROCESS_STEP_FLOPS runs in one child process per core (`Pool.processes`); shorter steps
     run in this process, on one thread where blocks are below THREAD_BLOCK_FLOPS. The bits
     are the same either way."""
-    small = (workers is None and address is None and flops is not None
-             and (flops[0] * flops[1] <= SMALL_WORK_FLOPS or flops[0] <= SMALL_STEP_FLOPS))
+    default = workers is None and address is None
+    small = None
+    if default and flops is not None and (flops[0] * flops[1] <= SMALL_WORK_FLOPS
+                                          or flops[0] <= SMALL_STEP_FLOPS):
+        small = "small work"
+    elif default and len(dataset.blocks) == 1:  # a block is one worker's: Ray would only wait
+        small = "one block (a smaller --block-rows splits it)"
     if small:
         workers = 0
     if workers != 0:

@@ -1,0 +1,106 @@
+"""What train says of the model it saved: the defaults it resolved for the task, the saved
+weights' r2 (equal to evaluate's), and the warnings for a model no better than one that
+ignores its inputs, or a target with nothing to learn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_classification, make_regression, write_parquet
+
+from gradpipe.evaluate import EvalConfig, evaluate
+from gradpipe.train import TrainConfig, train
+
+
+def _train(data: Path, out: Path, **flags) -> tuple[dict, dict]:
+    summary = train(TrainConfig(data=str(data), out=str(out), workers=0, **flags))
+    return summary, json.loads((out / "run.json").read_text())
+
+
+@pytest.mark.parametrize("make,target,lr,momentum", [
+    (make_classification, ("label",), 2.0, 0.0),
+    (make_regression, ("t0", "t1"), 0.05, 0.9),
+])
+def test_lr_and_momentum_default_by_task(tmp_path, make, target, lr, momentum):
+    notes: list[str] = []
+    train(TrainConfig(data=str(make(tmp_path / "d")), target=target, out=str(tmp_path / "r"),
+                      workers=0, steps=2), note=notes.append)
+    config = json.loads((tmp_path / "r" / "run.json").read_text())["config"]
+    assert (config["lr"], config["momentum"]) == (lr, momentum)
+    assert notes[0].count(f"lr {lr:g}") == 1
+    assert ("momentum 0.9" in notes[0]) == bool(momentum)
+    # a given momentum wins over the task's default, 0 included
+    train(TrainConfig(data=str(tmp_path / "d"), target=target, out=str(tmp_path / "m"),
+                      workers=0, steps=2, momentum=0.0 if momentum else 0.5))
+    given = json.loads((tmp_path / "m" / "run.json").read_text())["config"]["momentum"]
+    assert given == (0.0 if momentum else 0.5)
+
+
+def test_saved_r2_is_evaluates_on_the_training_and_val_data(tmp_path):
+    data = make_regression(tmp_path / "d", rows=80)
+    val = make_regression(tmp_path / "v", rows=30, seed=5)
+    summary, info = _train(data, tmp_path / "r", target=("t0", "t1"), val=str(val), steps=60)
+    saved = summary["saved"]
+    assert info["saved"] == saved
+    on_train = evaluate(EvalConfig(model=str(tmp_path / "r"), data=str(data), workers=0))
+    on_val = evaluate(EvalConfig(model=str(tmp_path / "r"), data=str(val), workers=0))
+    assert saved["r2"] == pytest.approx(on_train["r2"], rel=1e-6)  # float32 sums
+    assert saved["val_r2"] == pytest.approx(on_val["r2"], rel=1e-12)
+    assert 0.2 < saved["r2"] < 1  # it learned something, not everything
+    assert summary["val_r2"] == pytest.approx(saved["val_r2"], abs=0.05)  # the last step's
+
+
+def test_a_constant_target_is_named_and_has_no_r2(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 3))
+    write_parquet(tmp_path / "d" / "a.parquet",
+                  {"x0": x[:, 0], "x1": x[:, 1], "x2": x[:, 2], "y": np.full(30, 0.1),
+                   "z": x[:, 0] ** 2})
+    summary, info = _train(tmp_path / "d", tmp_path / "r", target=("z", "y"), steps=5)
+    assert "r2" not in summary["saved"]
+    assert len(info["warnings"]) == 1, info["warnings"]
+    assert "the target is constant ('y' is 0.1 in every row)" in info["warnings"][0]
+
+
+@pytest.mark.parametrize("classify", [True, False])
+def test_a_model_no_better_than_ignoring_its_inputs_is_said(tmp_path, classify):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 4))
+    if classify:  # 90% one class: a model that answers it always is 90% right
+        y = (x[:, 0] > 1.28).astype(np.int64)
+        target, share = ("label",), f"class 0 is {np.mean(y == 0):.2%} of them"
+    else:
+        y = np.sin(3 * x[:, 0]) + x[:, 1]
+        target, share = ("y",), "where always predicting the mean gives 0"
+    write_parquet(tmp_path / "d" / "a.parquet", {**{f"x{i}": x[:, i] for i in range(4)},
+                                                 target[0]: y})
+    # a step far too small to move the weights
+    summary, info = _train(tmp_path / "d", tmp_path / "tiny", target=target, steps=20,
+                           lr=1e-6, momentum=0.0, task="auto" if classify else "regression")
+    assert len(info["warnings"]) == 1 and share in info["warnings"][0], info["warnings"]
+    assert "try more --steps or another --lr" in info["warnings"][0]
+    # the defaults learn it, and say nothing
+    summary, info = _train(tmp_path / "d", tmp_path / "ok", target=target,
+                           task="auto" if classify else "regression")
+    assert info["warnings"] == []
+    assert summary["saved"]["accuracy" if classify else "r2"] > (0.95 if classify else 0.7)
+
+
+def test_a_model_without_hidden_layer_is_not_described_as_one(tmp_path):
+    # circles: no linear model separates them, and its convex loss stops at ln 2
+    rng = np.random.default_rng(0)
+    angle = rng.uniform(0, 2 * np.pi, 400)
+    radius = np.where(np.arange(400) % 2 == 0, 1.0, 0.5)
+    write_parquet(tmp_path / "d" / "a.parquet", {"x0": radius * np.cos(angle),
+                                                 "x1": radius * np.sin(angle),
+                                                 "label": np.arange(400) % 2})
+    notes: list[str] = []
+    train(TrainConfig(data=str(tmp_path / "d"), out=str(tmp_path / "r"), workers=0,
+                      hidden=(), steps=2000), note=notes.append)
+    assert "model 2-2, no hidden layer, softmax output" in notes[0]
+    warnings = json.loads((tmp_path / "r" / "run.json").read_text())["warnings"]
+    assert len(warnings) == 1, warnings
+    assert "the best a model without a hidden layer does here; try --hidden" in warnings[0]

@@ -486,3 +486,18 @@ def test_a_semicolon_separated_csv_is_named_as_such(tmp_path):
     # data import's --target, --task and --features are TrainConfig's: the same checks
     one_line_error(CliRunner().invoke(cli, ["data", "import", str(csv), str(tmp_path / "o"),
                                             "--task", "nope"]), "--task nope: must be one of")
+
+
+def test_a_semicolon_csv_with_decimal_commas_is_named_as_such(tmp_path):
+    # the header reads as one column, then a row splits at its decimal commas
+    from click.testing import CliRunner
+    from conftest import one_line_error
+
+    from gradpipe.cli import cli
+
+    csv = tmp_path / "semi.csv"
+    csv.write_text("a;b;label\n1,5;2,25;0\n3,5;4,0;1\n")
+    r = CliRunner().invoke(cli, ["data", "import", str(csv), str(tmp_path / "out")])
+    one_line_error(r, "not a readable CSV file", "seems separated by ';' with decimal commas",
+                   "pd.read_csv(path, sep=';', decimal=',')")
+    assert not (tmp_path / "out").exists()

@@ -159,11 +159,16 @@ def test_the_text_report_labels_the_confusion_matrix_with_the_class_values(tmp_p
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["samples", "50"]
-    assert lines[2].startswith("accuracy")
-    assert "rows: true class, columns: predicted" in lines[3]
-    assert lines[4].split() == ["cat", "dog", "emu"]
-    assert [line.split()[0] for line in lines[5:8]] == ["cat", "dog", "emu"]
-    counts = np.array([[int(v) for v in line.split()[1:]] for line in lines[5:8]])
+    assert lines[2].startswith("accuracy") and lines[2].endswith(
+        "(always answering the most common class, 'cat': 0.3400)")
+    assert lines[3].startswith("balanced accuracy")
+    assert lines[4].split() == ["class", "support", "precision", "recall", "f1"]
+    assert [line.split()[:2] for line in lines[5:8]] == [["cat", "17"], ["dog", "17"],
+                                                         ["emu", "16"]]
+    assert "rows: true class, columns: predicted" in lines[8]
+    assert lines[9].split() == ["cat", "dog", "emu"]
+    assert [line.split()[0] for line in lines[10:13]] == ["cat", "dog", "emu"]
+    counts = np.array([[int(v) for v in line.split()[1:]] for line in lines[10:13]])
     assert counts.sum() == 50 and counts.sum(axis=1).tolist() == [17, 17, 16]
     # the schema line, on stderr, before the work
     assert result.stderr.startswith("classification on 'label': 3 classes ('cat', 'dog', 'emu')")
@@ -403,3 +408,33 @@ def test_trains_saved_line_is_what_evaluate_gives_for_the_saved_weights(tmp_path
     text = run("train", data, *target, "--out", tmp_path / "again", "--workers", "0",
                "--steps", "7", "--batch", "16", "--hidden", "6", "--quiet").stdout.splitlines()
     assert text[1].startswith("saved weights (after 7 steps, all 80 rows): loss ")
+
+
+def test_class_metrics_from_the_confusion_matrix():
+    from gradpipe.evaluate import class_metrics
+
+    # rows: true 'a' (8), 'b' (2), 'c' (0 rows); columns: predicted. 'b' is never predicted.
+    confusion = np.array([[7, 0, 1], [2, 0, 0], [0, 0, 0]])
+    m = class_metrics(confusion, ["a", "b", "c"])
+    a, b, c = m["per_class"]
+    assert a == {"class": "a", "support": 8, "precision": 7 / 9, "recall": 7 / 8,
+                 "f1": pytest.approx(2 * (7 / 9) * (7 / 8) / (7 / 9 + 7 / 8))}
+    assert b == {"class": "b", "support": 2, "precision": None, "recall": 0.0, "f1": None}
+    assert c == {"class": "c", "support": 0, "precision": 0.0, "recall": None, "f1": None}
+    assert m["balanced_accuracy"] == pytest.approx((7 / 8 + 0.0) / 2)  # classes present
+    assert m["majority"] == {"class": "a", "accuracy": 0.8}
+
+
+def test_evaluate_json_has_the_per_class_metrics(tmp_path):
+    data = make_classification(tmp_path / "d", rows=40, classes=3)
+    run = CliRunner().invoke(cli, ["train", str(data), "--workers", "0", "--steps", "30",
+                                   "--out", str(tmp_path / "r"), "--quiet"])
+    assert run.exit_code == 0, run.output
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "r"), str(data), "--workers",
+                                      "0", "--json"])
+    m = json.loads(result.stdout)
+    confusion = np.array(m["confusion"])
+    assert [r["support"] for r in m["per_class"]] == confusion.sum(axis=1).tolist()
+    recalls = np.diag(confusion) / confusion.sum(axis=1)
+    assert m["balanced_accuracy"] == pytest.approx(recalls.mean())
+    assert m["majority"]["accuracy"] == pytest.approx(confusion.sum(axis=1).max() / 40)

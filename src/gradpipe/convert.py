@@ -128,7 +128,8 @@ class CsvSource:
                                           convert_options=convert)
         except (pa.ArrowInvalid, OSError) as e:
             stream.close()
-            raise DataError(f"{self.source}: not a readable CSV file ({_one_line(e)})") from None
+            raise DataError(f"{self.source}: not a readable CSV file ({_one_line(e)})"
+                            f"{self._separator_hint(e)}") from None
 
     def _batches(self, columns: list[str], types: dict[str, pa.DataType]
                  ) -> Iterator[pa.RecordBatch]:
@@ -140,8 +141,25 @@ class CsvSource:
                 except StopIteration:
                     return
                 except (pa.ArrowInvalid, OSError) as e:
-                    raise DataError(f"{self.source}: {_one_line(e)}") from None
+                    raise DataError(f"{self.source}: {_one_line(e)}"
+                                    f"{self._separator_hint(e)}") from None
                 yield batch
+
+    def _separator_hint(self, error: Exception) -> str:
+        """For a header read as one column ('a;b;c', rows then split at decimal commas):
+        the separator it seems to use, and the pandas line that converts it."""
+        if "Expected 1 columns" not in str(error):
+            return ""
+        with self.fs.open_input_stream(self.path, compression="detect") as stream:
+            header = stream.read(1 << 16).split(b"\n", 1)[0].decode("utf-8", "replace")
+        one = next((d for d in ";|\t" if d in header), None) if "," not in header else None
+        if one is None:
+            return ""
+        decimal = ", decimal=','" if one == ";" else ""
+        return (f". The header reads as one column: the file seems separated by {one!r}"
+                f"{' with decimal commas' if decimal else ''}; data import reads ',' in .csv "
+                f"and tab in .tsv files: convert it first (pandas: pd.read_csv(path, "
+                f"sep={one!r}{decimal}).to_parquet(...))")
 
     def names(self) -> list[str]:
         """The header's column names (reads only the first block)."""

@@ -170,7 +170,7 @@ def metrics_from_sums(
     out: dict[str, Any] = {
         "samples": n, "loss": loss / n if n else None, "accuracy": None, "confusion": None,
         "mse": None, "mae": None, "r2": None, "classes": None, "targets": None,
-        "per_target": None,
+        "per_target": None, "per_class": None, "balanced_accuracy": None, "majority": None,
     }
     if not parts or n == 0:
         return out
@@ -182,6 +182,7 @@ def metrics_from_sums(
         out["accuracy"] = sum(p.correct for p in parts) / n
         out["confusion"] = confusion.tolist()
         out["classes"] = list(classes) if classes is not None else list(range(len(confusion)))
+        out.update(class_metrics(confusion, out["classes"]))
         return out
     assert parts[0].sse is not None
     T = len(parts[0].sse)
@@ -204,6 +205,29 @@ def metrics_from_sums(
                      "r2": r2[t]} for t, name in enumerate(names)],
     )
     return out
+
+
+def class_metrics(confusion: NDArray[np.int64], classes: list) -> dict:
+    """From the confusion matrix (rows: true class, columns: predicted): each class's
+    support, precision, recall and F1 (None where undefined: a class never predicted, or
+    absent), balanced accuracy (the mean recall over the classes present) and the accuracy
+    of always answering the most common class (`majority`), for imbalanced classes."""
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    hits = np.diag(confusion)
+    rows = []
+    for i, c in enumerate(classes):
+        precision = float(hits[i] / predicted[i]) if predicted[i] else None
+        recall = float(hits[i] / support[i]) if support[i] else None
+        f1 = (2 * precision * recall / (precision + recall) if precision and recall else
+              0.0 if precision is not None and recall is not None else None)
+        rows.append({"class": c, "support": int(support[i]), "precision": precision,
+                     "recall": recall, "f1": f1})
+    recalls = [r["recall"] for r in rows if r["recall"] is not None]
+    top = int(np.argmax(support))
+    return {"per_class": rows,
+            "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
+            "majority": {"class": classes[top], "accuracy": float(support[top] / support.sum())}}
 
 
 def predict_rows(
@@ -475,8 +499,22 @@ def render_metrics(m: dict) -> list[str]:
     or a table of mse, mae and r2 per target."""
     lines = [f"samples   {m['samples']}", f"loss      {m['loss']:.6g}"]
     if m["confusion"] is not None:
-        lines.append(f"accuracy  {m['accuracy']:.4f}")
+        major = m["majority"]
+        lines.append(f"accuracy  {m['accuracy']:.4f}   (always answering the most common "
+                     f"class, {major['class']!r}: {major['accuracy']:.4f})")
+        lines.append(f"balanced accuracy  {m['balanced_accuracy']:.4f}   (mean recall over "
+                     "the classes)")
         labels = [str(c) for c in m["classes"]]
+        cw = max(5, *(len(s) for s in labels))
+
+        def num(v: float | None) -> str:
+            return "-" if v is None else f"{v:.4f}"
+
+        lines.append(f"{'class'.ljust(cw)}  {'support':>8}  {'precision':>9}  {'recall':>9}  "
+                     f"{'f1':>9}")
+        for label, r in zip(labels, m["per_class"], strict=True):
+            lines.append(f"{label.ljust(cw)}  {r['support']:>8}  {num(r['precision']):>9}  "
+                         f"{num(r['recall']):>9}  {num(r['f1']):>9}")
         width = max(max(len(s) for s in labels), max(len(str(v)) for row in m["confusion"]
                                                      for v in row))
         lines.append("confusion (rows: true class, columns: predicted)")

@@ -777,9 +777,10 @@ def start_pool(dataset: Dataset, workers: int | None, dtype: str, *, address: st
     With neither `workers` nor `address` given, small work runs in-process (`Pool.small`
     then says why): `flops`, the caller's estimate (operations per step, steps), below
     SMALL_WORK_FLOPS in all or SMALL_STEP_FLOPS a step; so does a dataset of one block,
-    which one worker would compute while Ray's start only adds to the wait. Work without Ray whose steps reach
-    PROCESS_STEP_FLOPS runs in one child process per core (`Pool.processes`); shorter steps
-    run in this process, on one thread where blocks are below THREAD_BLOCK_FLOPS. The bits
+    which one worker would compute while Ray's start only adds to the wait. Work without
+    Ray whose steps reach PROCESS_STEP_FLOPS runs in one child process per core
+    (`Pool.processes`); shorter steps run in this process, on one thread where blocks are
+    below THREAD_BLOCK_FLOPS. The bits
     are the same either way."""
     default = workers is None and address is None
     small = None

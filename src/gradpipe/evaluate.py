@@ -494,6 +494,10 @@ def predict(config: EvalConfig, note: Note | None = None) -> dict:
     return summary
 
 
+def _num(v: float | None, form: str) -> str:
+    return "-" if v is None else format(v, form)
+
+
 def render_metrics(m: dict) -> list[str]:
     """The metrics as lines of text: samples, loss, then accuracy and the confusion matrix,
     or a table of mse, mae and r2 per target."""
@@ -507,14 +511,12 @@ def render_metrics(m: dict) -> list[str]:
         labels = [str(c) for c in m["classes"]]
         cw = max(5, *(len(s) for s in labels))
 
-        def num(v: float | None) -> str:
-            return "-" if v is None else f"{v:.4f}"
-
         lines.append(f"{'class'.ljust(cw)}  {'support':>8}  {'precision':>9}  {'recall':>9}  "
                      f"{'f1':>9}")
         for label, r in zip(labels, m["per_class"], strict=True):
-            lines.append(f"{label.ljust(cw)}  {r['support']:>8}  {num(r['precision']):>9}  "
-                         f"{num(r['recall']):>9}  {num(r['f1']):>9}")
+            lines.append(f"{label.ljust(cw)}  {r['support']:>8}  "
+                         + "  ".join(f"{_num(r[k], '.4f'):>9}" for k in ("precision", "recall",
+                                                                          "f1")))
         width = max(max(len(s) for s in labels), max(len(str(v)) for row in m["confusion"]
                                                      for v in row))
         lines.append("confusion (rows: true class, columns: predicted)")
@@ -526,11 +528,8 @@ def render_metrics(m: dict) -> list[str]:
     if len(rows) > 1:
         rows.append(("(all)", m["mse"], m["mae"], m["r2"]))
     width = max(6, *(len(r[0]) for r in rows))
-
-    def num(v: float | None) -> str:
-        return "-" if v is None else f"{v:.6g}"
-
     lines.append(f"{'target'.ljust(width)}  {'mse':>12}  {'mae':>12}  {'r2':>12}")
     for name, mse, mae, r2 in rows:
-        lines.append(f"{name.ljust(width)}  {num(mse):>12}  {num(mae):>12}  {num(r2):>12}")
+        lines.append(f"{name.ljust(width)}  "
+                     + "  ".join(f"{_num(v, '.6g'):>12}" for v in (mse, mae, r2)))
     return lines

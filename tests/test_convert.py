@@ -471,33 +471,25 @@ def test_interrupted_overwrite_keeps_the_old_dataset(tmp_path: Path,
     assert listing(tmp_path) == {"in.csv", "out", "out/part-00000.parquet"}
 
 
-def test_a_semicolon_separated_csv_is_named_as_such(tmp_path):
+@pytest.mark.parametrize("text,said", [
+    ("a;b;label\n1;2;0\n3;4;1\n",
+     ("missing target column 'label'", "seems separated by ';'", "sep=';'")),
+    # the header reads as one column, then a row splits at its decimal commas
+    ("a;b;label\n1,5;2,25;0\n3,5;4,0;1\n",
+     ("not a readable CSV file", "seems separated by ';' with decimal commas",
+      "pd.read_csv(path, sep=';', decimal=',')")),
+])
+def test_a_semicolon_separated_csv_is_named_as_such(tmp_path, text, said):
     from click.testing import CliRunner
     from conftest import one_line_error
 
     from gradpipe.cli import cli
 
     csv = tmp_path / "semi.csv"
-    csv.write_text("a;b;label\n1;2;0\n3;4;1\n")
+    csv.write_text(text)
     r = CliRunner().invoke(cli, ["data", "import", str(csv), str(tmp_path / "out")])
-    one_line_error(r, "missing target column 'label'", "seems separated by ';'",
-                   "sep=';'")
+    one_line_error(r, *said)
     assert not (tmp_path / "out").exists()
     # data import's --target, --task and --features are TrainConfig's: the same checks
     one_line_error(CliRunner().invoke(cli, ["data", "import", str(csv), str(tmp_path / "o"),
                                             "--task", "nope"]), "--task nope: must be one of")
-
-
-def test_a_semicolon_csv_with_decimal_commas_is_named_as_such(tmp_path):
-    # the header reads as one column, then a row splits at its decimal commas
-    from click.testing import CliRunner
-    from conftest import one_line_error
-
-    from gradpipe.cli import cli
-
-    csv = tmp_path / "semi.csv"
-    csv.write_text("a;b;label\n1,5;2,25;0\n3,5;4,0;1\n")
-    r = CliRunner().invoke(cli, ["data", "import", str(csv), str(tmp_path / "out")])
-    one_line_error(r, "not a readable CSV file", "seems separated by ';' with decimal commas",
-                   "pd.read_csv(path, sep=';', decimal=',')")
-    assert not (tmp_path / "out").exists()

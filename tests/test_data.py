@@ -475,6 +475,18 @@ def test_auto_refuses_an_integer_target_with_many_classes_of_few_rows(tmp_path: 
             assert plan(DataSpec(str(path), target=("y",))).n_outputs == 21
 
 
+def test_auto_refuses_a_string_target_of_names_or_ids(tmp_path: Path) -> None:
+    """A column of names (a string a row) taken as the target is not silently 178 classes:
+    the same rule as for integers, with a hint to name the label column."""
+    rng = np.random.default_rng(0)
+    path = write_parquet(tmp_path / "d.parquet", {"x0": rng.normal(size=60),
+                                                  "name": [f"w{i}" for i in range(60)]})
+    with pytest.raises(DataError, match=r"string with 60 distinct values in 60 rows \(1.0 a "
+                       r"value\): names or ids rather than class labels\? Pass --target"):
+        plan(DataSpec(str(path), target=("name",)))
+    assert plan(DataSpec(str(path), target=("name",), task="classification")).n_outputs == 60
+
+
 def test_a_nan_label_is_called_missing_under_either_task(tmp_path: Path) -> None:
     """A float target with a NaN (not a null) names the NaN and its row: under --task auto
     before asking which task (it is not a whole number), and under --task classification

@@ -614,7 +614,7 @@ def _model_classes(classes: tuple[ClassValue, ...] | int | None) -> tuple[ClassV
     return None if classes is None else tuple(classes)  # a list from JSON, too
 
 
-# --task auto refuses an integer target with more classes than this and fewer rows a class.
+# --task auto refuses a class target with more classes than this and fewer rows a class.
 MANY_CLASSES = 20
 ROWS_PER_CLASS = 5
 
@@ -624,10 +624,11 @@ def _resolve_task(
 ) -> tuple[str, tuple[ClassValue, ...], str | None]:
     """(task, class values, class type) from the target's type, and its values if needed.
 
-    With --task auto, an integer target with more than MANY_CLASSES classes and fewer than
-    ROWS_PER_CLASS rows a class on average is refused as ambiguous (a count or a measure
-    stored as integers, like scikit-learn's diabetes target cast to int: 214 classes of
-    442 rows), as a float target of whole numbers is.
+    With --task auto, a class target with more than MANY_CLASSES classes and fewer than
+    ROWS_PER_CLASS rows a class on average is refused as ambiguous: a count or a measure
+    stored as integers (scikit-learn's diabetes target cast to int: 214 classes of 442
+    rows), as a float target of whole numbers is, or a column of names or ids (a string
+    a row).
     """
     names = spec.target
     if len(names) > 1:
@@ -693,12 +694,16 @@ def _resolve_task(
             ) from None
         return "classification", model, type_name(t)
     classes = tuple(sorted(found))
-    if (spec.task == "auto" and pa.types.is_integer(value_type)
-            and len(classes) > MANY_CLASSES and n_rows < ROWS_PER_CLASS * len(classes)):
+    if (spec.task == "auto" and len(classes) > MANY_CLASSES
+            and n_rows < ROWS_PER_CLASS * len(classes)):
+        numbers = pa.types.is_integer(value_type)
         raise DataError(
             f"{spec.path}: target column {name!r} is {type_name(t)} with {len(classes)} "
-            f"distinct values in {n_rows} rows ({n_rows / len(classes):.1f} a value): class "
-            "labels or numbers? Pass --task classification or --task regression.")
+            f"distinct values in {n_rows} rows ({n_rows / len(classes):.1f} a value): "
+            + ("class labels or numbers? Pass --task classification or --task regression."
+               if numbers else
+               "names or ids rather than class labels? Pass --target with the label column, "
+               "or --task classification to train on these classes."))
     if len(classes) < 2:
         what = f"one class only ({describe_values(classes)})" if classes else "no labels"
         raise DataError(

@@ -568,3 +568,18 @@ def test_tiny_row_groups_are_said_on_the_schema_line(tmp_path: Path) -> None:
     write_parquet(tmp_path / "b.parquet", {"x": np.arange(200.0), "label": np.arange(200) % 2},
                   row_group_size=100)
     assert "rows a block" not in schema_line(plan(DataSpec(str(tmp_path / "b.parquet"))))
+
+
+def test_a_feature_named_like_a_target_is_said(tmp_path: Path) -> None:
+    # scikit-learn's frame keeps 'target' when a user adds 'species' and trains on it
+    write_parquet(tmp_path / "a.parquet", {"x": np.arange(30.0), "target": np.arange(30) % 3,
+                                           "species": ["a", "b", "c"] * 10})
+    path = str(tmp_path / "a.parquet")
+    ds = plan(DataSpec(path, target=("species",)))
+    assert ds.target_named_columns == ("target",)
+    assert ("feature target is named like a target: if it is one, it gives the answer away "
+            "(--features '!target' leaves it out)") in schema_line(ds)
+    # named by the user: their choice, not said
+    assert plan(DataSpec(path, target=("species",), features=("x", "target"))
+                ).target_named_columns == ()
+    assert plan(DataSpec(path, target=("species",), features=("!target",))).features == ("x",)

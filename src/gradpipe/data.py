@@ -59,6 +59,9 @@ _look_for_pandas_now()
 # An integer feature named like this is said on the schema line (an id, a saved index?).
 ID_NAME = re.compile(r"(?i:(^|[_\W])(id|idx|index|key|rowid|uuid)$|^(id|idx|index|rowid)([_\W]|$))"
                      r"|[a-z](Id|ID|Idx|Key)$")  # and camelCase: PassengerId, customerKey
+# Feature names that read as a target (scikit-learn's frames hold 'target'; a user who adds
+# a 'species' column and trains on it leaves the integer 'target' as a feature: a leak).
+TARGET_NAME = re.compile(r"(?i)^(target|targets|label|labels|y|class|outcome)$")
 
 # Rows per block when a row group is larger: bounds the memory of one block's pass.
 BLOCK_ROWS = 65536
@@ -153,6 +156,9 @@ class Dataset:
     # Integer features named like an id (row_id, index, ID, sample_idx): said on the schema
     # line, still used; a split's saved index counts no rows, and its name is all there is.
     id_named_columns: tuple[str, ...] = ()
+    # Features named like a target (TARGET_NAME) while the target is another column: said
+    # on the schema line, still used.
+    target_named_columns: tuple[str, ...] = ()
     # An ignored index column of integers (pandas' index), which --id-column could name.
     ignored_integer_index: str | None = None
     probability_targets: bool = False  # see DataSpec.probability_targets
@@ -185,6 +191,7 @@ class Dataset:
             "ignored_columns": list(self.ignored_columns),
             "counting_columns": list(self.counting_columns),
             "id_named_columns": list(self.id_named_columns),
+            "target_named_columns": list(self.target_named_columns),
             "probability_targets": self.probability_targets,
             "partition_keys": {k: list(v) for k, v in self.partition_keys},
             "rows": self.n_rows,
@@ -807,6 +814,8 @@ def plan(spec: DataSpec) -> Dataset:
         ignored_integer_index=next((c for c in ignored if c and c in schema.names  # 1st file
                                     and pa.types.is_integer(schema.field(c).type)), None),
         counting_columns=(counting_found := counting.found(row)),
+        target_named_columns=() if feature_list or spec.features_from_model else tuple(
+            c for c in features if TARGET_NAME.match(c) and c not in spec.features),
         id_named_columns=() if feature_list else tuple(
             c for c in features if ID_NAME.search(c) and c not in counting_found
             and pa.types.is_integer(schema.field(c).type)),
@@ -916,6 +925,9 @@ def schema_line(dataset: Dataset) -> str:
     for name in dataset.counting_columns:
         parts.append(f"feature {_show(name)} counts the rows: a saved index? --id-column "
                      f"{_show(name)} makes it the sample id instead")
+    for name in dataset.target_named_columns:
+        parts.append(f"feature {_show(name)} is named like a target: if it is one, it gives "
+                     f"the answer away (--features '!{name}' leaves it out)")
     for name in dataset.id_named_columns:
         parts.append(f"feature {_show(name)} is named like an id: --id-column {_show(name)} "
                      "makes it the sample id instead")

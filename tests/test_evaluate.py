@@ -438,3 +438,16 @@ def test_evaluate_json_has_the_per_class_metrics(tmp_path):
     recalls = np.diag(confusion) / confusion.sum(axis=1)
     assert m["balanced_accuracy"] == pytest.approx(recalls.mean())
     assert m["majority"]["accuracy"] == pytest.approx(confusion.sum(axis=1).max() / 40)
+
+
+def test_evaluate_says_when_the_data_is_the_runs_own_training_data(tmp_path):
+    data = make_classification(tmp_path / "d", rows=40, classes=3)
+    other = make_classification(tmp_path / "o", rows=40, classes=3, seed=4)
+    assert CliRunner().invoke(cli, ["train", str(data), "--workers", "0", "--steps", "3",
+                                    "--out", str(tmp_path / "r"), "--quiet"]).exit_code == 0
+    for path, own in ((data, True), (other, False)):
+        args = ["evaluate", str(tmp_path / "r"), str(path), "--workers", "0"]
+        assert json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)[
+            "training_data"] is own
+        said = CliRunner().invoke(cli, args).stderr.rstrip()
+        assert said.endswith("; the run's own training data, not held out") is own, said

@@ -359,12 +359,17 @@ def exact_name(name: str) -> str:
     return re.sub(r"[][*?]", lambda m: f"[{m.group()}]", name)
 
 
-def _model_id_column(model: Model) -> str | None:
-    """The id column the model's run used (its run.json), if RUN is a run folder."""
+def _run_dataset(model: Model) -> dict:
+    """run.json's `dataset` of the model's run, if RUN is a run folder; else {}."""
     run = model.path
     if not store.is_file(store.join(run, "run.json")):
-        return None
-    return read_run_json(run).get("dataset", {}).get("id_column")
+        return {}
+    return read_run_json(run).get("dataset", {})
+
+
+def _model_id_column(model: Model) -> str | None:
+    """The id column the model's run used (its run.json), if RUN is a run folder."""
+    return _run_dataset(model).get("id_column")
 
 
 def plan_for_model(config: EvalConfig, model: Model, read_target: bool) -> Dataset:
@@ -425,13 +430,15 @@ def start_pool(config: EvalConfig, dataset: Dataset, dtype: str, flops: tuple[fl
 Note = Callable[[str], None]
 
 
-def _pool(config: EvalConfig, dataset: Dataset, model: Model, note: Note | None) -> Pool:
-    """The workers (one forward pass: about 2 N P operations), then the schema line."""
+def _pool(config: EvalConfig, dataset: Dataset, model: Model, note: Note | None,
+          said: str = "") -> Pool:
+    """The workers (one forward pass: about 2 N P operations), then the schema line (and
+    `said` at its end)."""
     pool = start_pool(config, dataset, model.arch.dtype,
                       flops=(2.0 * dataset.n_rows * model.arch.n_params, 1))
     if note is not None:
         where = pool.where(config.address, config.workers)
-        note(schema_line(dataset) + where)
+        note(schema_line(dataset) + where + said)
     return pool
 
 
@@ -440,13 +447,16 @@ def evaluate(config: EvalConfig, note: Note | None = None) -> dict:
     `note` receives the data's schema line before any work starts."""
     model = read_model(config.model)
     dataset = plan_for_model(config, model, read_target=True)
-    pool = _pool(config, dataset, model, note)
+    # The same files as the run's (the fingerprint): metrics on the data it was fit to
+    training = dataset.fingerprint == _run_dataset(model).get("fingerprint")
+    pool = _pool(config, dataset, model, note, "; the run's own training data, not held "
+                 "out" if training else "")
     try:
         metrics = evaluate_with(pool, model.arch, model.params, model.standardize,
                                 model.target_scale)
     finally:
         pool.close()
-    return {"model": config.model, "data": config.data, **metrics}
+    return {"model": config.model, "data": config.data, "training_data": training, **metrics}
 
 
 def _check_out(out: str, overwrite: bool) -> None:

@@ -250,6 +250,10 @@ def test_train_runs_on_imported_data(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("text", "names"), [
     ("a,b,label\n1,2.5,0\n2,abc,1\n", ["'b'", "not numeric", "'abc'", "row 1"]),
+    # every bad column of the batch at once, what each cell seems to be, the way out
+    ('a,b,c,label\n1,"2,5",?,0\n2,3,4,1\n',
+     ["columns not numeric: 'b' ('2,5' at row 0: a thousands separator or a decimal comma?",
+      "'c' ('?' at row 0: a missing-value marker?", "--features '!b,!c'"]),
     ("a,b,label\n1,2.5,0\n2,NaN,1\n3,1,1\n", ["'b'", "missing", "row 1"]),
     ("a,b,label\n1,2.5,0\n2,,1\n", ["'b'", "missing", "row 1"]),
     ("a,b,label\n1,2.5,0\n2,NAN,1\n", ["'b'", "NaN", "row 1"]),

@@ -485,6 +485,12 @@ def test_auto_refuses_a_string_target_of_names_or_ids(tmp_path: Path) -> None:
                        r"value\): names or ids rather than class labels\? Pass --target"):
         plan(DataSpec(str(path), target=("name",)))
     assert plan(DataSpec(str(path), target=("name",), task="classification")).n_outputs == 60
+    # numbers written as text, with thousands separators (a CSV export's quoted "1,628.9")
+    path = write_parquet(tmp_path / "n.parquet", {"x0": rng.normal(size=60), "price": [
+        f"{v:,.3f}" for v in rng.uniform(1000, 20000, 60)]})
+    with pytest.raises(DataError, match=r"numbers written as text \('1,.*', ...\)\? Convert "
+                       r"the column to numbers first, without any thousands separators"):
+        plan(DataSpec(str(path), target=("price",)))
 
 
 def test_a_nan_label_is_called_missing_under_either_task(tmp_path: Path) -> None:

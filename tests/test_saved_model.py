@@ -104,3 +104,41 @@ def test_a_model_without_hidden_layer_is_not_described_as_one(tmp_path):
     warnings = json.loads((tmp_path / "r" / "run.json").read_text())["warnings"]
     assert len(warnings) == 1, warnings
     assert "the best a model without a hidden layer does here; try --hidden" in warnings[0]
+
+
+def test_a_column_whose_digits_the_compute_dtype_loses_is_said(tmp_path):
+    # 1e8 + N(0, 1): float32 holds numbers near 1e8 in steps of 8, so the column becomes
+    # one or two values (a constant, once standardized); float64 keeps it
+    from gradpipe.data import DataSpec, coarse_columns, plan
+
+    rng = np.random.default_rng(0)
+    u, a = rng.normal(size=200), rng.normal(size=200)
+    write_parquet(tmp_path / "d" / "a.parquet", {"pos": 1e8 + u, "a": a, "y": a + 2 * u,
+                                                 "t": 1.7e9 + 1e6 * u})
+    dataset = plan(DataSpec(str(tmp_path / "d"), target=("y",)))
+    assert [c[0] for c in coarse_columns(dataset, "float32")] == ["pos"]
+    assert coarse_columns(dataset, "float64") == []
+    assert dict((n, (lo, hi)) for n, lo, hi in dataset.ranges)["pos"] == (
+        1e8 + u.min(), 1e8 + u.max())
+    _, info = _train(tmp_path / "d", tmp_path / "r", target=("y",), steps=2)
+    said = [w for w in info["warnings"] if "'pos'" in w]
+    assert len(said) == 1 and said[0].startswith(
+        f"feature 'pos' spans {1e8 + u.min():.10g} to {1e8 + u.max():.10g}, which float32 "
+        "holds in steps of 8:") and said[0].endswith("or train with --dtype float64"), said
+    _, info = _train(tmp_path / "d", tmp_path / "r64", target=("y",), steps=2, dtype="float64")
+    assert not [w for w in info["warnings"] if "'pos'" in w]
+
+
+def test_a_target_far_from_the_rest_is_said(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 3))
+    y = x @ np.array([1.0, -2.0, 0.5])
+    y[0] += 1e4  # one row far out (more would widen the std they are measured in)
+    write_parquet(tmp_path / "d" / "a.parquet", {"x0": x[:, 0], "x1": x[:, 1], "x2": x[:, 2],
+                                                 "y": y})
+    _, info = _train(tmp_path / "d", tmp_path / "r", target=("y",), steps=5)
+    far = [w for w in info["warnings"] if w.startswith("target 'y' reaches")]
+    assert len(far) == 1 and "std from its mean" in far[0] and "loss_last" in far[0], far
+    write_parquet(tmp_path / "e" / "a.parquet", {"x0": x[:, 0], "y": x[:, 1]})
+    _, info = _train(tmp_path / "e", tmp_path / "s", target=("y",), steps=5)
+    assert not [w for w in info["warnings"] if "reaches" in w]

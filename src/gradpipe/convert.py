@@ -179,20 +179,26 @@ class CsvSource:
         possible = {c: [pa.int64(), pa.float64(), pa.bool_()] for c in columns}
         rows = 0
         for batch in self._batches(columns, {c: pa.string() for c in columns}):
+            bad = []  # every column of this batch that failed, said at once
             for name in columns:
                 values = pc.utf8_trim_whitespace(batch.column(name))
                 before = possible[name]
                 possible[name] = [t for t in before if _parses(values, t)]
-                if possible[name] or name in labels:
+                if possible[name] or name in labels or not before:
                     continue
                 # The row of the first value that is no number (or, in a bool column,
                 # no bool): an int column's first float is not the culprit.
                 i = _first_unparsable(values, pa.float64() if pa.float64() in before
-                                      else before[0] if before else pa.float64())
+                                      else before[0])
+                bad.append((name, values[i].as_py(), rows + i))
+            if bad:
+                shown = ", ".join(f"{name!r} ({value!r} at row {row}{_what_text(value)})"
+                                  for name, value, row in bad[:6])
+                more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
                 raise DataError(
-                    f"{self.source}: column {name!r} is not numeric ({values[i].as_py()!r} at "
-                    f"row {rows + i}). Drop it, or pass --features with the numeric columns."
-                )
+                    f"{self.source}: column{'s' * (len(bad) > 1)} not numeric: {shown}{more}. "
+                    "Fix those values first, or leave the columns out with --features '"
+                    + ",".join(f"!{name}" for name, _, _ in bad) + "'")
             rows += batch.num_rows
         return rows, {c: possible[c][0] if possible[c] else pa.string() for c in columns}
 
@@ -203,6 +209,22 @@ class CsvSource:
         for batch in self._batches(columns, types):
             yield self.source, row, batch
             row += batch.num_rows
+
+
+# Cells that stand for a missing value in CSV exports.
+MISSING_MARKERS = {"?", "-", "--", "na", "n/a", "nan", "null", "none", "missing", "#n/a"}
+
+
+def _what_text(value: str | None) -> str:
+    """What a cell that is not a number seems to be, for the refusal ('': nothing known)."""
+    text = (value or "").strip()
+    if text.lower() in MISSING_MARKERS:
+        return ": a missing-value marker? read the file with pandas' na_values, then impute"
+    if any(c.isdigit() for c in text) and all(c.isdigit() or c in ",.-+ '_" for c in text):
+        if "," in text:
+            return (": a thousands separator or a decimal comma? convert with pandas "
+                    "(thousands=',' or decimal=',')")
+    return ""
 
 
 def _parses(values: pa.Array, to: pa.DataType) -> bool:

@@ -15,6 +15,7 @@ import difflib
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -166,6 +167,9 @@ class Dataset:
     # Hive partition keys in the files' folder names (split=train/), {key: values}: not
     # columns of the files, so not read; said on the schema line.
     partition_keys: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # (column, min, max) of the numeric features and targets whose every row group has
+    # statistics: from the files' metadata alone (coarse_columns, target outliers).
+    ranges: tuple[tuple[str, float, float], ...] = ()
 
     @property
     def scales_targets(self) -> bool:
@@ -615,6 +619,15 @@ def _class_values(
     return found
 
 
+def _reads_as_number(text: str) -> bool:
+    """'14,265.83', ' 3.5 ', '-1e3': a number once thousands separators and spaces go."""
+    try:
+        float(text.replace(",", "").replace("_", "").strip())
+    except ValueError:
+        return False
+    return True
+
+
 def _model_classes(classes: tuple[ClassValue, ...] | int | None) -> tuple[ClassValue, ...] | None:
     if isinstance(classes, int):
         return tuple(range(classes))  # the older form: K classes 0..K-1
@@ -704,11 +717,16 @@ def _resolve_task(
     if (spec.task == "auto" and len(classes) > MANY_CLASSES
             and n_rows < ROWS_PER_CLASS * len(classes)):
         numbers = pa.types.is_integer(value_type)
+        text = [str(c) for c in classes[:50]]
+        written = not numbers and all(_reads_as_number(v) for v in text)
         raise DataError(
             f"{spec.path}: target column {name!r} is {type_name(t)} with {len(classes)} "
             f"distinct values in {n_rows} rows ({n_rows / len(classes):.1f} a value): "
             + ("class labels or numbers? Pass --task classification or --task regression."
                if numbers else
+               f"numbers written as text ({text[0]!r}, ...)? Convert the column to numbers "
+               "first, without any thousands separators (pandas: "
+               "pd.to_numeric(s.str.replace(',', '')))." if written else
                "names or ids rather than class labels? Pass --target with the label column, "
                "or --task classification to train on these classes."))
     if len(classes) < 2:
@@ -747,6 +765,8 @@ def plan(spec: DataSpec) -> Dataset:
     digest = hashlib.sha256(str(schema).encode())
     row = 0
     counting = _Counting(schema, () if feature_list else features)
+    ranges = _Ranges(schema, (() if feature_list else features) + (
+        spec.target if spec.read_target else ()))
     used = {*features, *spec.target, *([spec.id_column] if spec.id_column else [])}
     # With --features, the columns a dataset does not use may differ between its files.
     columns = _data_columns(schema, used, features, only_used=bool(spec.features))
@@ -782,6 +802,7 @@ def plan(spec: DataSpec) -> Dataset:
                       f"{md.num_row_groups}\0{md.serialized_size}".encode())
         file_row = 0
         counting.file(md, row)
+        ranges.file(md)
         for rg in range(md.num_row_groups):
             rows = md.row_group(rg).num_rows
             for start in range(0, rows, spec.block_rows):
@@ -822,6 +843,7 @@ def plan(spec: DataSpec) -> Dataset:
         probability_targets=spec.probability_targets and task == "regression",
         has_target=spec.read_target,
         partition_keys=tuple((k, tuple(v)) for k, v in keys.items()),
+        ranges=ranges.found(),
     )
 
 
@@ -868,6 +890,64 @@ class _Counting:
         if rows < COUNTING_MIN_ROWS:
             return ()
         return tuple(n for n in self.names if self.alive[n])
+
+
+class _Ranges:
+    """Each numeric column's min and max over the dataset, from the row groups' statistics;
+    a column any row group has none for (or nulls, or NaN bounds) is left out."""
+
+    def __init__(self, schema: pa.Schema, columns: tuple[str, ...]) -> None:
+        self.bounds: dict[str, tuple[float, float] | None] = {
+            n: (math.inf, -math.inf) for n in dict.fromkeys(columns)
+            if n in schema.names and _is_numeric(_value_type(schema.field(n).type))
+            and not pa.types.is_boolean(_value_type(schema.field(n).type))}
+
+    def file(self, md: pq.FileMetaData) -> None:
+        if md.num_row_groups == 0 or not any(self.bounds.values()):
+            return
+        where = {md.row_group(0).column(j).path_in_schema: j
+                 for j in range(md.row_group(0).num_columns)}
+        for rg in range(md.num_row_groups):
+            group = md.row_group(rg)
+            for name, bound in self.bounds.items():
+                if bound is None or group.num_rows == 0:
+                    continue
+                stats = group.column(where[name]).statistics if name in where else None
+                if stats is None or not stats.has_min_max or stats.null_count:
+                    self.bounds[name] = None
+                    continue
+                try:
+                    lo, hi = float(stats.min), float(stats.max)
+                except (TypeError, ValueError):  # a dictionary page's bytes, say
+                    self.bounds[name] = None
+                    continue
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    self.bounds[name] = None
+                    continue
+                self.bounds[name] = (min(bound[0], lo), max(bound[1], hi))
+
+    def found(self) -> tuple[tuple[str, float, float], ...]:
+        return tuple((n, b[0], b[1]) for n, b in self.bounds.items()
+                     if b is not None and b[0] <= b[1])
+
+
+# A column whose range holds fewer than this many values of the compute dtype is said to
+# lose its digits: 1e8 + N(0, 1) in float32 (steps of 8) became one value, a constant.
+COARSE_LEVELS = 4096
+
+
+def coarse_columns(dataset: Dataset, dtype: str) -> list[tuple[str, float, float, float]]:
+    """(column, min, max, step) of the numeric features and targets whose values, read into
+    `dtype`, keep fewer than COARSE_LEVELS distinct steps over their range (a large offset
+    and a small spread: timestamps, positions), from the files' statistics."""
+    out = []
+    for name, lo, hi in dataset.ranges:
+        if hi <= lo:
+            continue
+        step = float(np.spacing(np.asarray(max(abs(lo), abs(hi)), dtype=dtype)))
+        if (hi - lo) / step < COARSE_LEVELS:
+            out.append((name, lo, hi, step))
+    return out
 
 
 def _unread_task(spec: DataSpec) -> tuple[str, tuple[ClassValue, ...], str | None]:

@@ -28,6 +28,7 @@ from .data import (
     Dataset,
     DataSpec,
     check_unique_ids,
+    coarse_columns,
     column_names,
     describe_columns,
     plan,
@@ -45,6 +46,8 @@ from .worker import Pool, StepRequest, start_pool
 F64 = NDArray[np.float64]
 # Training r2 below this: the saved weights explain almost none of the target (a warning).
 USELESS_R2 = 0.05
+# A regression target value this many standard deviations from the mean is warned of.
+FAR_STD = 10.0
 INIT_SCHEME = "glorot-uniform (he-uniform for relu layers), zero biases, numpy PCG64(seed)"
 Progress = Callable[[int, dict], None]
 
@@ -267,6 +270,8 @@ class Run:
             elif self.dataset.scales_targets:
                 self.target_scale = mean, np.where(constant, 1.0, std)
                 self._note_constant_targets(constant)
+                self._note_far_targets(mean, std)
+        self._note_coarse_columns()
         if config.val:
             self.val_pool = self._val_pool()
         # Said once the data is read and checked, before the first step.
@@ -405,6 +410,35 @@ class Run:
             self.warnings.append(f"the target is constant ({', '.join(values)} in every row): "
                                  "there is nothing to learn, and r2 is undefined; is --target "
                                  "the column you meant?")
+
+    def _note_far_targets(self, mean: F64, std: F64) -> None:
+        """Warn of regression targets with values more than FAR_STD standard deviations from
+        their mean (by the files' statistics): a few such rows dominate the squared loss."""
+        bounds = {name: (lo, hi) for name, lo, hi in self.dataset.ranges}
+        for i, name in enumerate(self.dataset.target):
+            if name not in bounds or not std[i] > 0:
+                continue
+            far = max(bounds[name], key=lambda v: abs(v - mean[i]))
+            if abs(far - mean[i]) > FAR_STD * std[i]:
+                self.warnings.append(
+                    f"target {name!r} reaches {far:.6g}, {abs(far - mean[i]) / std[i]:.0f} std "
+                    f"from its mean {mean[i]:.6g}: a few rows that far out dominate the squared "
+                    "loss; check them (gradpipe scores ranks the rows by loss_last)")
+
+    def _note_coarse_columns(self) -> None:
+        """Warn of features and targets that the compute dtype holds in too few steps over
+        their range (data.coarse_columns): their digits are lost before any standardizing."""
+        dtype = self.config.dtype
+        for name, lo, hi, step in coarse_columns(self.dataset, dtype):
+            kind = "target" if name in self.dataset.target else "feature"
+            wider = (", or train with --dtype float64" if dtype == "float32" and not coarse_columns(
+                self.dataset, "float64") else "")
+            values = int((hi - lo) / step) + 1
+            self.warnings.append(
+                f"{kind} {name!r} spans {lo:.10g} to {hi:.10g}, which {dtype} holds in steps of "
+                f"{step:.3g}: {values} value{'s' * (values != 1)} over the range, the rest of "
+                f"its digits lost; subtract an offset before saving it ({name} - "
+                f"{name}.min(), say){wider}")
 
     def _val_metrics(self) -> dict:
         """val_loss and val_accuracy (classification) or val_mse and val_r2 (regression), in

@@ -241,7 +241,9 @@ def test_labels_outside_the_model_are_refused_by_name_and_value(tmp_path: Path) 
     with pytest.raises(DataError) as e:
         plan(DataSpec(str(d), classes=(0, 1, 2)))
     assert str(e.value) == (f"{f}: column 'label' has labels 4, 5, not among the model's 3 "
-                            "classes (0..2): a model can only be used on its own classes.")
+                            "classes (0..2): a model can only be used on its own classes. If "
+                            "'label' counts or measures rather than names a class, train with "
+                            "--task regression.")
     # Bools are not the ints 0 and 1 here, nor strings ints.
     b = one_file(tmp_path / "b", {"x": np.arange(2.0), "label": [True, False]})
     with pytest.raises(DataError, match=r"has labels False, True, not among the model's"):
@@ -583,3 +585,21 @@ def test_a_feature_named_like_a_target_is_said(tmp_path: Path) -> None:
     assert plan(DataSpec(path, target=("species",), features=("x", "target"))
                 ).target_named_columns == ()
     assert plan(DataSpec(path, target=("species",), features=("!target",))).features == ("x",)
+
+
+def test_integer_classes_with_gaps_are_pointed_out(tmp_path: Path) -> None:
+    # a count taken as classes: 0..11 and 13, no 12; a split's 12 is then an unknown class
+    labels = np.r_[np.arange(12), 13, np.arange(12)]
+    write_parquet(tmp_path / "a.parquet", {"x": np.arange(25.0), "count": labels})
+    line = schema_line(plan(DataSpec(str(tmp_path / "a.parquet"), target=("count",))))
+    assert ("13 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, ..., 11, 13) with gaps (no 12): if 'count' "
+            "counts or measures something, --task regression") in line
+    write_parquet(tmp_path / "b.parquet", {"x": np.arange(13.0), "count": np.arange(13)})
+    assert "gaps" not in schema_line(plan(DataSpec(str(tmp_path / "b.parquet"),
+                                                   target=("count",))))
+    write_parquet(tmp_path / "c.parquet", {"x": np.arange(3.0), "count": [0, 12, 3]})
+    with pytest.raises(DataError, match="has labels 12, not among the model's 13 classes .* If "
+                       "'count' counts or measures rather than names a class, train with "
+                       "--task regression"):
+        plan(DataSpec(str(tmp_path / "c.parquet"), target=("count",),
+                      task="classification", classes=tuple(range(12)) + (13,)))

@@ -609,11 +609,13 @@ def _class_values(
             outside = sorted(v for v in new if _key(v) not in allowed_keys)
             if outside:
                 assert allowed is not None
+                numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in outside)
                 raise DataError(
                     f"{path}: column {column!r} has labels {describe_values(outside, 6)}, "
                     f"not among the model's {len(allowed)} classes "
                     f"({_describe_classes(allowed)}): a model can only be used on its own "
-                    "classes."
+                    "classes." + (f" If {column!r} counts or measures rather than names a "
+                                  "class, train with --task regression." if numbers else "")
                 )
         found |= new
     return found
@@ -634,6 +636,9 @@ def _model_classes(classes: tuple[ClassValue, ...] | int | None) -> tuple[ClassV
     return None if classes is None else tuple(classes)  # a list from JSON, too
 
 
+# The schema line points out integer classes with gaps (0..21, 23) from this many classes
+# on: counts taken as classes; a test split's 22 is then refused as an unknown class.
+GAPPED_CLASSES = 10
 # --task auto refuses a class target with more classes than this and fewer rows a class.
 MANY_CLASSES = 20
 ROWS_PER_CLASS = 5
@@ -979,6 +984,14 @@ def schema_line(dataset: Dataset) -> str:
     if dataset.classify:
         head = (f"classification on {targets}: {len(dataset.classes)} classes "
                 f"({describe_values(dataset.classes)})")
+        ints = [c for c in dataset.classes if isinstance(c, int) and not isinstance(c, bool)]
+        span = ints[-1] - ints[0] + 1 if ints else 0
+        # mostly a run of integers, a few missing: a count (not a coding like 0, 10, 20)
+        if len(ints) == len(dataset.classes) > GAPPED_CLASSES and len(ints) < span < 1.5 * len(
+                ints):
+            missing = next(v for v in range(ints[0], ints[-1]) if v not in set(ints))
+            head += (f" with gaps (no {missing}): if {targets} counts or measures something, "
+                     "--task regression")
     else:
         head = f"regression on {targets}"
         if dataset.probability_targets:

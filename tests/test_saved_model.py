@@ -142,3 +142,39 @@ def test_a_target_far_from_the_rest_is_said(tmp_path):
     write_parquet(tmp_path / "e" / "a.parquet", {"x0": x[:, 0], "y": x[:, 1]})
     _, info = _train(tmp_path / "e", tmp_path / "s", target=("y",), steps=5)
     assert not [w for w in info["warnings"] if "reaches" in w]
+
+
+def test_a_run_that_overfits_its_val_data_says_where_val_loss_was_lowest(tmp_path):
+    # 40 noisy rows, a wide layer and many steps: the held-out loss falls, then rises
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(70, 6))
+    y = x[:, 0] + rng.normal(size=70)
+    cols = {f"x{i}": x[:, i] for i in range(6)}
+    write_parquet(tmp_path / "d" / "a.parquet", {k: v[:40] for k, v in cols.items()} | {
+        "y": y[:40]})
+    write_parquet(tmp_path / "v" / "a.parquet", {k: v[40:] for k, v in cols.items()} | {
+        "y": y[40:]})
+    out = tmp_path / "r"
+    summary, info = _train(tmp_path / "d", out, target=("y",), val=str(tmp_path / "v"),
+                           hidden=(64,), steps=1500, checkpoint_every=100)
+    import pyarrow.parquet as pq
+
+    val = pq.read_table(out / "metrics").select(["step", "val_loss"]).to_pylist()
+    best = min((r for r in val if r["val_loss"] is not None),
+               key=lambda r: (r["val_loss"], r["step"]))
+    assert summary["saved"]["val_loss"] > 1.1 * best["val_loss"]  # the case this is about
+    said = [w for w in info["warnings"] if w.startswith("val_loss rose")]
+    near = min(range(0, 1501, 100), key=lambda s: (abs(s - best["step"]), s))
+    assert said == [
+        f"val_loss rose from {best['val_loss']:.6g} at step {best['step']} to "
+        f"{summary['saved']['val_loss']:.6g} with the saved weights: they fit the training "
+        f"rows at the held-out rows' cost; {out}/checkpoints/step-{near:06d} (the nearest "
+        f"checkpoint) is a model evaluate and predict take as RUN; --steps {best['step']} "
+        "stops at the lowest"], info["warnings"]
+
+
+def test_val_data_that_is_the_training_data_is_said(tmp_path):
+    data = make_regression(tmp_path / "d", rows=30)
+    _, info = _train(data, tmp_path / "r", target=("t0", "t1"), val=str(data), steps=3)
+    assert f"--val {data} is the training data itself: its val_* metrics are not held out" in (
+        info["warnings"])

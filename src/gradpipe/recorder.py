@@ -177,9 +177,20 @@ class Recorder:
 
 def latest_checkpoint(out: str | Path) -> tuple[int, str] | None:
     """The newest complete checkpoint (its state.json is written last): (step, folder)."""
-    done = [(s, p) for s, p in _steps(store.join(str(out), "checkpoints"), _STEP_DIR).items()
-            if store.is_file(store.join(p, "state.json"))]
+    done = complete_checkpoints(out)
     return done[-1] if done else None
+
+
+def complete_checkpoints(out: str | Path) -> list[tuple[int, str]]:
+    """(step, folder) of every complete checkpoint (state.json is written last), in order."""
+    return [(s, p) for s, p in _steps(store.join(str(out), "checkpoints"), _STEP_DIR).items()
+            if store.is_file(store.join(p, "state.json"))]
+
+
+def nearest_checkpoint(out: str | Path, step: int) -> tuple[int, str] | None:
+    """The complete checkpoint whose step is closest to `step` (the earlier on a tie)."""
+    done = complete_checkpoints(out)
+    return min(done, key=lambda c: (abs(c[0] - step), c[0])) if done else None
 
 
 def read_checkpoint(out: str | Path) -> tuple[int, Params, F64 | None]:

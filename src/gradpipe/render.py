@@ -147,6 +147,8 @@ def render(summary: dict, console: Any = None) -> None:
                 console.print(f"lowest val_loss {_num(saved)}: the saved weights'")
             elif best:
                 where = (f", the weights in {best['checkpoint']}" if best.get("checkpoint")
+                         else f" (no checkpoint of that step; the nearest is "
+                              f"{best['nearest_checkpoint']})" if best.get("nearest_checkpoint")
                          else " (no checkpoint of that step: --checkpoint-every K keeps some)")
                 console.print(f"lowest val_loss {_num(best['val_loss'])} at step "
                               f"{best['step']}{where}"

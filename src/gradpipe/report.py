@@ -29,6 +29,7 @@ from . import store
 from .data import describe_columns
 from .errors import ConfigError, GradpipeError
 from .outputs import read_run_json, read_weights
+from .recorder import nearest_checkpoint
 
 F64 = NDArray[np.float64]
 
@@ -547,10 +548,10 @@ def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) 
         result.metrics = read_metrics(output.metrics)
         summary["metrics"] = metrics_summary(result.metrics)
         if (best_val := summary["metrics"]["best_val"]) and output.run is not None:
-            # its weights (those a metrics row is of) if a checkpoint of that step is whole
-            folder = store.join(str(output.path), "checkpoints", f"step-{best_val['step']:06d}")
-            best_val["checkpoint"] = (folder if store.is_file(store.join(folder, "state.json"))
-                                      else None)
+            # its weights (those a metrics row is of), or the nearest whole checkpoint's
+            near = nearest_checkpoint(str(output.path), best_val["step"])
+            best_val["checkpoint"] = near[1] if near and near[0] == best_val["step"] else None
+            best_val["nearest_checkpoint"] = near[1] if near else None
         rows = (summary["run"] or {}).get("dataset", {}).get("rows")
         summary["noise_scale"] = noise_summary(result.metrics, rows)
     if output.per_sample:

@@ -39,7 +39,14 @@ from .evaluate import evaluate_with, exact_name
 from .model import Architecture, Params, check_shapes, init_params
 from .optim import draw_batch, lr_at, sgd_step, weight_mask, with_weight_decay
 from .outputs import model_meta, params_from_flat, read_model, read_run_json, read_weights
-from .recorder import Recorder, check_apart, prepare_run_dir, read_checkpoint
+from .recorder import (
+    Recorder,
+    check_apart,
+    nearest_checkpoint,
+    prepare_run_dir,
+    read_checkpoint,
+    read_metrics,
+)
 from .reduce import Gradient, reduce
 from .worker import Pool, StepRequest, start_pool
 
@@ -48,6 +55,8 @@ F64 = NDArray[np.float64]
 USELESS_R2 = 0.05
 # A regression target value this many standard deviations from the mean is warned of.
 FAR_STD = 10.0
+# With --val: the saved weights' val_loss this many times the lowest recorded is warned of.
+OVERFIT = 1.1
 INIT_SCHEME = "glorot-uniform (he-uniform for relu layers), zero biases, numpy PCG64(seed)"
 Progress = Callable[[int, dict], None]
 
@@ -391,6 +400,9 @@ class Run:
                             "training data's feature and target columns, by name")
         try:
             val = plan(spec)
+            if val.fingerprint == d.fingerprint:  # the same files
+                self.warnings.append(f"--val {self.config.val} is the training data itself: "
+                                     "its val_* metrics are not held out")
             pool = start_pool(val, 0, self.config.dtype,
                               flops=(2.0 * val.n_rows * self.arch.n_params, 1))  # forward
             pool.load()
@@ -567,6 +579,7 @@ class Run:
                 progress(self.step, metrics)
         saved = self._saved_metrics() if config.update else None
         self._warn(first, metrics, saved)
+        self._warn_overfit(saved)
         self._finish(metrics, converged, saved)
         return {**metrics, "saved": saved} if saved is not None else metrics
 
@@ -702,6 +715,33 @@ class Run:
         elif saved is not None and (trivial := self._no_better_than_trivial(saved)):
             self.warnings.append(f"{trivial}: try more --steps or another --lr{less_noise}"
                                  f"{standardize}")
+
+    def _warn_overfit(self, saved: dict | None) -> None:
+        """One line when the saved weights' val_loss is well above the lowest recorded one
+        (OVERFIT times): the run went on fitting the training rows at the held-out rows'
+        cost. It names the step, the nearest checkpoint and the --steps that stop there."""
+        rec = self.recorder
+        if rec is None or saved is None or saved.get("val_loss") is None:
+            return
+        rec.flush()
+        table = read_metrics(rec.out)
+        if table is None or "val_loss" not in table.column_names:
+            return
+        rows = [r for r in table.select(["step", "val_loss"]).to_pylist()
+                if r["val_loss"] is not None and math.isfinite(r["val_loss"])]
+        if not rows:
+            return
+        best = min(rows, key=lambda r: (r["val_loss"], r["step"]))
+        if not saved["val_loss"] > OVERFIT * best["val_loss"]:
+            return
+        near = nearest_checkpoint(rec.out, best["step"])
+        kept = (f"; {store.join(self.config.out or '', 'checkpoints', os.path.basename(near[1]))}"
+                f" (the nearest checkpoint) is a model evaluate and predict take as RUN"
+                if near is not None else "")
+        self.warnings.append(
+            f"val_loss rose from {best['val_loss']:.6g} at step {best['step']} to "
+            f"{saved['val_loss']:.6g} with the saved weights: they fit the training rows at "
+            f"the held-out rows' cost{kept}; --steps {best['step']} stops at the lowest")
 
     def _no_better_than_trivial(self, saved: dict) -> str | None:
         """What the saved weights fell short of, if they do no better than a model without

@@ -291,7 +291,8 @@ def test_the_schema_line_says_where_the_work_runs(ray_local, tmp_path: Path) -> 
     said_eval: list[str] = []
     evaluate(EvalConfig(model=str(tmp_path / "w2"), data=str(DIGITS), workers=2),
              note=said_eval.append)
-    assert said_eval[0].endswith("; 2 Ray workers on a local instance"), said_eval[0]
+    assert said_eval[0].endswith("; 2 Ray workers on a local instance; the run's own "
+                                 "training data, not held out"), said_eval[0]
 
 
 @pytest.mark.parametrize("flags,said", [

@@ -897,8 +897,9 @@ def inspect_(path: str, top: int, step: int | None, as_json: bool, plot_file: st
     """Summarize a run folder or one of its Parquet outputs: loss, gradient norms, noise scale,
     and the samples with the largest gradients.
 
-    PATH is a run folder, or metrics/, gradients/, weights.parquet, per_sample/
-    or one per-sample file (told apart by their columns).
+    PATH is a run folder, or metrics/, gradients/, weights.parquet, per_sample/,
+    one per-sample file, a scores folder, a predictions folder or an influence file
+    (told apart by their columns).
 
     \b
     Example:

@@ -603,3 +603,18 @@ def test_integer_classes_with_gaps_are_pointed_out(tmp_path: Path) -> None:
                        "--task regression"):
         plan(DataSpec(str(tmp_path / "c.parquet"), target=("count",),
                       task="classification", classes=tuple(range(12)) + (13,)))
+
+
+def test_an_empty_file_of_null_columns_is_no_schema_to_differ_from(tmp_path: Path) -> None:
+    # pandas writes an empty DataFrame's object columns as null-typed: no rows, nothing to read
+    empty = pa.table({"x": pa.array([], pa.null()), "label": pa.array([], pa.null())})
+    pq.write_table(empty, tmp_path / "a.parquet")
+    write_parquet(tmp_path / "b.parquet", {"x": np.arange(4.0), "label": [0, 1, 0, 1]})
+    pq.write_table(empty, tmp_path / "c.parquet")
+    ds = plan(DataSpec(str(tmp_path)))
+    assert ds.n_rows == 4 and ds.features == ("x",) and ds.classes == (0, 1)
+    # a file with rows and another type is still refused, named against the reference
+    write_parquet(tmp_path / "d.parquet", {"x": ["a", "b"], "label": [0, 1]})
+    with pytest.raises(DataError, match=r"d.parquet: schema differs from .*b.parquet: column "
+                       "'x' is string here"):
+        plan(DataSpec(str(tmp_path)))

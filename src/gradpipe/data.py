@@ -753,17 +753,23 @@ def plan(spec: DataSpec) -> Dataset:
     if spec.task not in TASKS:
         raise ConfigError(f"--task {spec.task!r}: choose one of {', '.join(TASKS)}")
     fs, files = list_files(spec.path)
-    first = _open(fs, files[0])
+    # The reference schema is the first file with rows: an empty DataFrame written by pandas
+    # has null-typed columns, and a file without rows adds nothing to check.
+    reference, first = files[0], _open(fs, files[0])
+    for path in files[1:]:
+        if first.metadata.num_rows:
+            break
+        reference, first = path, _open(fs, path)
     schema = first.schema_arrow
-    _check_unique_names(schema, files[0])
+    _check_unique_names(schema, reference)
     keys = partition_keys(files, schema.names)
-    _check_partition_keys(keys, spec, files[0])
-    _check_columns(schema, spec, files[0])  # first: a missing target explains the rest
+    _check_partition_keys(keys, spec, reference)
+    _check_columns(schema, spec, reference)  # first: a missing target explains the rest
 
     def all_names() -> list[str]:  # a left-out feature not in the first file: rare
         return list(dict.fromkeys(n for p in files for n in _open(fs, p).schema_arrow.names))
 
-    features, feature_list, n_features, ignored = _resolve_features(schema, spec, files[0],
+    features, feature_list, n_features, ignored = _resolve_features(schema, spec, reference,
                                                                     all_names)
 
     blocks: list[Block] = []
@@ -776,8 +782,8 @@ def plan(spec: DataSpec) -> Dataset:
     # With --features, the columns a dataset does not use may differ between its files.
     columns = _data_columns(schema, used, features, only_used=bool(spec.features))
     for path in files:
-        pf = first if path == files[0] else _open(fs, path)
-        other = pf.schema_arrow
+        pf = first if path == reference else _open(fs, path)
+        other = pf.schema_arrow if pf.metadata.num_rows else schema  # empty: nothing to check
         _check_unique_names(other, path)
         # Columns are read by name: the same columns in another order are the same data, and
         # an index column that is not used may be in one file and not in another (pandas
@@ -787,7 +793,7 @@ def plan(spec: DataSpec) -> Dataset:
         if theirs != columns:
             diff = _schema_difference(columns, theirs)
             raise DataError(
-                f"{path}: schema differs from {files[0]}: {diff}. All files of a dataset "
+                f"{path}: schema differs from {reference}: {diff}. All files of a dataset "
                 "must have the same columns, of the same types (a number feature may be "
                 "integer in one file and float in another)"
                 + ("; with --features, only the columns used." if not spec.features else ".")
@@ -797,7 +803,7 @@ def plan(spec: DataSpec) -> Dataset:
                 index_columns(other.names, pandas_metadata(other)),
                 all_names=all_names)) != features:
             raise DataError(f"{path}: --features {','.join(spec.features)} matches other "
-                            f"columns here than in {files[0]}; name the columns, or make "
+                            f"columns here than in {reference}; name the columns, or make "
                             "the files' columns the same")
         ignored += tuple(c for c in index_columns(other.names, pandas_metadata(other))
                          if c not in used and c not in ignored)  # said on the schema line

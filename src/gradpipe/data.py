@@ -1093,7 +1093,8 @@ def _column(table: pa.Table, name: str, block: Block) -> pa.ChunkedArray:
             f"{block.file}: column {name!r} has {col.null_count} null "
             f"value{'s' * (col.null_count != 1)} in rows "
             f"{block.file_row}..{block.file_row + block.n - 1} (first at row "
-            f"{block.file_row + int(np.argmax(nulls))}). Drop or impute them first."
+            f"{block.file_row + int(np.argmax(nulls))}). Drop or impute them first "
+            "(missing values: pandas writes NaN as null)."
         )
     return col
 

@@ -222,6 +222,16 @@ def test_an_option_given_twice_is_refused_not_dropped(args, said):
     assert result.exit_code == 2 and said in result.output, result.output
 
 
+@pytest.mark.parametrize("args", [
+    ["-q", "-q"], ["-q", "--quiet"], ["--target", "label", "--target", "label"],
+    ["--steps=1", "--steps", "1"],
+])
+def test_the_same_option_again_changes_nothing_and_passes(args, tmp_path):
+    extra = [] if "--steps=1" in args else ["--steps", "1"]
+    result = run("train", DIGITS, "--workers", "0", "--out", tmp_path / "r", *extra, *args)
+    assert result.exit_code == 0, result.output
+
+
 def test_an_option_value_that_looks_like_an_option_is_a_value():
     result = run("train", DIGITS, "--features", "--target", "--target", "label", "--help")
     assert result.exit_code == 0

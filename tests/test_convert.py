@@ -497,3 +497,16 @@ def test_a_semicolon_separated_csv_is_named_as_such(tmp_path, text, said):
     # data import's --target, --task and --features are TrainConfig's: the same checks
     one_line_error(CliRunner().invoke(cli, ["data", "import", str(csv), str(tmp_path / "o"),
                                             "--task", "nope"]), "--task nope: must be one of")
+
+
+def test_import_of_a_hive_partitioned_folder_says_the_key_is_not_written(tmp_path: Path):
+    from conftest import write_parquet
+
+    for store in ("a", "b"):
+        write_parquet(tmp_path / "src" / f"store={store}" / "part-0.parquet",
+                      {"x": np.arange(4.0), "label": np.arange(4) % 2})
+    summary = convert.import_dataset(str(tmp_path / "src"), tmp_path / "out")
+    assert summary["partition_keys"] == {"store": ["a", "b"]}
+    assert ("partition key store in the folder names not read (store=a, store=b): every "
+            "folder's rows are used") in summary["schema"]
+    assert pq.read_table(tmp_path / "out").column_names == ["x", "label"]

@@ -485,6 +485,10 @@ def test_auto_refuses_a_string_target_of_names_or_ids(tmp_path: Path) -> None:
                        r"value\): names or ids rather than class labels\? Pass --target"):
         plan(DataSpec(str(path), target=("name",)))
     assert plan(DataSpec(str(path), target=("name",), task="classification")).n_outputs == 60
+    # 26 letters of about 4.6 rows each are classes, not names
+    letters = write_parquet(tmp_path / "l.parquet", {"x0": rng.normal(size=120), "letter": [
+        chr(65 + i % 26) for i in range(120)]})
+    assert plan(DataSpec(str(letters), target=("letter",))).n_outputs == 26
     # numbers written as text, with thousands separators (a CSV export's quoted "1,628.9")
     path = write_parquet(tmp_path / "n.parquet", {"x0": rng.normal(size=60), "price": [
         f"{v:,.3f}" for v in rng.uniform(1000, 20000, 60)]})

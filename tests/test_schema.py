@@ -392,7 +392,7 @@ def test_a_column_of_row_numbers_is_named_on_the_schema_line(tmp_path: Path, sta
                       row_group_size=7)
     assert _counting(tmp_path / "d") == ("row_id",)
     line = schema_line(plan(DataSpec(str(tmp_path / "d"))))
-    assert "feature row_id counts the rows: a saved index? --id-column row_id" in line
+    assert "feature row_id counts the rows: a saved index? If so, --id-column row_id" in line
     # named as the id, it is no feature and nothing is said
     assert _counting(tmp_path / "d", id_column="row_id") == ()
 
@@ -400,9 +400,15 @@ def test_a_column_of_row_numbers_is_named_on_the_schema_line(tmp_path: Path, sta
 def test_row_numbers_restarting_in_each_file_count_too(tmp_path: Path):
     for f in range(2):
         write_parquet(tmp_path / "d" / f"part-{f}.parquet",
-                      {"i": np.arange(20), "x": np.arange(20.0) ** 2, "label": np.arange(20) % 2},
-                      row_group_size=8)
+                      {"i": np.arange(120), "x": np.arange(120.0) ** 2,
+                       "label": np.arange(120) % 2}, row_group_size=50)
     assert _counting(tmp_path / "d") == ("i",)
+    # a day's hours (0..23 in each daily file) count their file's rows, and are no index
+    for f in range(3):
+        write_parquet(tmp_path / "h" / f"day-{f}.parquet",
+                      {"hour": np.arange(24), "x": np.arange(24.0) ** 2,
+                       "label": np.arange(24) % 2})
+    assert _counting(tmp_path / "h") == ()
 
 
 def test_other_integer_columns_do_not_count(tmp_path: Path):
@@ -465,15 +471,17 @@ def test_an_integer_feature_named_like_an_id_is_said(tmp_path: Path) -> None:
     """A CSV export of a split keeps its named index (row_id: 124 of 0..177, so it counts no
     rows): it is a feature as asked, but the schema line names it."""
     rng = np.random.default_rng(0)
-    cols = {"row_id": rng.permutation(178)[:124], "customer_idx": np.arange(124) % 7,
+    cols = {"row_id": rng.permutation(178)[:124], "customer_idx": rng.permutation(300)[:124],
             "PassengerId": np.arange(124) + 5, "monkey": np.arange(124) % 4,
             "row_count": np.arange(124) % 5, "grid": np.arange(124) % 3,
+            # named like ids, but 12 values over 124 rows: a pitch class, a UV index
+            "key": np.arange(124) % 12, "uv_index": np.arange(124) % 11,
             "x": rng.normal(size=124), "label": np.arange(124) % 3}
     ds = plan(DataSpec(str(one_file(tmp_path, cols))))
     assert ds.id_named_columns == ("row_id", "customer_idx", "PassengerId")
     line = schema_line(ds)
-    assert ("feature row_id is named like an id: --id-column row_id makes it the sample id "
-            "instead; feature customer_idx is named like an id") in line
+    assert ("feature row_id is named like an id: if it is one, --id-column row_id makes it the "
+            "sample id instead; feature customer_idx is named like an id") in line
     assert plan(DataSpec(str(one_file(tmp_path, cols)), id_column="row_id")).id_named_columns \
         == ("customer_idx", "PassengerId")
 

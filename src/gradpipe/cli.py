@@ -36,31 +36,32 @@ class Interrupted(UserError):
 
 
 def refuse_repeated(command: click.Command, ctx: click.Context, args: list[str]) -> None:
-    """A usage error for an option given twice (`--target a --target b`, `--standardize
-    --no-standardize`): click keeps the last in silence, and a dropped --target becomes a
-    feature. Options that take several values by design are left alone."""
+    """A usage error for an option given twice with different values (`--target a --target
+    b`, `--standardize --no-standardize`): click keeps the last in silence, and a dropped
+    --target becomes a feature. The same flag or value again (`-q -q`) changes nothing and
+    passes; options that take several values by design are left alone."""
     names: dict[str, click.Option] = {}
     for p in command.params:
         if isinstance(p, click.Option) and not (p.multiple or p.count):
             names.update(dict.fromkeys([*p.opts, *p.secondary_opts], p))
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, tuple[bool, str | None]]] = {}  # option -> (as written, meaning)
     tokens = iter(args)
     for token in tokens:
         if token == "--":
             break
-        name = token.split("=", 1)[0] if token.startswith("--") else token
+        name, _, inline = token.partition("=") if token.startswith("--") else (token, "", "")
         param = names.get(name)
         if param is None:
             continue
-        if param.name in seen:
-            first = seen[param.name]
+        value = None if param.is_flag else (inline if "=" in token else next(tokens, None))
+        meaning = (name in param.secondary_opts, value)  # -q and --quiet mean the same
+        if param.name in seen and seen[str(param.name)][1] != meaning:
+            first = seen[str(param.name)][0]
             said = f"{first} and {name} both given" if first != name else f"{name} given twice"
             several = (", several names in one, comma-separated" if param.metavar == "NAMES"
                        else "")
             raise click.UsageError(f"{said}: give each option once{several}", ctx=ctx)
-        seen[str(param.name)] = name
-        if not param.is_flag and "=" not in token:
-            next(tokens, None)  # its value, which may look like an option
+        seen[str(param.name)] = (name, meaning)
 
 
 class Group(click.Group):

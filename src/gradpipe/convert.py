@@ -497,6 +497,7 @@ def import_dataset(
             raise DataError(f"{source}: the CSV file has a header but zero rows")
         nulls = f"missing ({CSV_NULLS})"
         batches = csv.batches(columns, types)  # a generator: nothing is read yet
+        keys: tuple = ()
     else:
         # plan checks the schemas, column types and classes, naming files.
         dataset = plan(DataSpec(source, features=features, target=target, task=task))
@@ -504,6 +505,7 @@ def import_dataset(
         ignored = list(dataset.ignored_columns)
         rows = dataset.n_rows
         nulls = "null"
+        keys = dataset.partition_keys  # in the folder names, not read: said, not written
         batches = parquet_batches(source, columns, min(row_group_size, ROW_GROUP_SIZE))
     if files > rows:
         raise ConfigError(f"--files {files}: more files than the {rows} rows of {source}")
@@ -527,5 +529,7 @@ def import_dataset(
     if written.classify:
         summary |= {"classes": list(written.classes), "class_type": written.class_type}
     summary["ignored_columns"] = ignored
-    summary["schema"] = schema_line(dataclasses.replace(written, ignored_columns=tuple(ignored)))
+    summary["partition_keys"] = {k: list(v) for k, v in keys}
+    summary["schema"] = schema_line(dataclasses.replace(written, ignored_columns=tuple(ignored),
+                                                        partition_keys=keys))
     return summary

@@ -188,7 +188,7 @@ def test_parquet_reshard(tmp_path: Path) -> None:
                        "rows": 60, "files": 2, "row_groups": 4,
                        "columns": ["x0", "x1", "x2", "x3", "x4", "label"], "target": ["label"],
                        "task": "classification", "classes": [0, 1, 2], "class_type": "int64",
-                       "ignored_columns": [],
+                       "ignored_columns": [], "partition_keys": {},
                        "schema": "classification on 'label': 3 classes (0, 1, 2); 5 features "
                                  "(x0, x1, x2, x3, x4); 60 rows in 4 blocks of 2 files"}
     assert layout(tmp_path / "out") == {"part-00000.parquet": [16, 14],

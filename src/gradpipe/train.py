@@ -436,7 +436,8 @@ class Run:
                 self.warnings.append(
                     f"target {name!r} reaches {far:.6g}, {abs(far - mean[i]) / std[i]:.0f} std "
                     f"from its mean {mean[i]:.6g}: a few rows that far out dominate the squared "
-                    "loss; check them (gradpipe scores ranks the rows by loss_last)")
+                    "loss; check them (gradpipe scores ranks the rows by loss_last), or train "
+                    "on log(target) if it is skewed (incomes, waiting times)")
 
     def _note_coarse_columns(self) -> None:
         """Warn of features and targets that the compute dtype holds in too few steps over

@@ -652,10 +652,10 @@ def _resolve_task(
     """(task, class values, class type) from the target's type, and its values if needed.
 
     With --task auto, a class target with more than MANY_CLASSES classes and fewer than
-    ROWS_PER_CLASS rows a class on average is refused as ambiguous: a count or a measure
-    stored as integers (scikit-learn's diabetes target cast to int: 214 classes of 442
-    rows), as a float target of whole numbers is, or a column of names or ids (a string
-    a row).
+    ROWS_PER_CLASS rows a class on average (ROWS_PER_NAME for strings) is refused as
+    ambiguous: a count or a measure stored as integers (scikit-learn's diabetes target cast
+    to int: 214 classes of 442 rows), as a float target of whole numbers is, or a column of
+    names or ids, or of numbers written as text (a string a row).
     """
     names = spec.target
     if len(names) > 1:

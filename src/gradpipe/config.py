@@ -205,6 +205,11 @@ class TrainConfig:
         """True for a differentially private run (--dp-clip)."""
         return self.dp_clip is not None
 
+    @property
+    def sampled(self) -> bool:
+        """True when each step sees a batch (--batch N or --batch-rate), not every row."""
+        return self.batch is not None or self.batch_rate is not None
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

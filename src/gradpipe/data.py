@@ -868,6 +868,12 @@ COUNTING_MIN_ROWS = 20
 PER_FILE_COUNTING_MIN_ROWS = 100
 
 
+def _column_positions(md: pq.FileMetaData) -> dict[str, int]:
+    """{column path: its index} in a file's row groups (the statistics are by index)."""
+    group = md.row_group(0)
+    return {group.column(j).path_in_schema: j for j in range(group.num_columns)}
+
+
 class _Counting:
     """Finds the integer features whose values are the row numbers (0..N-1 or 1..N, over
     the dataset or restarting in each file), from the row groups' min and max alone: row
@@ -885,8 +891,7 @@ class _Counting:
             self.smallest_file = min(md.num_rows, self.smallest_file or md.num_rows)
         if not any(self.alive.values()) or md.num_row_groups == 0:
             return
-        where = {md.row_group(0).column(j).path_in_schema: j
-                 for j in range(md.row_group(0).num_columns)}
+        where = _column_positions(md)
         row = 0
         for rg in range(md.num_row_groups):
             group = md.row_group(rg)
@@ -935,8 +940,7 @@ class _Ranges:
     def file(self, md: pq.FileMetaData) -> None:
         if md.num_row_groups == 0 or not any(self.bounds.values()):
             return
-        where = {md.row_group(0).column(j).path_in_schema: j
-                 for j in range(md.row_group(0).num_columns)}
+        where = _column_positions(md)
         for rg in range(md.num_row_groups):
             group = md.row_group(rg)
             for name, bound in self.bounds.items():

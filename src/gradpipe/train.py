@@ -443,10 +443,11 @@ class Run:
         """Warn of features and targets that the compute dtype holds in too few steps over
         their range (data.coarse_columns): their digits are lost before any standardizing."""
         dtype = self.config.dtype
-        for name, lo, hi, step in coarse_columns(self.dataset, dtype):
+        coarse = coarse_columns(self.dataset, dtype)
+        wider = (", or train with --dtype float64" if coarse and dtype == "float32"
+                 and not coarse_columns(self.dataset, "float64") else "")
+        for name, lo, hi, step in coarse:
             kind = "target" if name in self.dataset.target else "feature"
-            wider = (", or train with --dtype float64" if dtype == "float32" and not coarse_columns(
-                self.dataset, "float64") else "")
             values = int((hi - lo) / step) + 1
             self.warnings.append(
                 f"{kind} {name!r} spans {lo:.10g} to {hi:.10g}, which {dtype} holds in steps of "
@@ -679,7 +680,7 @@ class Run:
         if not self.config.update or not first or first is last:
             return
         config = self.config
-        sampled = config.batch is not None or config.batch_rate is not None
+        sampled = config.sampled
         standardize = ("" if config.standardize or config.private
                        else ", or --standardize if it is off")
         less_noise = (", or less noise (a larger --dp-epsilon, a smaller --dp-noise)"
@@ -728,11 +729,10 @@ class Run:
         schedule the --steps that stop there. (A sampled run's val_loss moves with its
         batches; a loss that rose while the accuracy did not is calibration, not this.)"""
         rec, config = self.recorder, self.config
-        if (rec is None or saved is None or saved.get("val_loss") is None
-                or config.batch is not None or config.batch_rate is not None):
+        if rec is None or saved is None or saved.get("val_loss") is None or config.sampled:
             return
         rec.flush()
-        table = read_metrics(rec.out)
+        table = read_metrics(rec.out)  # from the files: a resumed run's first rows are there
         if table is None or "val_loss" not in table.column_names:
             return
         keys = ["step", "val_loss"] + (["val_accuracy"] if self.dataset.classify else [])

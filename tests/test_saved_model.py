@@ -16,7 +16,7 @@ from gradpipe.train import TrainConfig, train
 
 
 def _train(data: Path, out: Path, **flags) -> tuple[dict, dict]:
-    summary = train(TrainConfig(data=str(data), out=str(out), workers=0, **flags))
+    summary = train(TrainConfig(data=str(data), out=str(out), **{"workers": 0, **flags}))
     return summary, json.loads((out / "run.json").read_text())
 
 
@@ -51,6 +51,34 @@ def test_saved_r2_is_evaluates_on_the_training_and_val_data(tmp_path):
     assert saved["val_r2"] == pytest.approx(on_val["r2"], rel=1e-12)
     assert 0.2 < saved["r2"] < 1  # it learned something, not everything
     assert summary["val_r2"] == pytest.approx(saved["val_r2"], abs=0.05)  # the last step's
+
+
+def test_each_targets_r2_is_evaluates_and_a_target_learned_nothing_of_is_said(tmp_path):
+    # two targets the features explain, one pure noise: the average r2 looks fair
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(1000, 3))
+    write_parquet(tmp_path / "d" / "a.parquet",
+                  {"x0": x[:, 0], "x1": x[:, 1], "x2": x[:, 2], "a": x[:, 0] + 0.5 * x[:, 1],
+                   "noise": rng.normal(size=1000), "b": x[:, 2] - x[:, 1]})
+    summary, info = _train(tmp_path / "d", tmp_path / "r", target=("a", "noise", "b"))
+    saved = summary["saved"]
+    assert info["saved"] == saved
+    on_train = evaluate(EvalConfig(model=str(tmp_path / "r"), data=str(tmp_path / "d"),
+                                   workers=0))
+    assert [t["target"] for t in saved["per_target"]] == ["a", "noise", "b"]
+    for mine, theirs in zip(saved["per_target"], on_train["per_target"], strict=True):
+        assert mine["r2"] == pytest.approx(theirs["r2"], rel=1e-5, abs=1e-6)  # float32 sums
+    assert saved["r2"] == pytest.approx(np.mean([t["r2"] for t in saved["per_target"]]))
+    by_name = {t["target"]: t["r2"] for t in saved["per_target"]}
+    assert by_name["a"] > 0.9 and by_name["b"] > 0.9 and by_name["noise"] < 0.05
+    assert saved["r2"] > 0.6  # the average alone would pass
+    assert len(info["warnings"]) == 1, info["warnings"]
+    assert (f"explain almost none of the variance of target 'noise' (r2 "
+            f"{by_name['noise']:.3g}) over every row") in info["warnings"][0]
+    assert f"the r2 {saved['r2']:.3g} is the average over 3 targets" in info["warnings"][0]
+    # one target: no per-target list
+    single, _ = _train(tmp_path / "d", tmp_path / "one", target=("a",), task="regression")
+    assert "per_target" not in single["saved"] and single["saved"]["r2"] > 0.9
 
 
 def test_a_constant_target_is_named_and_has_no_r2(tmp_path):
@@ -194,3 +222,12 @@ def test_val_data_that_is_the_training_data_is_said(tmp_path):
     _, info = _train(data, tmp_path / "r", target=("t0", "t1"), val=str(data), steps=3)
     assert f"--val {data} is the training data itself: its val_* metrics are not held out" in (
         info["warnings"])
+
+
+@pytest.mark.ray
+def test_each_targets_r2_has_the_same_bits_on_2_ray_workers(ray_local, tmp_path):
+    data = make_regression(tmp_path / "d", rows=90, targets=3)  # row groups of 9: 10 blocks
+    runs = [_train(data, tmp_path / f"w{w}", target=("t0", "t1", "t2"), steps=20, workers=w,
+                   block_rows=9)[0]["saved"] for w in (0, 2)]
+    assert len(runs[0]["per_target"]) == 3
+    assert runs[0]["per_target"] == runs[1]["per_target"]

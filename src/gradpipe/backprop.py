@@ -71,6 +71,9 @@ class Partial:
     # With second_moment: sum_i (dC_i/dw[l])^2 and sum_i (dC_i/db[l])^2, elementwise, float64.
     sq_w: list[F64] | None = None  # (n_l, n_{l-1}); index 0 unused
     sq_b: list[F64] | None = None  # (n_l,)
+    # With output sums (worker.StepRequest.output_sse): sum_i (a[L]_i - y_i)^2 per output
+    # unit, (n_L,) float64, y as training sees it (standardized regression targets).
+    out_sse: F64 | None = None
     # Blocks summed: [block, block + span), a node of reduce's tree (1: one block's sums).
     span: int = 1
 

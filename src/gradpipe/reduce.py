@@ -39,6 +39,8 @@ class Gradient:
     # With second moments: (1/N) sum_i (dC_i/dw[l])^2 and (1/N) sum_i (dC_i/db[l])^2.
     sq_w: list[F64] | None = None
     sq_b: list[F64] | None = None
+    # With output sums: sum_i (a[L]_i - y_i)^2 per output unit (n_L,), a sum, not a mean.
+    out_sse: F64 | None = None
     # What reached the reducer: tree nodes (partials) and the bytes of their arrays.
     partials: int = 0
     partial_bytes: int = 0
@@ -137,4 +139,5 @@ def reduce(partials: list[Partial]) -> Gradient:
         np.array(root.sq_norm_sum, dtype=np.float64), root.correct, root.eps,
         [w / n for w in root.sq_w] if second and root.sq_w is not None else None,
         [b / n for b in root.sq_b] if second and root.sq_b is not None else None,
+        out_sse=None if root.out_sse is None else np.array(root.out_sse, dtype=np.float64),
         partials=len(partials), partial_bytes=sum(partial_bytes(p) for p in partials))

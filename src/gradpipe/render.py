@@ -27,6 +27,9 @@ def metric_parts(metrics: dict) -> list[str]:
                       ("val_mse", ".6g"), ("val_r2", ".4f")):
         if metrics.get(key) is not None:
             parts.append(f"{key} {metrics[key]:{form}}")
+        if key == "r2" and metrics.get("per_target") and parts:  # the saved weights'
+            parts[-1] += " (" + ", ".join(
+                f"{t['target']} {t['r2']:.4f}" for t in metrics["per_target"]) + ")"
     return parts
 
 

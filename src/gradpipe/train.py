@@ -590,19 +590,29 @@ class Run:
         """loss, grad_norm (and accuracy) of the saved weights, after the last update, over
         every row; with --val their val_* too: what `evaluate` gives for weights.parquet.
         A step's own metrics are those of the weights it started from (and of its batch),
-        so the last step's are not the saved model's. One more pass over the data."""
+        so the last step's are not the saved model's. One more pass over the data.
+
+        Several regression targets: each one's r2 too (`per_target`), 1 - SSE_t / SST_t
+        from the pass's per-output sums, as the averaged r2 comes from the loss: an average
+        hides a target the model learned nothing of."""
         config, dataset = self.config, self.dataset
+        per_target = self.r2_from_loss and len(dataset.target) > 1
         grad = self._reduce(self.pool.step(StepRequest(
             step=self.step, arch=self.arch, params=self.params,
             standardize=self.standardize, target_scale=self.target_scale,
             classes=dataset.classes if dataset.classify else None,
-            class_type=dataset.class_type)))
+            class_type=dataset.class_type, output_sse=per_target)))
         row: dict = {"steps": self.step, "loss": grad.loss, "grad_norm": grad.norm(),
                      "samples": grad.n}
         if dataset.classify:
             row["accuracy"] = grad.correct / grad.n if grad.n else float("nan")
         elif self.r2_from_loss:
             row["r2"] = 1.0 - grad.loss / len(dataset.target)
+            if per_target and grad.out_sse is not None and grad.n:
+                # Standardized targets: SST_t = n, so r2_t = 1 - SSE_t / n.
+                row["per_target"] = [{"target": name, "r2": 1.0 - float(sse) / grad.n}
+                                     for name, sse in zip(dataset.target, grad.out_sse,
+                                                          strict=True)]
         row.update(self._val_metrics())
         if config.private:
             row["grad_norm"] = None  # exact, hence not private: kept out as in metrics/
@@ -779,6 +789,12 @@ class Run:
             return (f"the saved weights explain almost none of the target's variance (r2 "
                     f"{saved['r2']:.3g} over every row, where always predicting the mean "
                     "gives 0)")
+        elif weak := [t for t in saved.get("per_target") or [] if t["r2"] < USELESS_R2]:
+            named = ", ".join(f"{t['target']!r} (r2 {t['r2']:.3g})" for t in weak)
+            return (f"the saved weights explain almost none of the variance of target"
+                    f"{'s' * (len(weak) > 1)} {named} over every row, where always predicting "
+                    f"the mean gives 0; the r2 {saved['r2']:.3g} is the average over "
+                    f"{len(saved['per_target'])} targets")
         return None
 
     def _val_keys(self) -> tuple[str, ...]:

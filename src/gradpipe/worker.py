@@ -73,6 +73,9 @@ class StepRequest:
     batch_rate: float | None = None
     sample_key: tuple[int, int] | None = None
     clip: float | None = None  # DP-SGD: sum the clipped per-sample gradients (backprop)
+    # Also sum_i (a[L]_i - y_i)^2 per output unit (Partial.out_sse): each regression
+    # target's r2 of the saved weights.
+    output_sse: bool = False
 
 
 @dataclass
@@ -240,6 +243,19 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
     # Norms go to `kept`, full gradients through `sink` to the writer, else nothing.
     sinks = ((kept.rows, kept.outputs) if kept is not None
              else (sink, on_outputs) if writer is not None else (None, None))
+    outputs = sinks[1]
+    out_sse = np.zeros(req.arch.sizes[-1]) if req.output_sse else None
+    if out_sse is not None:
+        rows_out = outputs
+
+        def outputs(start: int, a_L: NDArray[np.floating], y_chunk: NDArray[np.floating],
+                    prediction: NDArray[np.intp] | None) -> None:
+            assert out_sse is not None
+            err = a_L.astype(np.float64) - y_chunk  # (m, n_L)
+            np.add(out_sse, (err * err).sum(axis=0), out=out_sse)
+            if rows_out is not None:
+                rows_out(start, a_L, y_chunk, prediction)
+
     try:
         partial = block_partial(
             req.arch,
@@ -251,7 +267,7 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
             sink=sinks[0],
             full=full,
             second_moment=req.second_moment,
-            outputs=sinks[1],
+            outputs=outputs,
             clip=req.clip,
             reuse_grads=True,  # the writer writes each piece of gradients before returning
             labels=labels,
@@ -267,6 +283,7 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
         raise
     if writer is not None:
         writer.close()
+    partial.out_sse = out_sse
     return partial
 
 

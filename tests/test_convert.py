@@ -188,6 +188,7 @@ def test_parquet_reshard(tmp_path: Path) -> None:
                        "rows": 60, "files": 2, "row_groups": 4,
                        "columns": ["x0", "x1", "x2", "x3", "x4", "label"], "target": ["label"],
                        "task": "classification", "classes": [0, 1, 2], "class_type": "int64",
+                       "declared": {"target": ["label"], "task": "auto"},
                        "ignored_columns": [], "partition_keys": {},
                        "schema": "classification on 'label': 3 classes (0, 1, 2); 5 features "
                                  "(x0, x1, x2, x3, x4); 60 rows in 4 blocks of 2 files"}
@@ -243,6 +244,46 @@ def test_train_runs_on_imported_data(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     metrics = pq.read_table(tmp_path / "run" / "metrics")
     assert metrics.num_rows == 2 and metrics["samples"].to_pylist() == [90, 90]
+
+
+def test_train_takes_the_target_and_task_data_import_was_told(tmp_path: Path) -> None:
+    # scikit-learn's diabetes as a CSV: a float target of whole numbers, which auto refuses
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 3))
+    pacsv.write_csv(pa.table({"x0": x[:, 0], "x1": x[:, 1], "x2": x[:, 2],
+                              "target": np.round(100 + 30 * x[:, 0]).astype(float)}),
+                    tmp_path / "in.csv")
+    result = ok(import_(tmp_path / "in.csv", tmp_path / "data", "--target", "target",
+                        "--task", "regression"))
+    assert ("gradpipe train takes --target target --task regression from these files unless "
+            "told otherwise") in result.output
+
+    def train(*flags: str) -> Result:
+        result = CliRunner().invoke(cli, ["train", str(tmp_path / "data"), "--workers", "0",
+                                          "--steps", "2", "--overwrite", *flags, "--out",
+                                          str(tmp_path / "run")])
+        assert result.exit_code == 0, result.output
+        return result
+
+    said = train().output.splitlines()[0]
+    assert said.startswith("regression on 'target' (--target target --task regression, as "
+                           "data import was told); 3 features (x0, x1, x2)"), said
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["dataset"]["target"] == ["target"] and run["dataset"]["task"] == "regression"
+    # the target named again: the task still comes from the files
+    said = train("--target", "target").output.splitlines()[0]
+    assert said.startswith("regression on 'target' (--task regression, as data import"), said
+    # told otherwise: the user's word wins
+    said = train("--target", "target", "--task", "classification").output
+    assert said.startswith("classification on 'target': "), said
+    said = train("--target", "x0").output  # another target: the files' task is not its
+    assert said.startswith("regression on 'x0'; "), said
+    # a label column of the data's own: the default target, as before
+    ok(import_(write_csv(tmp_path / "l.csv"), tmp_path / "l"))
+    assert pq.read_schema(next((tmp_path / "l").glob("*.parquet"))).metadata == {
+        b"gradpipe.import": b'{"target": ["label"], "task": "auto"}'}
+    assert "gradpipe train takes" not in ok(import_(write_csv(tmp_path / "l.csv"), tmp_path / "l",
+                                     "--overwrite")).output
 
 
 # --------------------------------------------------------------------------- refused
@@ -456,7 +497,9 @@ def test_parquet_pandas_index_is_left_out(tmp_path: Path) -> None:
     assert summary["ignored_columns"] == ["__index_level_0__"]
     assert summary["classes"] == [0, 2]
     table = read(tmp_path / "out")
-    assert table.column_names == ["a", "label"] and table.schema.metadata is None
+    # pandas' metadata is not carried over; data import's own is
+    assert table.column_names == ["a", "label"] and set(table.schema.metadata) == {
+        b"gradpipe.import"}
 
 
 def test_interrupted_overwrite_keeps_the_old_dataset(tmp_path: Path,

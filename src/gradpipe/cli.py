@@ -955,6 +955,12 @@ def data_import(src: str, out: str, as_json: bool, **params: Any) -> None:
                f"file{'s' * (files != 1)} ({groups} row group{'s' * (groups != 1)}) to {out}")
     if summary.get("schema"):
         click.echo(f"  {summary['schema']}")  # what `train OUT` will take it to mean
+    declared = summary["declared"]
+    taken = ([f"--target {','.join(declared['target'])}"] if declared["target"] != ["label"]
+             else []) + ([f"--task {declared['task']}"] if declared["task"] != "auto" else [])
+    if taken:
+        click.echo(f"  gradpipe train takes {' '.join(taken)} from these files unless "
+                   "told otherwise")
 
 
 def main() -> None:

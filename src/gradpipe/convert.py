@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_dir, check_replaceable
 from .data import (
+    IMPORT_KEY,
     Dataset,
     DataSpec,
     describe_columns,
@@ -320,8 +322,10 @@ def check_batch(batch: pa.RecordBatch, where: str, first_row: int, nulls: str = 
 class ShardWriter:
     """Cuts a stream of batches into `files` files of contiguous rows and row groups of R rows."""
 
-    def __init__(self, folder: Path, total_rows: int, files: int, row_group_size: int) -> None:
+    def __init__(self, folder: Path, total_rows: int, files: int, row_group_size: int,
+                 metadata: dict[bytes, bytes] | None = None) -> None:
         self.folder = folder
+        self.metadata = metadata  # the files' key-value metadata (the source's is dropped)
         # The same even split as `data synth`: file f holds rows bounds[f]..bounds[f+1]-1.
         self.sizes = np.diff(np.linspace(0, total_rows, files + 1).astype(int)).tolist()
         self.row_group_size = row_group_size
@@ -337,7 +341,7 @@ class ShardWriter:
     def write(self, batch: pa.RecordBatch) -> None:
         """Add rows; full row groups are written, files closed when they hold their share."""
         if self.schema is None:
-            self.schema = batch.schema.remove_metadata()
+            self.schema = batch.schema.remove_metadata().with_metadata(self.metadata)
         batch = pa.RecordBatch.from_arrays(batch.columns, schema=self.schema)
         while batch.num_rows:
             if self.file >= len(self.sizes):
@@ -475,7 +479,9 @@ def import_dataset(
     every value parses as; a single target may also be string class labels), a second
     writing. Only the features and the target are written: index columns are left out and
     listed in the summary's `ignored_columns`. The written data is planned with `task`, as
-    `gradpipe train --task` would; the summary's `schema` is data.schema_line of it.
+    `gradpipe train --task` would; the summary's `schema` is data.schema_line of it. The
+    files keep `target` and `task` in their metadata (data.IMPORT_KEY, the summary's
+    `declared`): train's defaults where it is told no other target and no task.
     On any error or Ctrl-C nothing is left behind.
     """
     for name, value in (("row-group-size", row_group_size), ("files", files)):
@@ -512,7 +518,9 @@ def import_dataset(
 
     # The temporary folder is next to OUT, so that the final rename stays on one filesystem.
     with new_folder(out) as tmp:
-        writer = ShardWriter(tmp, rows, files, row_group_size)
+        # train's defaults for --target and --task, where it is told nothing else
+        declared = json.dumps({"target": list(target), "task": task}).encode()
+        writer = ShardWriter(tmp, rows, files, row_group_size, {IMPORT_KEY: declared})
         try:
             for where, first_row, batch in batches:
                 check_batch(batch, where, first_row, nulls)
@@ -525,7 +533,7 @@ def import_dataset(
         written = _verify(source, tmp, out, target, task, rows)
     summary = {"out": str(out), "source": source, "format": fmt, "rows": rows, "files": files,
                "row_groups": writer.row_groups, "columns": columns, "target": list(target),
-               "task": written.task}
+               "task": written.task, "declared": {"target": list(target), "task": task}}
     if written.classify:
         summary |= {"classes": list(written.classes), "class_type": written.class_type}
     summary["ignored_columns"] = ignored

@@ -21,7 +21,7 @@ import re
 import signal
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -72,6 +72,10 @@ BLOCK_ROWS = 65536
 TINY_BLOCK_ROWS = 64
 TINY_BLOCKS = 32
 TASKS = ("auto", "classification", "regression")
+# The key of the file metadata in which `data import` keeps the --target and --task it
+# checked the data with (JSON: {"target": [...], "task": "..."}): train's defaults for them.
+IMPORT_KEY = b"gradpipe.import"
+DEFAULT_TARGET = ("label",)
 # Rows of target values per read while settling the task and classes in `plan`.
 SCAN_ROWS = 65536
 # |sum - 1| allowed in a row of probability targets (DataSpec.probability_targets).
@@ -94,7 +98,7 @@ class DataSpec:
     # Names or globs; empty: all but target, id and index columns. A glob skips index
     # columns; an exact name takes one on purpose.
     features: tuple[str, ...] = ()
-    target: tuple[str, ...] = ("label",)  # one class column, or numeric columns (regression)
+    target: tuple[str, ...] = DEFAULT_TARGET  # one class column, or numeric columns (regression)
     id_column: str | None = None  # None: the global row index is the id
     # The class values of a model (from its weights): labels outside them are refused, a
     # split lacking some is fine. An int K means the values 0..K-1. None: from the data.
@@ -171,6 +175,9 @@ class Dataset:
     # (column, min, max) of the numeric features and targets whose every row group has
     # statistics: from the files' metadata alone (coarse_columns, target outliers).
     ranges: tuple[tuple[str, float, float], ...] = ()
+    # What of `data import`'s --target and --task the files declared and this plan took
+    # ("--target target --task regression"): said on the schema line.
+    declared: str | None = None
 
     @property
     def scales_targets(self) -> bool:
@@ -490,6 +497,30 @@ def _check_partition_keys(keys: dict[str, list[str]], spec: DataSpec, path: str)
             f".to_parquet(FILE) (without partition_cols)")
 
 
+def _declared(schema: pa.Schema, spec: DataSpec) -> tuple[DataSpec, str | None]:
+    """The spec with what `data import` declared in the files' metadata (IMPORT_KEY) where
+    the user said nothing else: its target where --target was left at its default and the
+    files have no such column, and its --task where the target is the declared one and
+    --task is auto. Also the flags taken, for the schema line (None: none)."""
+    raw = (schema.metadata or {}).get(IMPORT_KEY)
+    if raw is None or not spec.read_target:
+        return spec, None
+    try:
+        found = json.loads(raw)
+        target, task = tuple(str(t) for t in found["target"]), str(found["task"])
+    except (ValueError, KeyError, TypeError):  # not ours, or damaged: a file like any other
+        return spec, None
+    taken = []
+    if (spec.target == DEFAULT_TARGET and DEFAULT_TARGET[0] not in schema.names and target
+            and all(t in schema.names for t in target)):
+        spec = replace(spec, target=target)
+        taken.append(f"--target {','.join(target)}")
+    if spec.target == target and spec.task == "auto" and task in TASKS[1:]:
+        spec = replace(spec, task=task)
+        taken.append(f"--task {task}")
+    return spec, " ".join(taken) or None
+
+
 def _check_columns(schema: pa.Schema, spec: DataSpec, path: str) -> None:
     """The target (if read) and id columns exist, and the id is an integer column."""
     names = schema.names
@@ -765,6 +796,7 @@ def plan(spec: DataSpec) -> Dataset:
             break
         reference, first = path, _open(fs, path)
     schema = first.schema_arrow
+    spec, declared = _declared(schema, spec)
     _check_unique_names(schema, reference)
     keys = partition_keys(files, schema.names)
     _check_partition_keys(keys, spec, reference)
@@ -859,6 +891,7 @@ def plan(spec: DataSpec) -> Dataset:
         has_target=spec.read_target,
         partition_keys=tuple((k, tuple(v)) for k, v in keys.items()),
         ranges=ranges.found(),
+        declared=declared,
     )
 
 
@@ -1042,6 +1075,8 @@ def schema_line(dataset: Dataset) -> str:
     n_files = len({b.file for b in dataset.blocks})
     rows = (f"{dataset.n_rows} row{'s' * (dataset.n_rows != 1)} in {n_blocks} "
             f"block{'s' * (n_blocks != 1)}" + (f" of {n_files} files" if n_files > 1 else ""))
+    if dataset.declared:
+        head += f" ({dataset.declared}, as data import was told)"
     parts = [head, features, rows]
     if n_blocks >= TINY_BLOCKS and dataset.n_rows < TINY_BLOCK_ROWS * n_blocks:
         # each block costs a step about 0.2 ms of Python however few its rows

@@ -286,6 +286,14 @@ def test_rerun_replaces_the_scores_and_refuses_a_foreign_folder(tmp_path):
     one_line_error(run("scores", out, "--workers", "0", "--out", other), str(other),
                    "not a gradpipe scores folder")
     assert (other / "notes.txt").read_text() == "keep me"
+    # another run's scores folder: its scores would be read as that run's own
+    second = train(data, tmp_path / "second")
+    scores(second)
+    theirs = pq.read_table(second / "scores")
+    one_line_error(run("scores", out, "--workers", "0", "--out", second / "scores"),
+                   f"is in the run folder {second}, another run than {out}")
+    assert pq.read_table(second / "scores").equals(theirs)
+    assert run("scores", out, "--workers", "0", "--out", out / "scores").exit_code == 0  # its own
 
 
 def test_a_run_without_per_sample_rows_is_refused_in_one_line(tmp_path):

@@ -295,9 +295,15 @@ def per_sample_dataset(run: str | Path, info: dict, last_step: int) -> Dataset:
         class_type=d.get("class_type"))
 
 
-def _check_out(out: str) -> None:
-    """Refuse to replace a non-empty folder that is not an earlier scores folder."""
+def _check_out(out: str, run: str) -> None:
+    """Refuse to replace a non-empty folder that is not an earlier scores folder, or a
+    folder in another run's folder (its `scores` would be this run's, and `inspect` and
+    every query of that run would read them as its own)."""
     store.check_bucket(out)
+    parent = store.parent(out)
+    if parent != run and store.is_file(store.join(parent, "run.json")):
+        raise ConfigError(f"--out {out}: is in the run folder {parent}, another run than "
+                          f"{run}; its scores would be this run's. Choose another --out.")
     if store.is_file(out):
         raise ConfigError(f"--out {out}: exists and is not a folder. Choose another --out.")
     if store.listdir(out) and not store.is_file(store.join(out, MARKER)):
@@ -325,7 +331,7 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
     info = read_run_json(run)
     steps, etas = scored_steps(run)
     out = store.resolve(config.out) if config.out else store.join(run, "scores")
-    _check_out(out)
+    _check_out(out, run)
     dataset = per_sample_dataset(run, info, steps[-1])
     if config.by == "forgetting_events" and not dataset.classify and config.top:
         raise ConfigError(f"--by forgetting_events: {config.run} is a regression run, which "

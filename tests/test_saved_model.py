@@ -81,16 +81,38 @@ def test_each_targets_r2_is_evaluates_and_a_target_learned_nothing_of_is_said(tm
     assert "per_target" not in single["saved"] and single["saved"]["r2"] > 0.9
 
 
+@pytest.mark.parametrize("target", [("t0",), ("t0", "t1")])
+def test_r2_without_standardized_targets_is_evaluates(tmp_path, target):
+    # --no-standardize: the loss is no longer SSE / SST; r2 comes from the output sums
+    data = make_regression(tmp_path / "d", rows=80)
+    summary, info = _train(data, tmp_path / "r", target=target, task="regression",
+                           standardize=False, steps=40)
+    saved = summary["saved"]
+    on_train = evaluate(EvalConfig(model=str(tmp_path / "r"), data=str(data), workers=0))
+    assert saved["r2"] == pytest.approx(on_train["r2"], rel=1e-5)
+    assert ("per_target" in saved) == (len(target) > 1)
+    for mine, theirs in zip(saved.get("per_target", on_train["per_target"]),
+                            on_train["per_target"], strict=True):
+        assert mine["r2"] == pytest.approx(theirs["r2"], rel=1e-5)
+    # a step far too small: no better than the mean, said as with standardized targets
+    summary, info = _train(data, tmp_path / "tiny", target=target, task="regression",
+                           standardize=False, steps=5, lr=1e-6)
+    assert summary["saved"]["r2"] < 0.05
+    assert any("explain almost none" in w for w in info["warnings"]), info["warnings"]
+
+
 def test_a_constant_target_is_named_and_has_no_r2(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(30, 3))
     write_parquet(tmp_path / "d" / "a.parquet",
                   {"x0": x[:, 0], "x1": x[:, 1], "x2": x[:, 2], "y": np.full(30, 0.1),
                    "z": x[:, 0] ** 2})
-    summary, info = _train(tmp_path / "d", tmp_path / "r", target=("z", "y"), steps=5)
-    assert "r2" not in summary["saved"]
-    assert len(info["warnings"]) == 1, info["warnings"]
-    assert "the target is constant ('y' is 0.1 in every row)" in info["warnings"][0]
+    for flags in ({}, {"standardize": False}):
+        summary, info = _train(tmp_path / "d", tmp_path / "r", target=("z", "y"), steps=5,
+                               overwrite=True, **flags)
+        assert "r2" not in summary["saved"] and "per_target" not in summary["saved"]
+        assert len(info["warnings"]) == 1, info["warnings"]
+        assert "the target is constant ('y' is 0.1 in every row)" in info["warnings"][0]
 
 
 @pytest.mark.parametrize("classify", [True, False])

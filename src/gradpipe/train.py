@@ -279,7 +279,7 @@ class Run:
                 self.class_shares = mean
             elif self.dataset.scales_targets:
                 self.target_scale = mean, np.where(constant, 1.0, std)
-                self._note_constant_targets(constant)
+                self._note_constant_targets(constant, mean)
                 self._note_far_targets(mean, std)
         self._note_coarse_columns()
         if config.val:
@@ -411,11 +411,9 @@ class Run:
             raise DataError(f"--val: {e}") from None
         return pool
 
-    def _note_constant_targets(self, constant: NDArray[np.bool_]) -> None:
+    def _note_constant_targets(self, constant: NDArray[np.bool_], mean: F64) -> None:
         """Warn of constant regression targets (nothing to learn, r2 undefined); otherwise
-        the saved weights' r2 follows from their loss."""
-        assert self.target_scale is not None
-        mean = self.target_scale[0]
+        the saved weights' r2 follows from their loss (standardized targets)."""
         values = [f"{t!r} is {mean[i]:.6g}" for i, t in enumerate(self.dataset.target)
                   if constant[i]]
         self.r2_from_loss = not values
@@ -596,7 +594,10 @@ class Run:
         from the pass's per-output sums, as the averaged r2 comes from the loss: an average
         hides a target the model learned nothing of."""
         config, dataset = self.config, self.dataset
-        per_target = self.r2_from_loss and len(dataset.target) > 1
+        # Targets not standardized (--no-standardize): r2 from the per-output sums and the
+        # targets' variance (one more pass), since the loss is no longer SSE / SST.
+        raw = not dataset.classify and self.target_scale is None
+        per_target = raw or (self.r2_from_loss and len(dataset.target) > 1)
         grad = self._reduce(self.pool.step(StepRequest(
             step=self.step, arch=self.arch, params=self.params,
             standardize=self.standardize, target_scale=self.target_scale,
@@ -606,13 +607,23 @@ class Run:
                      "samples": grad.n}
         if dataset.classify:
             row["accuracy"] = grad.correct / grad.n if grad.n else float("nan")
-        elif self.r2_from_loss:
-            row["r2"] = 1.0 - grad.loss / len(dataset.target)
-            if per_target and grad.out_sse is not None and grad.n:
-                # Standardized targets: SST_t = n, so r2_t = 1 - SSE_t / n.
-                row["per_target"] = [{"target": name, "r2": 1.0 - float(sse) / grad.n}
-                                     for name, sse in zip(dataset.target, grad.out_sse,
-                                                          strict=True)]
+        elif self.r2_from_loss or raw:
+            # Standardized targets: SST_t = n, so r2_t = 1 - SSE_t / n.
+            sst = np.full(len(dataset.target), float(grad.n))
+            if raw:
+                _, (mean, std, constant) = self.pool.both_moments()
+                sst = np.where(constant, 0.0, grad.n * std * std)
+                self._note_constant_targets(constant, mean)
+                self.r2_from_loss = False
+            r2 = (None if grad.out_sse is None or not (sst > 0).all() else
+                  1.0 - grad.out_sse / sst)
+            if self.r2_from_loss:
+                row["r2"] = 1.0 - grad.loss / len(dataset.target)
+            elif r2 is not None:  # else a constant target: r2 is undefined
+                row["r2"] = float(r2.mean())
+            if r2 is not None and len(dataset.target) > 1:
+                row["per_target"] = [{"target": name, "r2": float(v)}
+                                     for name, v in zip(dataset.target, r2, strict=True)]
         row.update(self._val_metrics())
         if config.private:
             row["grad_norm"] = None  # exact, hence not private: kept out as in metrics/

@@ -12,6 +12,7 @@ Every case is run through `gradpipe grad` and `gradpipe train --steps 1` (option
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -127,6 +128,15 @@ def _only_bookkeeping(tmp: Path, w: dict):
     write_parquet(d / "_tmp" / "part-0.parquet", good_columns())
     (d / "notes.csv").write_text("x0,label\n1,0\n")
     return str(d), [], [str(d), "no Parquet files"]
+
+
+def _run_folder(tmp: Path, w: dict):
+    # a run folder as DATA: its weights and checkpoints are Parquet too
+    d = tmp / "run"
+    write_parquet(d / "weights.parquet", {"layer": np.array([1]), "value": np.array([0.5])})
+    (d / "run.json").write_text(json.dumps({"config": {"data": "data/train"}}))
+    return str(d), [], [str(d), "a gradpipe run folder (it has run.json), not a dataset",
+                        "the run's own data/train"]
 
 
 def _not_parquet(tmp: Path, w: dict):
@@ -377,6 +387,7 @@ CASES = [
     Case("missing-path", _missing_path),
     Case("empty-folder", _empty_folder),
     Case("only-hidden-and-underscore-files", _only_bookkeeping),
+    Case("run-folder", _run_folder),
     Case("text-named-parquet", _not_parquet),
     Case("text-named-parquet-single-file", _not_parquet_single_file),
     Case("truncated-parquet", _truncated),

@@ -230,6 +230,7 @@ def list_files(source: str) -> tuple[pafs.FileSystem, list[str]]:
     fs, root, info = existing(source)
     if info.type == pafs.FileType.File:
         return fs, [root]
+    _refuse_run_folder(fs, root, source)
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     files = sorted(
         e.path
@@ -242,6 +243,22 @@ def list_files(source: str) -> tuple[pafs.FileSystem, list[str]]:
     if not files:
         raise DataError(f"{source}: no Parquet files (*.parquet) in this folder")
     return fs, files
+
+
+def _refuse_run_folder(fs: pafs.FileSystem, root: str, source: str) -> None:
+    """A gradpipe run folder given as data (its weights and records are Parquet too, and
+    were read as rows with a missing target or a non-numeric 'param' column)."""
+    marker = f"{root.rstrip('/')}/run.json"
+    if fs.get_file_info(marker).type != pafs.FileType.File:
+        return
+    try:
+        with fs.open_input_stream(marker) as f:
+            data = json.loads(f.read()).get("config", {}).get("data")
+    except (OSError, ValueError, AttributeError):
+        data = None
+    raise DataError(f"{source}: a gradpipe run folder (it has run.json), not a dataset: "
+                    + (f"pass the data, such as the run's own {data}" if data else
+                       "pass the data"))
 
 
 def _open(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:

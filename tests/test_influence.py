@@ -310,6 +310,20 @@ def test_bad_input_is_refused_in_one_line(tmp_path):
     one_line_error(run("influence", out, "--test", test, "--out", i, "--workers", "0"),
                    "--overwrite")
     i.unlink()
+    # a folder as --out, existing or named with a slash: influence writes one file
+    (tmp_path / "folder").mkdir()
+    for folder in (tmp_path / "folder", f"{tmp_path / 'new'}/"):
+        one_line_error(run("influence", out, "--test", test, "--out", folder, "--workers", "0",
+                           "--overwrite"), "a folder; influence writes one Parquet file")
+        assert not (tmp_path / "new").exists() and not list((tmp_path / "folder").iterdir())
+    # a run without final weights: resume it (influence takes no checkpoint as RUN)
+    stopped = train(data, tmp_path / "stopped")
+    (stopped / "weights.parquet").unlink()
+    info = json.loads((stopped / "run.json").read_text())
+    (stopped / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    line = one_line_error(run("influence", stopped, "--test", test, "--out", i, "--workers", "0"),
+                          "has no final weights; resume it")
+    assert "checkpoint" not in line
     # the training data changed since the run
     part = data / "part-1.parquet"
     os.utime(part, (1, 1))

@@ -17,6 +17,7 @@ driver, which merges the workers' top K per test sample.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -32,7 +33,7 @@ from .data import BlockData, Dataset, filesystem, read_block, schema_line
 from .errors import ConfigError, DataError
 from .model import Architecture, Params, forward
 from .options import check_paths, check_values
-from .outputs import read_model, read_run_json, read_weights, write_table
+from .outputs import no_final_weights, read_model, read_run_json, read_weights, write_table
 from .recorder import check_apart, recorded_steps
 
 if TYPE_CHECKING:
@@ -303,10 +304,15 @@ def influence(config: InfluenceConfig, note: Note | None = None) -> dict:
     data = str(info.get("data_path") or info.get("config", {}).get("data", ""))
     out = config.out
     store.check_bucket(out)
-    if store.exists(out) and (store.is_dir(out) or not config.overwrite):
+    if store.is_dir(out) or out.endswith(("/", os.sep)):
+        raise ConfigError(f"--out {out}: a folder; influence writes one Parquet file: name "
+                          f"the file, such as {store.join(out, 'influence.parquet')}")
+    if store.exists(out) and not config.overwrite:
         raise ConfigError(f"--out {out}: exists. Pass --overwrite to replace the file, or "
                           "choose another --out.")
     check_apart(out, DATA=data, **{"--test": config.test})
+    if not store.is_file(store.join(run, "weights.parquet")):  # a checkpoint is no run here
+        raise ConfigError(no_final_weights(run, checkpoint=False))
     model = read_model(run)
     dtype = config.dtype or model.arch.dtype
     arch = dataclasses.replace(model.arch, dtype=dtype)

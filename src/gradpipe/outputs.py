@@ -205,7 +205,7 @@ def _read_weights_table(path: str | Path) -> tuple[pa.Table, dict]:
         folder, path = path, store.join(path, "weights.parquet")
         found = store.info(path).type
         if found != pafs.FileType.File and store.is_file(store.join(folder, "run.json")):
-            raise ConfigError(_no_final_weights(folder))
+            raise ConfigError(no_final_weights(folder))
     if found != pafs.FileType.File:
         store.check_bucket(path)
         raise ConfigError(f"{path}: no such weights file. Pass a run folder or a weights.parquet.")
@@ -219,8 +219,9 @@ def _read_weights_table(path: str | Path) -> tuple[pa.Table, dict]:
     return table, json.loads(meta)
 
 
-def _no_final_weights(run: str) -> str:
-    """Why a run folder has no weights.parquet yet, and what to use instead."""
+def no_final_weights(run: str, checkpoint: bool = True) -> str:
+    """Why a run folder has no weights.parquet yet, and what to use instead (its last
+    checkpoint too, for a command that takes one as RUN)."""
     from .recorder import latest_checkpoint
 
     info = read_run_json(run)
@@ -231,7 +232,8 @@ def _no_final_weights(run: str) -> str:
            "failed": f"failed after {done} steps ({info.get('error')})",
            "running": "is still running (or was killed)"}.get(status, f"has status {status}")
     found = latest_checkpoint(run)
-    use = (f", or use its last checkpoint: {found[1]}" if found is not None else "")
+    use = (f", or use its last checkpoint: {found[1]}" if found is not None and checkpoint
+           else "")
     resume = (f"resume it (gradpipe train --resume --out {run})"
               if status != "diverged" else "retrain it with a smaller --lr")
     return f"{run}: the run {why} and has no final weights; {resume}{use}"

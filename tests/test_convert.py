@@ -188,7 +188,8 @@ def test_parquet_reshard(tmp_path: Path) -> None:
                        "rows": 60, "files": 2, "row_groups": 4,
                        "columns": ["x0", "x1", "x2", "x3", "x4", "label"], "target": ["label"],
                        "task": "classification", "classes": [0, 1, 2], "class_type": "int64",
-                       "declared": {"target": ["label"], "task": "auto"},
+                       "id_column": None,
+                       "declared": {"target": ["label"], "task": "auto", "id_column": None},
                        "ignored_columns": [], "partition_keys": {},
                        "schema": "classification on 'label': 3 classes (0, 1, 2); 5 features "
                                  "(x0, x1, x2, x3, x4); 60 rows in 4 blocks of 2 files"}
@@ -281,9 +282,40 @@ def test_train_takes_the_target_and_task_data_import_was_told(tmp_path: Path) ->
     # a label column of the data's own: the default target, as before
     ok(import_(write_csv(tmp_path / "l.csv"), tmp_path / "l"))
     assert pq.read_schema(next((tmp_path / "l").glob("*.parquet"))).metadata == {
-        b"gradpipe.import": b'{"target": ["label"], "task": "auto"}'}
+        b"gradpipe.import": b'{"target": ["label"], "task": "auto", "id_column": null}'}
     assert "gradpipe train takes" not in ok(import_(write_csv(tmp_path / "l.csv"), tmp_path / "l",
                                      "--overwrite")).output
+
+
+@pytest.mark.parametrize("source", ["csv", "parquet"])
+def test_id_column_keeps_an_index_as_the_sample_id(tmp_path: Path, source: str) -> None:
+    # pandas' shuffled index: an unnamed first column in a CSV, __index_level_0__ in Parquet
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(4)
+    df = pd.DataFrame({"x0": rng.normal(size=40), "x1": rng.normal(size=40),
+                       "label": np.arange(40) % 2}).sample(frac=1, random_state=0)
+    if source == "csv":
+        df.to_csv(tmp_path / "src.csv")
+        src, index = tmp_path / "src.csv", ""
+    else:
+        df.to_parquet(tmp_path / "src.parquet")
+        src, index = tmp_path / "src.parquet", "__index_level_0__"
+    shown = "''" if index == "" else index
+    said = ok(import_(src, tmp_path / "left")).output  # left out, and said how to keep it
+    assert f"ignored index column {shown} (--id-column {shown} makes it the sample id)" in said
+    said = ok(import_(src, tmp_path / "data", "--id-column", index)).output
+    assert f"; id column {shown}" in said
+    assert f"gradpipe train takes --id-column {shown} from these files" in said
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "data"), "--workers", "0",
+                                      "--steps", "1", "--per-sample", "norms", "--out",
+                                      str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert f"(--id-column {shown}, as data import was told)" in result.output.splitlines()[0]
+    rows = pq.read_table(tmp_path / "run" / "per_sample").to_pandas()
+    assert sorted(rows["sample"]) == sorted(df.index) and list(rows["sample"]) == list(df.index)
+    # not an integer column: refused, nothing written
+    one_line_error(import_(src, tmp_path / "bad", "--id-column", "x0"), "'x0'", "integer")
+    assert not (tmp_path / "bad").exists()
 
 
 # --------------------------------------------------------------------------- refused
@@ -428,7 +460,8 @@ def test_pandas_csv_export_index_is_left_out(tmp_path: Path) -> None:
     assert summary["columns"] == ["a", "b", "label"]
     assert summary["ignored_columns"] == [""]
     assert summary["schema"] == ("classification on 'label': 2 classes (0, 1); 2 features (a, b); "
-                                 "4 rows in 1 block; ignored index column ''")
+                                 "4 rows in 1 block; ignored index column '' (--id-column "
+                                 "'' makes it the sample id)")
     assert read(tmp_path / "out").column_names == ["a", "b", "label"]
     # Read back by pandas and exported again: "Unnamed: 0" and a new unnamed index.
     pd.read_csv(tmp_path / "in.csv").to_csv(tmp_path / "again.csv")

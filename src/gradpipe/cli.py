@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
 import time
 from datetime import datetime
@@ -931,6 +932,7 @@ def inspect_(path: str, top: int, step: int | None, as_json: bool, plot_file: st
 @_train_option("target")
 @_train_option("task")
 @_train_option("features")
+@_train_option("id_column")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds only Parquet files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def data_import(src: str, out: str, as_json: bool, **params: Any) -> None:
@@ -956,8 +958,11 @@ def data_import(src: str, out: str, as_json: bool, **params: Any) -> None:
     if summary.get("schema"):
         click.echo(f"  {summary['schema']}")  # what `train OUT` will take it to mean
     declared = summary["declared"]
-    taken = ([f"--target {','.join(declared['target'])}"] if declared["target"] != ["label"]
-             else []) + ([f"--task {declared['task']}"] if declared["task"] != "auto" else [])
+    taken = ([f"--target {shlex.quote(','.join(declared['target']))}"]
+             if declared["target"] != ["label"] else []) + (
+        [f"--task {declared['task']}"] if declared["task"] != "auto" else []) + (
+        [f"--id-column {shlex.quote(declared['id_column'])}"]
+        if declared["id_column"] is not None else [])
     if taken:
         click.echo(f"  gradpipe train takes {' '.join(taken)} from these files unless "
                    "told otherwise")

@@ -83,13 +83,18 @@ def source_format(source: str) -> str:
 
 
 def select_columns(
-    names: list[str], features: tuple[str, ...], target: tuple[str, ...], where: str
+    names: list[str], features: tuple[str, ...], target: tuple[str, ...], where: str,
+    id_column: str | None = None,
 ) -> tuple[list[str], list[str]]:
-    """(columns to write, features then targets; index columns left out), as in data.py.
+    """(columns to write, features then targets then the id column; index columns left
+    out), as in data.py.
 
     Features are names or globs; a CSV export's unnamed first column is an index, not a
-    feature, unless --features names it.
+    feature, unless --features names it (or --id-column keeps it as the id).
     """
+    if id_column is not None and id_column not in names:
+        raise DataError(f"{where}: missing id column {id_column!r} (found: "
+                        f"{describe_columns(names, id_column)})")
     for t in target:
         if t not in names:
             one = len(names) == 1 and next((d for d in ";|\t" if d in names[0]), None)
@@ -101,8 +106,9 @@ def select_columns(
                    "Pass --target with the right name.")
             )
     index = index_columns(names)
-    chosen = select_features(names, features, set(target), where, index)
-    columns = chosen + list(target)
+    kept = set(target) | ({id_column} if id_column is not None else set())
+    chosen = select_features(names, features, kept, where, index)
+    columns = chosen + list(target) + ([id_column] if id_column is not None else [])
     duplicates = sorted({c for c in columns if names.count(c) > 1})
     if duplicates:
         raise DataError(f"{where}: column name {duplicates[0]!r} appears more than once. "
@@ -438,10 +444,10 @@ def new_folder(out: Path) -> Iterator[Path]:
 
 
 def _verify(source: str, tmp: Path, out: Path, target: tuple[str, ...], task: str,
-            rows: int) -> Dataset:
+            rows: int, id_column: str | None = None) -> Dataset:
     """Plan and read every block of the written dataset, as `gradpipe train OUT` will."""
     try:
-        dataset = plan(DataSpec(str(tmp), target=target, task=task))
+        dataset = plan(DataSpec(str(tmp), target=target, task=task, id_column=id_column))
         fs = pafs.LocalFileSystem()
         for block in dataset.blocks:
             read_block(dataset, block, "float64", fs)
@@ -468,6 +474,7 @@ def import_dataset(
     features: tuple[str, ...] = (),
     overwrite: bool = False,
     task: str = "auto",
+    id_column: str | None = None,
 ) -> dict:
     """Re-write a CSV or Parquet dataset as checked Parquet shards in OUT; returns a summary.
 
@@ -480,8 +487,10 @@ def import_dataset(
     writing. Only the features and the target are written: index columns are left out and
     listed in the summary's `ignored_columns`. The written data is planned with `task`, as
     `gradpipe train --task` would; the summary's `schema` is data.schema_line of it. The
-    files keep `target` and `task` in their metadata (data.IMPORT_KEY, the summary's
-    `declared`): train's defaults where it is told no other target and no task.
+    files keep `target`, `task` and `id_column` in their metadata (data.IMPORT_KEY, the
+    summary's `declared`): train's defaults where it is told no other target, no task and
+    no id column. `id_column` (an integer column, an index column included) is written
+    after the targets, not as a feature.
     On any error or Ctrl-C nothing is left behind.
     """
     for name, value in (("row-group-size", row_group_size), ("files", files)):
@@ -497,17 +506,22 @@ def import_dataset(
     batches: Iterator[tuple[str, int, pa.RecordBatch]]
     if fmt == "csv":
         csv = CsvSource(source)
-        columns, ignored = select_columns(csv.names(), features, target, source)
+        columns, ignored = select_columns(csv.names(), features, target, source, id_column)
         rows, types = csv.scan(columns, labels=target if len(target) == 1 else ())
         if rows == 0:
             raise DataError(f"{source}: the CSV file has a header but zero rows")
+        if id_column is not None and types[id_column] != pa.int64():
+            raise DataError(f"{source}: id column {id_column!r} is not an integer column "
+                            f"(its values read as {types[id_column]})")
         nulls = f"missing ({CSV_NULLS})"
         batches = csv.batches(columns, types)  # a generator: nothing is read yet
         keys: tuple = ()
     else:
         # plan checks the schemas, column types and classes, naming files.
-        dataset = plan(DataSpec(source, features=features, target=target, task=task))
-        columns = [f for f in dataset.features if f not in target] + list(target)
+        dataset = plan(DataSpec(source, features=features, target=target, task=task,
+                                id_column=id_column))
+        columns = ([f for f in dataset.features if f not in target] + list(target)
+                   + ([id_column] if id_column is not None else []))
         ignored = list(dataset.ignored_columns)
         rows = dataset.n_rows
         nulls = "null"
@@ -519,7 +533,8 @@ def import_dataset(
     # The temporary folder is next to OUT, so that the final rename stays on one filesystem.
     with new_folder(out) as tmp:
         # train's defaults for --target and --task, where it is told nothing else
-        declared = json.dumps({"target": list(target), "task": task}).encode()
+        declared = json.dumps({"target": list(target), "task": task,
+                               "id_column": id_column}).encode()
         writer = ShardWriter(tmp, rows, files, row_group_size, {IMPORT_KEY: declared})
         try:
             for where, first_row, batch in batches:
@@ -530,14 +545,17 @@ def import_dataset(
         if writer.rows != rows:
             raise DataError(f"{source}: read {writer.rows} rows but counted {rows} before. "
                             "Did it change while importing?")
-        written = _verify(source, tmp, out, target, task, rows)
+        written = _verify(source, tmp, out, target, task, rows, id_column)
     summary = {"out": str(out), "source": source, "format": fmt, "rows": rows, "files": files,
                "row_groups": writer.row_groups, "columns": columns, "target": list(target),
-               "task": written.task, "declared": {"target": list(target), "task": task}}
+               "task": written.task, "id_column": id_column,
+               "declared": {"target": list(target), "task": task, "id_column": id_column}}
     if written.classify:
         summary |= {"classes": list(written.classes), "class_type": written.class_type}
     summary["ignored_columns"] = ignored
     summary["partition_keys"] = {k: list(v) for k, v in keys}
-    summary["schema"] = schema_line(dataclasses.replace(written, ignored_columns=tuple(ignored),
-                                                        partition_keys=keys))
+    # An index column left out: --id-column would have kept it (schema_line says so).
+    summary["schema"] = schema_line(dataclasses.replace(
+        written, ignored_columns=tuple(ignored), partition_keys=keys,
+        ignored_integer_index=ignored[0] if ignored and id_column is None else None))
     return summary

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import threading
 from collections.abc import Callable, Iterable
@@ -430,7 +431,7 @@ def _resolve_features(
 ) -> tuple[tuple[str, ...], bool, int, tuple[str, ...]]:
     """(features, one list column?, n_features, index columns left out)."""
     names = schema.names
-    excluded = set(spec.target) | ({spec.id_column} if spec.id_column else set())
+    excluded = set(spec.target) | ({spec.id_column} if spec.id_column is not None else set())
     index = index_columns(names, pandas_metadata(schema))
     chosen = select_features(names, spec.features, excluded, path, index,
                              all_names=all_names)
@@ -504,7 +505,7 @@ def partition_keys(files: list[str], columns: list[str]) -> dict[str, list[str]]
 def _check_partition_keys(keys: dict[str, list[str]], spec: DataSpec, path: str) -> None:
     """A target, id or feature named as a partition key: said so, not 'missing'."""
     asked = [*(spec.target if spec.read_target else ()),
-             *([spec.id_column] if spec.id_column else []), *spec.features]
+             *([spec.id_column] if spec.id_column is not None else []), *spec.features]
     named = next((n for n in asked if n in keys), None)
     if named is not None:
         raise DataError(
@@ -516,25 +517,31 @@ def _check_partition_keys(keys: dict[str, list[str]], spec: DataSpec, path: str)
 
 def _declared(schema: pa.Schema, spec: DataSpec) -> tuple[DataSpec, str | None]:
     """The spec with what `data import` declared in the files' metadata (IMPORT_KEY) where
-    the user said nothing else: its target where --target was left at its default and the
-    files have no such column, and its --task where the target is the declared one and
-    --task is auto. Also the flags taken, for the schema line (None: none)."""
+    the user said nothing else: its id column where --id-column was not given, its target
+    where --target was left at its default and the files have no such column, and its
+    --task where the target is the declared one and --task is auto. Also the flags taken,
+    for the schema line (None: none)."""
     raw = (schema.metadata or {}).get(IMPORT_KEY)
-    if raw is None or not spec.read_target:
+    if raw is None:
         return spec, None
     try:
         found = json.loads(raw)
         target, task = tuple(str(t) for t in found["target"]), str(found["task"])
-    except (ValueError, KeyError, TypeError):  # not ours, or damaged: a file like any other
+        id_column = found.get("id_column")  # absent in files of before it was kept
+    except (ValueError, KeyError, TypeError, AttributeError):  # not ours, or damaged
         return spec, None
     taken = []
-    if (spec.target == DEFAULT_TARGET and DEFAULT_TARGET[0] not in schema.names and target
-            and all(t in schema.names for t in target)):
-        spec = replace(spec, target=target)
-        taken.append(f"--target {','.join(target)}")
-    if spec.target == target and spec.task == "auto" and task in TASKS[1:]:
-        spec = replace(spec, task=task)
-        taken.append(f"--task {task}")
+    if spec.read_target:
+        if (spec.target == DEFAULT_TARGET and DEFAULT_TARGET[0] not in schema.names and target
+                and all(t in schema.names for t in target)):
+            spec = replace(spec, target=target)
+            taken.append(f"--target {shlex.quote(','.join(target))}")
+        if spec.target == target and spec.task == "auto" and task in TASKS[1:]:
+            spec = replace(spec, task=task)
+            taken.append(f"--task {task}")
+    if spec.id_column is None and isinstance(id_column, str) and id_column in schema.names:
+        spec = replace(spec, id_column=id_column)
+        taken.append(f"--id-column {shlex.quote(id_column)}")
     return spec, " ".join(taken) or None
 
 
@@ -831,7 +838,8 @@ def plan(spec: DataSpec) -> Dataset:
     counting = _Counting(schema, () if feature_list else features)
     ranges = _Ranges(schema, (() if feature_list else features) + (
         spec.target if spec.read_target else ()))
-    used = {*features, *spec.target, *([spec.id_column] if spec.id_column else [])}
+    used = {*features, *spec.target,
+            *([spec.id_column] if spec.id_column is not None else [])}
     # With --features, the columns a dataset does not use may differ between its files.
     columns = _data_columns(schema, used, features, only_used=bool(spec.features))
     for path in files:
@@ -896,7 +904,7 @@ def plan(spec: DataSpec) -> Dataset:
         classes=classes,
         class_type=class_type,
         ignored_columns=ignored,
-        ignored_integer_index=next((c for c in ignored if c and c in schema.names  # 1st file
+        ignored_integer_index=next((c for c in ignored if c in schema.names  # 1st file
                                     and pa.types.is_integer(schema.field(c).type)), None),
         counting_columns=(counting_found := counting.found(row)),
         target_named_columns=() if feature_list or spec.features_from_model else tuple(
@@ -1099,7 +1107,7 @@ def schema_line(dataset: Dataset) -> str:
         # each block costs a step about 0.2 ms of Python however few its rows
         parts[-1] += (f" (about {dataset.n_rows // n_blocks} rows a block: row groups this "
                       "small slow every step; gradpipe data import DATA OUT rewrites them)")
-    if dataset.id_column:
+    if dataset.id_column is not None:
         parts.append(f"id column {_show(dataset.id_column)}")
     for name in dataset.counting_columns:
         parts.append(f"feature {_show(name)} counts the rows: a saved index? If so, "
@@ -1119,7 +1127,7 @@ def schema_line(dataset: Dataset) -> str:
         plural = "s" * (len(dataset.ignored_columns) != 1)
         parts.append(f"ignored index column{plural} "
                      f"{', '.join(_show(c) for c in dataset.ignored_columns)}")
-        if not dataset.id_column and dataset.ignored_integer_index:
+        if dataset.id_column is None and dataset.ignored_integer_index is not None:
             name = _show(dataset.ignored_integer_index)
             parts[-1] += f" (--id-column {name} makes it the sample id)"
     return "; ".join(parts)
@@ -1265,7 +1273,8 @@ def read_block(
         fs, _ = filesystem(dataset.source)
     target = dataset.target if dataset.has_target else ()
     columns = list(dict.fromkeys(
-        [*dataset.features, *target, *([dataset.id_column] if dataset.id_column else [])]
+        [*dataset.features, *target,
+         *([dataset.id_column] if dataset.id_column is not None else [])]
     ))
     if opened is None:
         pf = _open(fs, block.file)
@@ -1323,7 +1332,7 @@ def read_block(
             j = int(np.argmax(~np.isfinite(y).all(axis=0)))
             _check_finite(y[:, j], dataset.target[j], block)
 
-    if dataset.id_column:
+    if dataset.id_column is not None:
         ids = _column(table, dataset.id_column, block).to_numpy().astype(np.int64)
     else:
         ids = np.arange(block.first_id, block.first_id + n, dtype=np.int64)

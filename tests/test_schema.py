@@ -123,7 +123,11 @@ def test_pandas_csv_through_polars_and_pandas(tmp_path: Path) -> None:
     pl.read_csv(tmp_path / "x.csv").write_parquet(tmp_path / "pl" / "a.parquet")
     ds = plan(DataSpec(str(tmp_path / "pl")))
     assert ds.features == ("a",) and ds.ignored_columns == ("",)
-    assert schema_line(ds).endswith("ignored index column ''")
+    assert schema_line(ds).endswith("ignored index column '' (--id-column '' makes it the "
+                                    "sample id)")
+    ds = plan(DataSpec(str(tmp_path / "pl"), id_column=""))  # and it does
+    assert ds.features == ("a",) and ds.id_column == "" and ds.ignored_columns == ()
+    assert read_block(ds, ds.blocks[0], "float64").ids.tolist() == [9, 2, 5, 0]
 
 
 # --------------------------------------------------------------------------- the task

@@ -291,7 +291,8 @@ def test_rerun_replaces_the_scores_and_refuses_a_foreign_folder(tmp_path):
     scores(second)
     theirs = pq.read_table(second / "scores")
     one_line_error(run("scores", out, "--workers", "0", "--out", second / "scores"),
-                   f"is in the run folder {second}, another run than {out}")
+                   f"is in the folder of another run, {second}, which would read {out}'s "
+                   "scores as its own")
     assert pq.read_table(second / "scores").equals(theirs)
     assert run("scores", out, "--workers", "0", "--out", out / "scores").exit_code == 0  # its own
 

@@ -302,8 +302,8 @@ def _check_out(out: str, run: str) -> None:
     store.check_bucket(out)
     parent = store.parent(out)
     if parent != run and store.is_file(store.join(parent, "run.json")):
-        raise ConfigError(f"--out {out}: is in the run folder {parent}, another run than "
-                          f"{run}; its scores would be this run's. Choose another --out.")
+        raise ConfigError(f"--out {out}: is in the folder of another run, {parent}, which "
+                          f"would read {run}'s scores as its own. Choose another --out.")
     if store.is_file(out):
         raise ConfigError(f"--out {out}: exists and is not a folder. Choose another --out.")
     if store.listdir(out) and not store.is_file(store.join(out, MARKER)):

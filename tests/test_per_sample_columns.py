@@ -131,6 +131,29 @@ def test_el2n_of_regression_is_in_the_units_training_sees(reg_data, tmp_path):
     np.testing.assert_allclose(got["el2n"], np.linalg.norm(a - ys, axis=1), **TOL)
     # For identity + squared, C_i = |a - y|^2 = el2n^2.
     np.testing.assert_allclose(got["loss"], got["el2n"] ** 2, **TOL)
+    # each target's residual, target - prediction, in the targets' own units
+    prediction = a * y.std(axis=0) + y.mean(axis=0)
+    for t, name in enumerate(("t0", "t1")):
+        np.testing.assert_allclose(got[f"residual_{name}"], y[:, t] - prediction[:, t],
+                                   rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["norms", "full"])
+@pytest.mark.parametrize("standardize", [True, False])
+def test_a_single_targets_residual_is_target_minus_prediction(reg_data, tmp_path, mode,
+                                                               standardize):
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(reg_data), out=str(out), target=("t1",), task="regression",
+                      workers=0, hidden=(4,), steps=1, update=False, dtype="float64",
+                      per_sample=mode, activation="tanh", standardize=standardize))
+    x, y = load_xy(reg_data, None, ("t1",))
+    xs = (x - x.mean(axis=0)) / x.std(axis=0) if standardize else x
+    value, _ = gradients(out)[0]
+    a = output_layer((5, 4, 1), value, xs, "tanh", "identity")  # t0 is a feature here
+    prediction = a * y.std(axis=0) + y.mean(axis=0) if standardize else a
+    got = rows_of(out)
+    assert [c for c in got if c.startswith("residual")] == ["residual"]
+    np.testing.assert_allclose(got["residual"], (y - prediction)[:, 0], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["full", "norms"])

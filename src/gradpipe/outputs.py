@@ -263,14 +263,21 @@ def read_weights(
 
 
 # The per-sample columns that say what the model did (PerSampleWriter with outputs=True):
-# prediction, correct and confidence for classes only; el2n for both tasks.
+# prediction, correct and confidence for classes only; el2n for both tasks; the residuals
+# (residual_columns) for regression only.
 OUTPUT_COLUMNS = ("prediction", "correct", "confidence", "el2n")
+
+
+def residual_columns(targets: tuple[str, ...]) -> list[str]:
+    """Per-sample residual columns of a regression run: `residual` for one target,
+    `residual_NAME` for each of several."""
+    return ["residual"] if len(targets) == 1 else [f"residual_{t}" for t in targets]
 
 
 @functools.lru_cache(maxsize=32)
 def per_sample_layout(L: int, full: bool, classify: bool, dtype: str, outputs: bool,
-                      classes: tuple | None, class_type: str | None
-                      ) -> tuple[pa.Schema, Mapping[str, Any]]:
+                      classes: tuple | None, class_type: str | None,
+                      targets: tuple[str, ...] = ()) -> tuple[pa.Schema, Mapping[str, Any]]:
     """The schema and Parquet writer options of a per-sample part (PerSampleWriter): the
     same for every block of a run, so made once (0.1 ms of Python a block otherwise)."""
     # Values the engine computes in the compute dtype (norms: row sums of squares of
@@ -295,6 +302,8 @@ def per_sample_layout(L: int, full: bool, classify: bool, dtype: str, outputs: b
                    field("confidence", value)]
     if outputs:
         fields.append(field("el2n", value))
+    if outputs and not classify and targets:
+        fields += [field(name, value) for name in residual_columns(targets)]
     if full:
         fields.append(field("grad", pa.list_(field("element", value))))
     meta = None
@@ -350,7 +359,8 @@ class PerSampleWriter:
     """Writes one block's per-sample rows to part-BLOCK.parquet, chunk by chunk, atomically.
 
     Columns: sample, [label], loss, grad_norm, grad_norm_l1 .. grad_norm_lL,
-    [prediction, correct, confidence] (classes), [el2n] (with `outputs`), [grad] (`full`).
+    [prediction, correct, confidence] (classes), [el2n] (with `outputs`), [residual or
+    residual_NAME..] (with `outputs` and regression `targets`), [grad] (`full`).
     `label` and `prediction` are class indices 0..K-1; with `classes` (the class values in
     output order) the schema metadata maps them back: {"gradpipe": {"classes": [...],
     "class_type": ...}}.
@@ -358,14 +368,16 @@ class PerSampleWriter:
 
     def __init__(self, path: str | Path, L: int, *, full: bool, classify: bool,
                  dtype: str = "float64", outputs: bool = False,
-                 classes: tuple | None = None, class_type: str | None = None) -> None:
+                 classes: tuple | None = None, class_type: str | None = None,
+                 targets: tuple[str, ...] = ()) -> None:
         self.path = str(path)
         self.staged = Staged(path)  # a local temporary, committed whole at close
         self.dtype = np.dtype(dtype)
         self.outputs = outputs
         self.schema, self.options = per_sample_layout(
             L, full, classify, self.dtype.name, outputs,
-            tuple(classes) if classes is not None else None, class_type)
+            tuple(classes) if classes is not None else None, class_type,
+            () if classify else tuple(targets))
         self.pending: list[pa.Table] = []
         # Full gradients stream to the file piece by piece; norms rows (1.5 MB a 50,000-row
         # block) are encoded in memory at close and written in one call.
@@ -402,6 +414,10 @@ class PerSampleWriter:
                 cols += [pa.array(prediction), pa.array(prediction == labels),
                          pa.array(outputs["confidence"].astype(dt, copy=False))]
             cols.append(pa.array(outputs["el2n"].astype(dt, copy=False)))
+            if "residual" in outputs and labels is None:  # (m, T), one column a target
+                residual = outputs["residual"].astype(dt, copy=False)
+                cols += [pa.array(np.ascontiguousarray(residual[:, t]))
+                         for t in range(residual.shape[1])]
         if grads is not None:
             m, p = grads.shape  # a piece of at most FULL_CHUNK_BYTES: int32 offsets suffice
             offsets = pa.array(np.arange(0, (m + 1) * p, p, dtype=np.int32))

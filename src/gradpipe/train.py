@@ -659,6 +659,7 @@ class Run:
             classes=self.dataset.classes if self.dataset.classify else None,
             class_type=self.dataset.class_type,
             batch_rate=config.batch_rate,
+            targets=() if self.dataset.classify else self.dataset.target,
             sample_key=(privacy.sample_key(self.key, config.seed, step)
                         if config.batch_rate is not None else None),
             clip=config.dp_clip)))

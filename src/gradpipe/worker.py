@@ -73,6 +73,7 @@ class StepRequest:
     batch_rate: float | None = None
     sample_key: tuple[int, int] | None = None
     clip: float | None = None  # DP-SGD: sum the clipped per-sample gradients (backprop)
+    targets: tuple[str, ...] = ()  # regression: the target names, for per-sample residuals
     # Also sum_i (a[L]_i - y_i)^2 per output unit (Partial.out_sse): each regression
     # target's r2 of the saved weights.
     output_sse: bool = False
@@ -132,7 +133,8 @@ def _block_moments(d: BlockData, values: NDArray[np.floating]) -> Moments:
 
 def sample_outputs(arch: Architecture, a_L: NDArray[np.floating], y: NDArray[np.floating],
                    prediction: NDArray[np.intp] | None, *,
-                   overwrite: bool = False) -> dict[str, NDArray]:
+                   overwrite: bool = False, residual: bool = False,
+                   target_scale: tuple[F64, F64] | None = None) -> dict[str, NDArray]:
     """What the model did with each sample, from the output layer a[L] (m, n_L) and the
     target y (m, n_L) as training sees it (one-hot classes, or standardized targets).
 
@@ -141,7 +143,9 @@ def sample_outputs(arch: Architecture, a_L: NDArray[np.floating], y: NDArray[np.
     indices block_partial found) also: prediction, and confidence = its probability
     (evaluate.class_probabilities: a[L] for softmax, else a[L] clipped at 0 over its row
     sum), in that dtype too. `overwrite`: a_L is the caller's own copy, and becomes a[L] - y
-    (no new array of the block's outputs).
+    (no new array of the block's outputs). `residual` (regression): also each target's
+    residual, target - prediction in the targets' units, (y - a[L]) std with
+    `target_scale`, (m, n_L) in the compute dtype.
     """
     out: dict[str, NDArray] = {}
     if prediction is not None:
@@ -158,6 +162,9 @@ def sample_outputs(arch: Architecture, a_L: NDArray[np.floating], y: NDArray[np.
     err = np.subtract(a_L, y, out=a_L if overwrite else None)  # (m, n_L)
     el2n = row_sq(err)
     out["el2n"] = np.sqrt(el2n, out=el2n)
+    if residual:
+        scale = -np.ones(err.shape[1]) if target_scale is None else -target_scale[1]
+        out["residual"] = err * scale.astype(err.dtype)  # y - a[L], in the targets' units
     return out
 
 
@@ -215,16 +222,19 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
             outputs=True,
             classes=req.classes,
             class_type=req.class_type,
+            targets=req.targets,
         )
     full = req.per_sample == "full"
+    residual = not classify and bool(req.targets)
     kept = BlockRows(req.arch, len(x), classify) if writer is not None and not full else None
     # Full gradients: the current chunk's outputs; the sink gets pieces of that chunk.
     chunk: dict[str, Any] = {"start": 0, "outputs": {}}
 
     def on_outputs(start: int, a_L: NDArray[np.floating], y_chunk: NDArray[np.floating],
                    prediction: NDArray[np.intp] | None) -> None:
-        chunk["start"], chunk["outputs"] = start, sample_outputs(req.arch, a_L, y_chunk,
-                                                                 prediction)
+        chunk["start"], chunk["outputs"] = start, sample_outputs(
+            req.arch, a_L, y_chunk, prediction, residual=residual,
+            target_scale=req.target_scale)
 
     def sink(start: int, losses: F64, sq: F64, grads: NDArray[np.floating] | None) -> None:
         m = len(losses)
@@ -276,7 +286,8 @@ def block_step(data: BlockData, req: StepRequest, classify: bool) -> Partial:
             assert writer is not None
             writer.write(ids, labels, kept.losses, kept.sq, None,
                          sample_outputs(req.arch, kept.a_L, y, kept.prediction,
-                                        overwrite=True))
+                                        overwrite=True, residual=residual,
+                                        target_scale=req.target_scale))
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -376,10 +376,23 @@ def test_resume_refuses_another_key_and_a_missing_one(cls_data, tmp_path, key_fi
     with pytest.raises(ConfigError, match="not the key the run"):
         train(TrainConfig(data=str(cls_data), out=str(out), workers=0, steps=4, resume=True,
                           dp_key=str(other), **PRIVATE))
-    (out / "privacy-key").unlink()
-    with pytest.raises(ConfigError, match="privacy-key is missing"):
+    (out / "privacy-key").unlink()  # as the README allows once the run is done
+    with pytest.raises(ConfigError, match="privacy-key is missing.*pass the key it began "
+                                          "with as --dp-key FILE"):
         train(TrainConfig(data=str(cls_data), out=str(out), workers=0, steps=4, resume=True,
                           **PRIVATE))
+    with pytest.raises(ConfigError, match=f"privacy-key is missing.*--dp-key {other} is not"):
+        train(TrainConfig(data=str(cls_data), out=str(out), workers=0, steps=4, resume=True,
+                          dp_key=str(other), **PRIVATE))
+    # the key given again, recognised by its SHA-256 in run.json: the run goes on, and the
+    # same bits as a run never stopped
+    train(TrainConfig(data=str(cls_data), out=str(out), workers=0, steps=4, resume=True,
+                      dp_key=str(key_file), **PRIVATE))
+    assert (out / "privacy-key").read_text().strip() == key_file.read_text().strip()
+    whole = tmp_path / "whole"
+    train(TrainConfig(data=str(cls_data), out=str(whole), workers=0, steps=4,
+                      dp_key=str(key_file), **PRIVATE))
+    assert pq.read_table(out / "weights.parquet").equals(pq.read_table(whole / "weights.parquet"))
 
 
 def test_a_warning_known_before_the_first_step_is_said_before_it_once(cls_data, tmp_path):
@@ -393,6 +406,35 @@ def test_a_warning_known_before_the_first_step_is_said_before_it_once(cls_data, 
     assert warned[0] == 1  # right after the schema line, before any step
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert any("is not below 1/N" in w for w in info["warnings"])
+
+
+def test_unscaled_features_of_a_private_run_are_said_with_the_advice(tmp_path):
+    # breast_cancer's raw areas reach thousands: clipping leaves the gradient mostly noise,
+    # and the model ends no better than the most common class; both are said
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 3))
+    label = (x[:, 0] + 0.3 * rng.normal(size=300) > 0.6).astype(np.int64)  # 27% class 1
+    write_parquet(tmp_path / "d" / "a.parquet", {"area": 2000 + 800 * x[:, 0],
+                                                 "x1": x[:, 1], "x2": x[:, 2], "label": label})
+    result = _cli("train", tmp_path / "d", "--out", tmp_path / "run", "--workers", 0,
+                  "--steps", 200, "--no-standardize", "--dp-clip", 1, "--dp-noise", 1,
+                  "--dp-delta", 1e-4, "--batch-rate", 0.05, "--seed", 1)
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[1].startswith("gradpipe: warning: feature 'area' reaches ")  # before step 0
+    assert "a private run does not standardize its features" in lines[1]
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    trivial = [w for w in info["warnings"] if "do no better than always answering" in w]
+    assert len(trivial) == 1, info["warnings"]
+    assert ("or scale the features first (a private run does not standardize them; 'area' "
+            "is one)") in trivial[0]
+    # scaled features: no such warning
+    write_parquet(tmp_path / "s" / "a.parquet", {"area": x[:, 0], "x1": x[:, 1],
+                                                 "x2": x[:, 2], "label": label})
+    result = _cli("train", tmp_path / "s", "--out", tmp_path / "scaled", "--workers", 0,
+                  "--steps", 2, "--no-standardize", "--dp-clip", 1, "--dp-noise", 1,
+                  "--dp-delta", 1e-4, "--batch-rate", 0.05)
+    assert result.exit_code == 0 and "reaches" not in result.stderr, result.stderr
 
 
 def test_a_private_run_refuses_repeated_ids(tmp_path):

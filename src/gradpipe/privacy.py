@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import secrets
@@ -52,6 +53,12 @@ NOT_PROTECTED = (
 def new_key() -> str:
     """A fresh secret key: 32 random bytes from the OS, as hex."""
     return secrets.token_hex(KEY_BYTES)
+
+
+def key_digest(key: str) -> str:
+    """SHA-256 of a key, kept in run.json to recognise the key given again on --resume (a
+    key of 32 random bytes cannot be recovered from it)."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def read_key(path: str | Path) -> str:
@@ -269,5 +276,5 @@ def accountant_version() -> str:
 
 
 __all__ = ["ACCOUNTANT", "Accountant", "KEY_FILE", "NOT_PROTECTED", "empty_gradient",
-           "new_key", "noise_multiplier", "noisy_gradient", "poisson_rows", "read_key",
-           "sample_key", "standard_noise", "uniforms"]
+           "key_digest", "new_key", "noise_multiplier", "noisy_gradient", "poisson_rows",
+           "read_key", "sample_key", "standard_noise", "uniforms"]

@@ -58,6 +58,8 @@ FAR_STD = 10.0
 # With --val: the saved weights' val_loss this many times the lowest recorded is warned of
 # (1.1 fired on 14 of 65 small default runs, on noise and calibration).
 OVERFIT = 1.25
+# A private run (features as they are) warns of a feature whose values reach beyond this.
+UNSCALED = 100.0
 INIT_SCHEME = "glorot-uniform (he-uniform for relu layers), zero biases, numpy PCG64(seed)"
 Progress = Callable[[int, dict], None]
 
@@ -213,6 +215,7 @@ class Run:
         # over targets of SSE_j / SST_j, so r2 (uniform average) = 1 - loss / targets.
         self.r2_from_loss = False
         self.class_shares: F64 | None = None  # each class's share of the rows
+        self.unscaled: str | None = None  # a private run's feature far from unit scale
 
     def prepare(self) -> None:
         """Check everything that can be checked before a file is written."""
@@ -282,6 +285,7 @@ class Run:
                 self._note_constant_targets(constant, mean)
                 self._note_far_targets(mean, std)
         self._note_coarse_columns()
+        self._note_unscaled_private()
         if config.val:
             self.val_pool = self._val_pool()
         # Said once the data is read and checked, before the first step.
@@ -306,6 +310,7 @@ class Run:
         config = self.config
         self.sigma: float | None = None
         self.key: str | None = None
+        self.restore_key = False
         if not config.private:
             return
         assert config.batch_rate is not None and config.dp_delta is not None
@@ -321,14 +326,22 @@ class Run:
         self.accountant = privacy.Accountant(config.batch_rate, self.sigma)
         stored = store.join(config.out or "", privacy.KEY_FILE)
         if config.resume:
-            if not store.is_file(stored):
-                raise ConfigError(f"--resume {config.out}: the run's {privacy.KEY_FILE} is "
-                                  "missing, and without it the Poisson draws and the noise "
-                                  "cannot be repeated")
-            self.key = privacy.read_key(stored)
+            digest = kept.get("key_sha256")
             # run.json names the --dp-key file the run began with: it may be gone since
-            if (config.dp_key and store.is_file(config.dp_key)
-                    and privacy.read_key(config.dp_key) != self.key):
+            given = (privacy.read_key(config.dp_key)
+                     if config.dp_key and store.is_file(config.dp_key) else None)
+            if not store.is_file(stored):
+                if given is None or digest is None or privacy.key_digest(given) != digest:
+                    way = ("" if digest is None else
+                           f"; --dp-key {config.dp_key} is not it" if given is not None else
+                           "; pass the key it began with as --dp-key FILE")
+                    raise ConfigError(
+                        f"--resume {config.out}: the run's {privacy.KEY_FILE} is missing, and "
+                        f"without it the Poisson draws and the noise cannot be repeated{way}")
+                self.restore_key = True  # written back into the run folder by _begin
+            self.key = given if given is not None and not store.is_file(stored) else (
+                privacy.read_key(stored))
+            if given is not None and given != self.key:
                 raise ConfigError(f"--dp-key {config.dp_key} is not the key the run in "
                                   f"{config.out} was started with")
         else:
@@ -377,6 +390,8 @@ class Run:
             "epsilon": self.accountant.epsilon(done, c.dp_delta or 0),
             "accountant": f"dp-accounting {privacy.accountant_version()}, {privacy.ACCOUNTANT}",
             "key": f"{privacy.KEY_FILE} in the run folder (secret: it regenerates the noise)",
+            # Recognises the key given again with --dp-key if privacy-key was deleted.
+            "key_sha256": privacy.key_digest(self.key) if self.key is not None else None,
             "per_sample_outputs_private": False,
             "not_protected": list(privacy.NOT_PROTECTED),
         }
@@ -436,6 +451,24 @@ class Run:
                     f"from its mean {mean[i]:.6g}: a few rows that far out dominate the squared "
                     "loss; check them (gradpipe scores ranks the rows by loss_last), or train "
                     "on log(target) if it is skewed (incomes, waiting times)")
+
+    def _note_unscaled_private(self) -> None:
+        """A private run trains on the features as they are (no --standardize): warn of a
+        feature far from unit scale (by the files' statistics), whose rows' gradients the
+        clipping then cuts to the noise's size."""
+        if not self.config.private or self.config.standardize:
+            return
+        features = set(self.dataset.features)
+        far = [(max(abs(lo), abs(hi)), name) for name, lo, hi in self.dataset.ranges
+               if name in features and max(abs(lo), abs(hi)) > UNSCALED]
+        if far:
+            size, self.unscaled = max(far)
+            self.warnings.append(
+                f"feature {self.unscaled!r} reaches {size:.6g}"
+                + (f" ({len(far) - 1} more beyond {UNSCALED:g})" if len(far) > 1 else "")
+                + ": a private run does not standardize its features, and at this scale "
+                "clipping leaves the gradients mostly noise; scale them first (mean 0, std 1, "
+                "from the training rows)")
 
     def _note_coarse_columns(self) -> None:
         """Warn of features and targets that the compute dtype holds in too few steps over
@@ -637,7 +670,7 @@ class Run:
             return
         rec.start(self.info("running", started=self.started), overwrite=config.overwrite,
                   resume_step=self.step if config.resume else None)
-        if self.key is not None and not config.resume:  # for --resume; not in run.json
+        if self.key is not None and (not config.resume or self.restore_key):  # for --resume
             with atomic_file(store.join(rec.out, privacy.KEY_FILE)) as tmp:
                 tmp.touch(mode=0o600)
                 tmp.write_text(self.key + "\n")
@@ -703,20 +736,28 @@ class Run:
             return
         config = self.config
         sampled = config.sampled
-        standardize = ("" if config.standardize or config.private
-                       else ", or --standardize if it is off")
+        standardize = ("" if config.standardize else
+                       ", or scale the features first (a private run does not standardize "
+                       f"them; {self.unscaled!r} is one)" if config.private and self.unscaled
+                       else "" if config.private else ", or --standardize if it is off")
         less_noise = (", or less noise (a larger --dp-epsilon, a smaller --dp-noise)"
                       if config.private else "")
+        advice = ("the features may hold no more signal than that (a linear model would "
+                  "tell), or training stopped short: more --steps or another --lr"
+                  f"{less_noise}{standardize}")
         # The saved weights' loss over every row against the first step's (on its batch: at
         # the initial weights every batch's is near the data's); a last batch's loss would be
         # noise, and even a full batch's is that of the weights before the last update.
         judged = saved is not None and math.isfinite(first["loss"])
+        trivial = self._no_better_than_trivial(saved) if saved is not None else None
         if saved is not None and judged and not saved["loss"] < first["loss"]:
             on = " on the batch of" if sampled else " at"
             self.warnings.append(
                 f"the loss did not decrease ({first['loss']:.6g}{on} step {first['step']}, "
                 f"{saved['loss']:.6g} over every row with the saved weights): "
                 f"try a smaller --lr{less_noise}{standardize}")
+            if trivial:  # the two say different things: both are said
+                self.warnings.append(f"{trivial}: {advice}")
             return
         if not (math.isfinite(first["loss"]) and math.isfinite(last["loss"])):
             return  # a Poisson draw that took no sample
@@ -737,11 +778,8 @@ class Run:
                 f"the gradient vanished (norm {last['grad_norm']:.3g} at step {last['step']}, "
                 f"{first['grad_norm']:.3g} at step {first['step']}) while the loss is "
                 f"{last['loss']:.6g}: {why}")
-        elif saved is not None and (trivial := self._no_better_than_trivial(saved)):
-            self.warnings.append(
-                f"{trivial}: the features may hold no more signal than that (a linear model "
-                f"would tell), or training stopped short: more --steps or another --lr"
-                f"{less_noise}{standardize}")
+        elif trivial:
+            self.warnings.append(f"{trivial}: {advice}")
 
     def _warn_overfit(self, saved: dict | None) -> None:
         """One line when a full-batch run's saved weights' val_loss ended OVERFIT times the

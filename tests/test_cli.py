@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import DIGITS
+from conftest import DIGITS, one_line_error
 
 from gradpipe.cli import cli
 
@@ -230,6 +230,14 @@ def test_the_same_option_again_changes_nothing_and_passes(args, tmp_path):
     extra = [] if "--steps=1" in args else ["--steps", "1"]
     result = run("train", DIGITS, "--workers", "0", "--out", tmp_path / "r", *extra, *args)
     assert result.exit_code == 0, result.output
+
+
+def test_the_dashboard_url_as_address_is_named_as_such(tmp_path):
+    # the Jobs API's URL where train needs the GCS address: said at once, nothing written
+    line = one_line_error(run("--address", "http://127.0.0.1:8265", "train", DIGITS, "--out",
+                              tmp_path / "r"), "--address http://127.0.0.1:8265: a URL")
+    assert "HEAD:6379" in line and "gradpipe submit" in line
+    assert not (tmp_path / "r").exists()
 
 
 def test_an_option_value_that_looks_like_an_option_is_a_value():

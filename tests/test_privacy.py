@@ -437,6 +437,17 @@ def test_unscaled_features_of_a_private_run_are_said_with_the_advice(tmp_path):
     assert result.exit_code == 0 and "reaches" not in result.stderr, result.stderr
 
 
+def test_resume_with_the_other_noise_flag_says_the_run_chose_its_noise(cls_data, tmp_path):
+    out = tmp_path / "run"
+    result = _cli("train", cls_data, "--out", out, "--workers", 0, "--steps", 2, "--hidden", 4,
+                  "--no-standardize", "--dp-clip", 1, "--dp-epsilon", 3, "--dp-delta", 1e-5,
+                  "--batch-rate", 0.3, "-q")
+    assert result.exit_code == 0, result.output
+    result = _cli("train", "--resume", "--out", out, "--dp-noise", 2)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "--dp-noise is 2 but the run was started without it" in result.stderr
+
+
 def test_a_private_run_refuses_repeated_ids(tmp_path):
     """The guarantee is per row and the Poisson draw keys on the id: rows sharing an id would
     always be drawn together. A repeat across files is named by both of its rows; unique

@@ -70,6 +70,12 @@ def test_a_flag_that_differs_from_the_run_is_refused(cls_data, tmp_path):
         r = invoke("train", "--resume", "--out", out, *args)
         assert r.exit_code == 2 and r.stderr.count("\n") == 1
         assert f"{args[0]} is {args[1]} but the run was started with" in r.stderr
+    # a flag the run was started without (no None in the message); --val is checked by name
+    r = invoke("train", "--resume", "--out", out, "--schedule", "cosine")
+    assert r.exit_code == 2 and "--schedule is cosine but the run was started with" in r.stderr
+    r = invoke("train", "--resume", "--out", out, "--val", cls_data)
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "but the run was started without it" in r.stderr and "None" not in r.stderr
     # The same flags as the run, or a free one (--workers), are fine.
     r = invoke("train", "--resume", "--out", out, "--lr", "2", "--workers", "0")
     assert r.exit_code == 0, r.output

@@ -293,6 +293,6 @@ def resume_conflict(cls: type, old: dict[str, Any], given: dict[str, Any]) -> st
             continue
         if now != before:
             more = " (it may only grow)" if option.resume == "grow" else ""
-            return (f"{flag(name)} is {_show(value)} but the run was started with "
-                    f"{_show(before)}{more}")
+            return (f"{flag(name)} is {_show(value)} but the run was started "
+                    + (f"with {_show(before)}{more}" if before is not None else "without it"))
     return None

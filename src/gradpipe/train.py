@@ -181,7 +181,14 @@ def resumed_config(out: str, given: dict[str, Any]) -> TrainConfig:
     keys = {n for n, o in options.options(TrainConfig).items() if o.in_job} - {"resume",
                                                                               "overwrite"}
     values = options.parse_values(TrainConfig, {k: v for k, v in old.items() if k in keys})
-    values.update({k: v for k, v in given.items() if k not in ("resume", "overwrite")})
+    again = {k: v for k, v in given.items() if k not in ("resume", "overwrite")}
+    # Before the options are checked together: --dp-noise given to a run that chose its
+    # noise from --dp-epsilon would otherwise read as both given at once.
+    conflict = options.resume_conflict(TrainConfig, info.get("config", {}), again)
+    if conflict:
+        raise ConfigError(f"--resume {out}: {conflict}. Resume with the run's options (only "
+                          f"{options.resume_rules(TrainConfig)}).")
+    values.update(again)
     return TrainConfig(**{**values, "out": out, "resume": True})
 
 

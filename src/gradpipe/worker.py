@@ -574,6 +574,10 @@ def _probe(address: str) -> None:
     """
     import socket
 
+    if address.startswith(("http://", "https://")):
+        raise JobError(f"--address {address}: a URL, as the dashboard's (the Jobs API, which "
+                       "gradpipe submit takes); this command takes the cluster's GCS address, "
+                       "HEAD:6379 (or ray://HEAD:10001)")
     host, _, port = address.rpartition(":")
     if not port.isdigit():
         raise JobError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT or auto")

@@ -61,6 +61,19 @@ def test_steps_may_grow_and_the_steps_done_keep_their_learning_rates(cls_data, t
     assert extended["lr"].to_pylist()[6:] == lr_10[6:]
 
 
+def test_a_resumed_run_is_judged_against_its_start_not_the_resume_point(cls_data, tmp_path):
+    # lr 300 makes the loss rise from step 0; the resumed run's warning compares with step 0
+    out = tmp_path / "run"
+    common = ["--workers", "0", "--hidden", "4", "--lr", "300", "--quiet"]
+    assert invoke("train", cls_data, *common, "--steps", "4", "--out", out).exit_code == 0
+    start = read_metrics(out)["loss"][0].as_py()
+    r = invoke("train", "--resume", "--out", out, "--steps", "6", "--quiet")
+    assert r.exit_code == 0, r.output
+    warnings = json.loads((out / "run.json").read_text())["warnings"]
+    assert any(w.startswith(f"the loss did not decrease ({start:.6g} at step 0, ")
+               for w in warnings), warnings
+
+
 def test_a_flag_that_differs_from_the_run_is_refused(cls_data, tmp_path):
     out = tmp_path / "run"
     assert invoke("train", cls_data, "--workers", "0", "--hidden", "4", "--steps", "3",

@@ -601,7 +601,8 @@ class Run:
             if self.val_pool is not None:  # every row has the columns; null between records
                 due = self._due(config.record_every, last)
                 metrics.update(self._val_metrics() if due else dict.fromkeys(self._val_keys()))
-            first = first or metrics
+            if not first:  # a resumed run is judged against its start, not the resume point
+                first = {**metrics, **self._start_row(metrics)} if config.resume else metrics
             if rec is not None:
                 rec.metrics(metrics)
             if not ((grad.n == 0 or math.isfinite(grad.loss)) and np.isfinite(g).all()):
@@ -623,6 +624,17 @@ class Run:
         self._warn_overfit(saved)
         self._finish(metrics, converged, saved)
         return {**metrics, "saved": saved} if saved is not None else metrics
+
+    def _start_row(self, metrics: dict) -> dict:
+        """The recorded metrics of step 0 of a resumed run, those of its keys that are in
+        `metrics` and not null (empty if the files do not have step 0)."""
+        if self.recorder is None:
+            return {}
+        table = read_metrics(self.recorder.out)
+        if table is None or table.num_rows == 0 or table.column("step")[0].as_py() != 0:
+            return {}
+        row = table.slice(0, 1).to_pylist()[0]
+        return {k: v for k, v in row.items() if k in metrics and v is not None}
 
     def _saved_metrics(self) -> dict:
         """loss, grad_norm (and accuracy) of the saved weights, after the last update, over

@@ -624,3 +624,14 @@ def test_inspect_of_regression_scores_says_nothing_of_learning_events(reg_data, 
     summary = json.loads(inspect(out / "scores", "--json").stdout)["scores"]
     assert "never_learned" not in summary and "forgetting_events" not in summary
     assert "never learned" not in inspect(out / "scores").stdout
+
+
+def test_inspect_takes_a_checkpoint_folder_as_evaluate_does(cls_data, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(data=str(cls_data), out=str(out), workers=0, steps=4, hidden=(4,),
+                      checkpoint_every=2))
+    folder = out / "checkpoints" / "step-000002"
+    by_folder = json.loads(inspect(folder, "--json").stdout)
+    by_file = json.loads(inspect(folder / "weights.parquet", "--json").stdout)
+    assert by_folder["kind"] == "weights" and by_folder["weights"] == by_file["weights"]
+    assert by_folder["weights"] is not None

@@ -160,6 +160,10 @@ def open_output(path: str | Path) -> Output:
             )
         if steps := _step_folders(path):
             return Output(path, "per_sample", per_sample=steps)
+        weights = store.join(path, "weights.parquet")
+        if store.is_file(store.join(path, "state.json")) and store.is_file(weights):
+            return Output(weights, "weights", weights=weights)  # a checkpoint, as evaluate takes
+
         records = _step_files(path)
         if records:  # a run's metrics/ or gradients/ folder
             out = Output(path, detect_kind(records[0]))

@@ -328,6 +328,9 @@ def test_the_summary_line_says_epsilon_at_delta(cls_data, tmp_path):
     assert shown["privacy"]["epsilon"] == info["epsilon"] and shown["privacy"]["steps"] == 3
     text = " ".join(_cli("inspect", tmp_path / "run").stdout.split())
     assert f"({info['epsilon']:.4g}, 1e-05)-DP after 3 steps" in text
+    # no noise scale is kept: no table of dashes for it
+    assert json.loads(_cli("inspect", tmp_path / "run", "--json").stdout)["noise_scale"] is None
+    assert "noise scale" not in text
     assert "Poisson, rate 0.3, private (clip 1)" in text
 
 

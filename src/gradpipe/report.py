@@ -557,7 +557,10 @@ def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) 
             best_val["checkpoint"] = near[1] if near and near[0] == best_val["step"] else None
             best_val["nearest_checkpoint"] = near[1] if near else None
         rows = (summary["run"] or {}).get("dataset", {}).get("rows")
-        summary["noise_scale"] = noise_summary(result.metrics, rows)
+        # A private run keeps no noise scale (exact per-sample norms are not private): its
+        # metrics' column is null, and a table of dashes would say nothing.
+        if not (summary["run"] or {}).get("privacy"):
+            summary["noise_scale"] = noise_summary(result.metrics, rows)
     if output.per_sample:
         summary["per_sample"], result.sample_norms = per_sample_summary(
             output.per_sample, top, step, output.path)

@@ -5,6 +5,7 @@ ignores its inputs, or a target with nothing to learn."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +245,21 @@ def test_val_data_that_is_the_training_data_is_said(tmp_path):
     _, info = _train(data, tmp_path / "r", target=("t0", "t1"), val=str(data), steps=3)
     assert f"--val {data} is the training data itself: its val_* metrics are not held out" in (
         info["warnings"])
+    # copies elsewhere, of the folder or of one of its files: the same bytes, other paths
+    data = make_classification(tmp_path / "c", rows=60, files=3)
+    shutil.copytree(data, tmp_path / "copy")
+    (tmp_path / "some").mkdir()
+    shutil.copy(data / "part-1.parquet", tmp_path / "some" / "a.parquet")
+    other = make_classification(tmp_path / "o", rows=30, files=1, seed=9)
+    shutil.copy(other / "part-0.parquet", tmp_path / "some" / "b.parquet")
+    for val, said in ((tmp_path / "copy", "all 3 of its files are copies of training files"),
+                      (tmp_path / "copy" / "part-2.parquet", "it is a copy of a training file"),
+                      (tmp_path / "some", "1 of its 2 files is a copy of training files"),
+                      (other, None)):
+        _, info = _train(data, tmp_path / "v", val=str(val), steps=2, overwrite=True)
+        shown = [w for w in info["warnings"] if w.startswith(f"--val {val}")]
+        assert shown == ([] if said is None else [
+            f"--val {val}: {said} (the same bytes): its val_* metrics are not held out"]), shown
 
 
 @pytest.mark.ray

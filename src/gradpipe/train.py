@@ -33,6 +33,7 @@ from .data import (
     describe_columns,
     plan,
     schema_line,
+    shared_files,
 )
 from .errors import WARNING, ConfigError, DataError, DivergenceError, RunInterrupted
 from .evaluate import evaluate_with, exact_name
@@ -423,9 +424,19 @@ class Run:
                             "training data's feature and target columns, by name")
         try:
             val = plan(spec)
+            files = len({b.file for b in val.blocks})
             if val.fingerprint == d.fingerprint:  # the same files
                 self.warnings.append(f"--val {self.config.val} is the training data itself: "
                                      "its val_* metrics are not held out")
+            elif shared := shared_files(val, d):  # copies, wherever they lie
+                self.warnings.append(
+                    f"--val {self.config.val}: "
+                    + ("it is a copy of a training file" if shared == files == 1 else
+                       f"all {files} of its files are copies of training files"
+                       if shared == files else
+                       f"{shared} of its {files} files "
+                       f"{'is a copy' if shared == 1 else 'are copies'} of training files")
+                    + " (the same bytes): its val_* metrics are not held out")
             pool = start_pool(val, 0, self.config.dtype,
                               flops=(2.0 * val.n_rows * self.arch.n_params, 1))  # forward
             pool.load()

@@ -475,6 +475,30 @@ def test_auto_refuses_an_integer_target_with_many_classes_of_few_rows(tmp_path: 
             assert plan(DataSpec(str(path), target=("y",))).n_outputs == 21
 
 
+def test_auto_refuses_ten_classes_or_more_of_under_two_rows_each(tmp_path: Path) -> None:
+    """Small data is not spared: linnerud's Weight stored as integers, 16 values in 20 rows,
+    trained silently as 16 classes at accuracy 1.0. From 10 classes on, fewer than 2 rows a
+    class on average is refused under --task auto; 9 classes of one row, or 10 of two, are
+    still classes."""
+    rng = np.random.default_rng(0)
+    weights = [138, 154, 156, 157, 162, 166, 167, 169, 176, 182, 189, 191, 193, 202, 211, 247]
+    path = write_parquet(tmp_path / "linnerud.parquet", {
+        "x0": rng.normal(size=20), "Weight": np.array(weights + weights[:4], np.int64)})
+    with pytest.raises(DataError, match=r"int64 with 16 distinct values in 20 rows \(1.2 a "
+                       r"value\): class labels or numbers\? Pass --task"):
+        plan(DataSpec(str(path), target=("Weight",)))
+    assert plan(DataSpec(str(path), target=("Weight",), task="regression")).task == "regression"
+    assert plan(DataSpec(str(path), target=("Weight",), task="classification")).n_outputs == 16
+    for rows, classes in ((9, 9), (20, 10)):
+        ok = write_parquet(tmp_path / f"ok{rows}.parquet", {
+            "x0": rng.normal(size=rows), "y": np.arange(rows) % classes})
+        assert plan(DataSpec(str(ok), target=("y",))).n_outputs == classes
+    names = write_parquet(tmp_path / "names.parquet", {
+        "x0": rng.normal(size=12), "name": [f"p{i}" for i in range(12)]})
+    with pytest.raises(DataError, match="string with 12 distinct values in 12 rows"):
+        plan(DataSpec(str(names), target=("name",)))
+
+
 def test_auto_refuses_a_string_target_of_names_or_ids(tmp_path: Path) -> None:
     """A column of names (a string a row) taken as the target is not silently 178 classes:
     the same rule as for integers, with a hint to name the label column."""

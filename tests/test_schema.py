@@ -601,12 +601,12 @@ def test_a_feature_named_like_a_target_is_said(tmp_path: Path) -> None:
 
 def test_integer_classes_with_gaps_are_pointed_out(tmp_path: Path) -> None:
     # a count taken as classes: 0..11 and 13, no 12; a split's 12 is then an unknown class
-    labels = np.r_[np.arange(12), 13, np.arange(12)]
-    write_parquet(tmp_path / "a.parquet", {"x": np.arange(25.0), "count": labels})
+    labels = np.r_[np.arange(12), 13, np.arange(12), 13, np.arange(12)]
+    write_parquet(tmp_path / "a.parquet", {"x": np.arange(38.0), "count": labels})
     line = schema_line(plan(DataSpec(str(tmp_path / "a.parquet"), target=("count",))))
     assert ("13 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, ..., 11, 13) with gaps (no 12): if 'count' "
             "counts or measures something, --task regression") in line
-    write_parquet(tmp_path / "b.parquet", {"x": np.arange(13.0), "count": np.arange(13)})
+    write_parquet(tmp_path / "b.parquet", {"x": np.arange(26.0), "count": np.arange(26) % 13})
     assert "gaps" not in schema_line(plan(DataSpec(str(tmp_path / "b.parquet"),
                                                    target=("count",))))
     write_parquet(tmp_path / "c.parquet", {"x": np.arange(3.0), "count": [0, 12, 3]})

@@ -730,6 +730,9 @@ GAPPED_CLASSES = 10
 MANY_CLASSES = 20
 ROWS_PER_CLASS = 5
 ROWS_PER_NAME = 2  # strings: 26 letters of 4.6 rows each are classes, names a row are not
+# ... and from SOME_CLASSES classes on, fewer than ROWS_PER_NAME rows a class of any type:
+# linnerud's Weight stored as integers is 16 values in 20 rows, a measure, not 16 classes.
+SOME_CLASSES = 10
 
 
 def _resolve_task(
@@ -738,10 +741,11 @@ def _resolve_task(
     """(task, class values, class type) from the target's type, and its values if needed.
 
     With --task auto, a class target with more than MANY_CLASSES classes and fewer than
-    ROWS_PER_CLASS rows a class on average (ROWS_PER_NAME for strings) is refused as
-    ambiguous: a count or a measure stored as integers (scikit-learn's diabetes target cast
-    to int: 214 classes of 442 rows), as a float target of whole numbers is, or a column of
-    names or ids, or of numbers written as text (a string a row).
+    ROWS_PER_CLASS rows a class on average (ROWS_PER_NAME for strings), or with SOME_CLASSES
+    classes or more and fewer than ROWS_PER_NAME rows a class, is refused as ambiguous: a
+    count or a measure stored as integers (scikit-learn's diabetes target cast to int: 214
+    classes of 442 rows), as a float target of whole numbers is, or a column of names or
+    ids, or of numbers written as text (a string a row).
     """
     names = spec.target
     if len(names) > 1:
@@ -810,8 +814,9 @@ def _resolve_task(
     numbers = pa.types.is_integer(value_type)
     # integers: a count or a measure; strings: names or ids, most of them once
     per_class = ROWS_PER_CLASS if numbers else ROWS_PER_NAME
-    if (spec.task == "auto" and len(classes) > MANY_CLASSES
-            and n_rows < per_class * len(classes)):
+    if spec.task == "auto" and (
+            (len(classes) > MANY_CLASSES and n_rows < per_class * len(classes))
+            or (len(classes) >= SOME_CLASSES and n_rows < ROWS_PER_NAME * len(classes))):
         text = [str(c) for c in classes[:50]]
         written = not numbers and all(_reads_as_number(v) for v in text)
         raise DataError(

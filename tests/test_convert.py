@@ -318,6 +318,54 @@ def test_id_column_keeps_an_index_as_the_sample_id(tmp_path: Path, source: str) 
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("source", ["csv", "parquet"])
+def test_no_target_brings_in_rows_to_predict(tmp_path: Path, source: str) -> None:
+    """New rows come without a target: --no-target writes every column but the index as a
+    feature, predict takes them as any data, and train and evaluate refuse them in one
+    line instead of a missing 'label'."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(60, 2))
+    df = pd.DataFrame({"x0": x[:, 0], "x1": x[:, 1], "label": (x[:, 0] > 0).astype(int)})
+    df.to_csv(tmp_path / "train.csv", index=False)
+    ok(import_(tmp_path / "train.csv", tmp_path / "train"))
+    run = tmp_path / "run"
+    ok(CliRunner().invoke(cli, ["train", str(tmp_path / "train"), "--steps", "20", "-q",
+                                "--out", str(run)]))
+    new = df.drop(columns="label").iloc[::-1]
+    if source == "csv":
+        new.to_csv(tmp_path / "new.csv")  # with pandas' index, a column named ''
+        src = tmp_path / "new.csv"
+    else:
+        new.to_parquet(tmp_path / "new.parquet")  # __index_level_0__
+        src = tmp_path / "new.parquet"
+    said = ok(import_(src, tmp_path / "new", "--no-target")).output
+    assert "  no target (rows for gradpipe predict); 2 features (x0, x1); 60 rows" in said
+    assert "gradpipe train takes" not in said
+    assert pq.read_schema(next((tmp_path / "new").glob("*.parquet"))).names == ["x0", "x1"]
+    ok(CliRunner().invoke(cli, ["predict", str(run), str(tmp_path / "new"), "--out",
+                                str(tmp_path / "pred"), "-q"]))
+    got = pq.read_table(tmp_path / "pred").to_pandas().sort_values("sample")
+    ok(CliRunner().invoke(cli, ["predict", str(run), str(tmp_path / "train"), "--out",
+                                str(tmp_path / "pred0"), "-q"]))
+    want = pq.read_table(tmp_path / "pred0").to_pandas().sort_values("sample")
+    # the rows came reversed: new row i is training row 59 - i
+    assert list(got["prediction"]) == list(want["prediction"])[::-1]
+    for command in (["train", str(tmp_path / "new"), "--out", str(tmp_path / "r2")],
+                    ["evaluate", str(run), str(tmp_path / "new")]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    one_line_error(CliRunner().invoke(cli, ["train", str(tmp_path / "new"), "--out",
+                                            str(tmp_path / "r3")]),
+                   "imported without a target (data import --no-target)")
+    one_line_error(import_(src, tmp_path / "both", "--no-target", "--target", "x0"),
+                   "--no-target with --target")
+    assert not (tmp_path / "both").exists() and not (tmp_path / "r3").exists()
+    one_line_error(CliRunner().invoke(cli, ["predict", str(run), str(tmp_path / "train.csv"),
+                                            "--out", str(tmp_path / "p")]),
+                   "--no-target for rows to predict")
+
+
 # --------------------------------------------------------------------------- refused
 
 

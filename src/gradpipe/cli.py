@@ -933,6 +933,9 @@ def inspect_(path: str, top: int, step: int | None, as_json: bool, plot_file: st
 @_train_option("task")
 @_train_option("features")
 @_train_option("id_column")
+@click.option("--no-target", is_flag=True,
+              help="Rows without a target, to predict: every column but the id (and index "
+                   "columns) is a feature. train and evaluate refuse such files.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it holds only Parquet files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def data_import(src: str, out: str, as_json: bool, **params: Any) -> None:
@@ -958,6 +961,8 @@ def data_import(src: str, out: str, as_json: bool, **params: Any) -> None:
     if summary.get("schema"):
         click.echo(f"  {summary['schema']}")  # what `train OUT` will take it to mean
     declared = summary["declared"]
+    if not declared["target"]:
+        return  # rows for predict: nothing for train to take
     taken = ([f"--target {shlex.quote(','.join(declared['target']))}"]
              if declared["target"] != ["label"] else []) + (
         [f"--task {declared['task']}"] if declared["task"] != "auto" else []) + (

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_dir, check_replaceable
 from .data import (
+    DEFAULT_TARGET,
     IMPORT_KEY,
     Dataset,
     DataSpec,
@@ -444,10 +445,13 @@ def new_folder(out: Path) -> Iterator[Path]:
 
 
 def _verify(source: str, tmp: Path, out: Path, target: tuple[str, ...], task: str,
-            rows: int, id_column: str | None = None) -> Dataset:
-    """Plan and read every block of the written dataset, as `gradpipe train OUT` will."""
+            rows: int, id_column: str | None = None, no_target: bool = False) -> Dataset:
+    """Plan and read every block of the written dataset, as `gradpipe train OUT` (or, for
+    rows without a target, `gradpipe predict`) will."""
     try:
-        dataset = plan(DataSpec(str(tmp), target=target, task=task, id_column=id_column))
+        dataset = plan(DataSpec(str(tmp), target=target,
+                                task="regression" if no_target else task,
+                                id_column=id_column, read_target=not no_target))
         fs = pafs.LocalFileSystem()
         for block in dataset.blocks:
             read_block(dataset, block, "float64", fs)
@@ -470,11 +474,12 @@ def import_dataset(
     *,
     row_group_size: int = ROW_GROUP_SIZE,
     files: int = 1,
-    target: tuple[str, ...] = ("label",),
+    target: tuple[str, ...] = DEFAULT_TARGET,
     features: tuple[str, ...] = (),
     overwrite: bool = False,
     task: str = "auto",
     id_column: str | None = None,
+    no_target: bool = False,
 ) -> dict:
     """Re-write a CSV or Parquet dataset as checked Parquet shards in OUT; returns a summary.
 
@@ -490,13 +495,21 @@ def import_dataset(
     files keep `target`, `task` and `id_column` in their metadata (data.IMPORT_KEY, the
     summary's `declared`): train's defaults where it is told no other target, no task and
     no id column. `id_column` (an integer column, an index column included) is written
-    after the targets, not as a feature.
+    after the targets, not as a feature. With `no_target` the rows have no target (data
+    for gradpipe predict): every column but the id and index columns is a feature, and
+    train refuses the files (data._declared).
     On any error or Ctrl-C nothing is left behind.
     """
     for name, value in (("row-group-size", row_group_size), ("files", files)):
         if value < 1:
             raise ConfigError(f"--{name} {value}: must be >= 1")
-    if not target:
+    if no_target:
+        if target != DEFAULT_TARGET or task != "auto":
+            given = "--target" if target != DEFAULT_TARGET else "--task"
+            raise ConfigError(f"--no-target with {given}: rows without a target have none "
+                              "to name")
+        target = ()
+    elif not target:
         raise ConfigError("--target: give at least one target column")
     out = Path(out)
     refuse_own_source(source, out)
@@ -518,8 +531,9 @@ def import_dataset(
         keys: tuple = ()
     else:
         # plan checks the schemas, column types and classes, naming files.
-        dataset = plan(DataSpec(source, features=features, target=target, task=task,
-                                id_column=id_column))
+        dataset = plan(DataSpec(source, features=features, target=target,
+                                task="regression" if no_target else task,
+                                id_column=id_column, read_target=not no_target))
         columns = ([f for f in dataset.features if f not in target] + list(target)
                    + ([id_column] if id_column is not None else []))
         ignored = list(dataset.ignored_columns)
@@ -545,7 +559,7 @@ def import_dataset(
         if writer.rows != rows:
             raise DataError(f"{source}: read {writer.rows} rows but counted {rows} before. "
                             "Did it change while importing?")
-        written = _verify(source, tmp, out, target, task, rows, id_column)
+        written = _verify(source, tmp, out, target, task, rows, id_column, no_target)
     summary = {"out": str(out), "source": source, "format": fmt, "rows": rows, "files": files,
                "row_groups": writer.row_groups, "columns": columns, "target": list(target),
                "task": written.task, "id_column": id_column,

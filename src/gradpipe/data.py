@@ -301,7 +301,8 @@ def _open(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
             raise store.failure(path, e) from None
         if path.lower().endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
             raise DataError(f"{path}: a CSV file, not Parquet. Convert it first: gradpipe data "
-                            f"import {path} OUT_FOLDER --target TARGET_COLUMN") from None
+                            f"import {path} OUT_FOLDER --target TARGET_COLUMN (or --no-target for "
+                            "rows to predict)") from None
         raise DataError(
             f"{path}: not a readable Parquet file ({str(e).rstrip('.')}). Check that it is "
             "complete and not another format (a CSV file: gradpipe data import)."
@@ -561,6 +562,9 @@ def _declared(schema: pa.Schema, spec: DataSpec) -> tuple[DataSpec, str | None]:
         id_column = found.get("id_column")  # absent in files of before it was kept
     except (ValueError, KeyError, TypeError, AttributeError):  # not ours, or damaged
         return spec, None
+    if spec.read_target and not target and not all(t in schema.names for t in spec.target):
+        raise DataError(f"{spec.path}: imported without a target (data import --no-target): "
+                        "rows for gradpipe predict; training and evaluating need their target")
     taken = []
     if spec.read_target:
         if (spec.target == DEFAULT_TARGET and DEFAULT_TARGET[0] not in schema.names and target
@@ -1109,7 +1113,9 @@ def schema_line(dataset: Dataset) -> str:
     targets = ", ".join(repr(t) for t in dataset.target)
     if not dataset.has_target:
         targets += " (not read)"
-    if dataset.classify:
+    if not dataset.target:  # data import --no-target
+        head = "no target (rows for gradpipe predict)"
+    elif dataset.classify:
         head = (f"classification on {targets}: {len(dataset.classes)} classes "
                 f"({describe_values(dataset.classes)})")
         ints = [c for c in dataset.classes if isinstance(c, int) and not isinstance(c, bool)]

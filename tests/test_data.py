@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DIGITS, make_classification, make_regression, write_parquet
 
+from gradpipe import convert
 from gradpipe.data import Dataset, DataSpec, list_files, plan, read_block, read_rows
 from gradpipe.errors import DataError
 
@@ -572,6 +573,23 @@ def test_a_missing_column_message_names_the_closest_columns_the_cut_hides() -> N
     assert describe_columns(names, "Traget").endswith("; closest to 'Traget': 'Target'")
     assert describe_columns(names, "label") == describe_columns(names)
     assert describe_columns(["a", "class, final", " b"]) == "a, 'class, final', ' b'"
+
+
+def test_a_missing_default_target_names_the_column_called_like_one(tmp_path: Path) -> None:
+    """scikit-learn's frames call their target 'target', past the six names an error lists:
+    the default 'label' missing points at it, in train and in data import."""
+    cols = {f"f{i}": np.arange(9.0) for i in range(12)} | {"target": np.arange(9) % 3}
+    path = write_parquet(tmp_path / "d.parquet", cols)
+    with pytest.raises(DataError, match=r"missing target column 'label' \(found: f0, .* "
+                       r"\(13\)\)\. Pass --target with the right name; named like a target: "
+                       r"'target' \(--target target\)\.$"):
+        plan(DataSpec(str(path)))
+    with pytest.raises(DataError, match=r"named like a target: 'target' \(--target target\)"):
+        convert.import_dataset(str(path), tmp_path / "out")
+    plain = write_parquet(tmp_path / "p.parquet", {"x0": np.arange(9.0), "y": np.arange(9) % 3})
+    with pytest.raises(DataError, match=r"\(found: x0, y\)\. Pass --target with the right "
+                       r"name\.$"):
+        plan(DataSpec(str(plain)))
 
 
 def test_a_target_name_with_a_comma_is_pointed_to_a_job_file(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from .data import (
     read_block,
     schema_line,
     select_features,
+    target_advice,
 )
 from .errors import ConfigError, DataError
 
@@ -104,7 +105,7 @@ def select_columns(
                 + (f"The header reads as one column: the file seems separated by {one!r}; data "
                    "import reads ',' in .csv and tab in .tsv files: convert it first (pandas: "
                    f"pd.read_csv(path, sep={one!r}).to_parquet(...))." if one else
-                   "Pass --target with the right name.")
+                   target_advice(names, t))
             )
     index = index_columns(names)
     kept = set(target) | ({id_column} if id_column is not None else set())

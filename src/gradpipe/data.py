@@ -354,6 +354,17 @@ def describe_columns(names: list[str], near: str | None = None) -> str:
     return text + (f"; closest to {near!r}: {', '.join(map(repr, close))}" if close else "")
 
 
+def target_advice(names: list[str], missing: str) -> str:
+    """What to do about a target column that is not there: name the columns called like a
+    target (scikit-learn's frames call theirs 'target', the default is 'label'), which the
+    list of names may have cut."""
+    like = [n for n in names if TARGET_NAME.match(n) and n != missing]
+    if not like:
+        return "Pass --target with the right name."
+    return ("Pass --target with the right name; named like a target: "
+            + ", ".join(f"{n!r} (--target {shlex.quote(n)})" for n in like[:3]) + ".")
+
+
 def _show(name: str) -> str:
     """A column name for a line of text: quoted when it is empty or padded."""
     return name if name and name.strip() == name else repr(name)
@@ -589,7 +600,7 @@ def _check_columns(schema: pa.Schema, spec: DataSpec, path: str) -> None:
                           [p.strip() for p in c.split(",")]), None)
             raise DataError(
                 f"{path}: missing target column {t!r} (found: {describe_columns(names, t)}). "
-                + ("Pass --target with the right name." if comma is None else
+                + (target_advice(names, t) if comma is None else
                    f"--target splits names at commas: name {comma!r} in a job file, "
                    f"target = [{json.dumps(comma)}]")
             )

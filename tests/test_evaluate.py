@@ -4,6 +4,7 @@ written here, in float64; columns selected by name; labels kept in their own typ
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -451,3 +452,19 @@ def test_evaluate_says_when_the_data_is_the_runs_own_training_data(tmp_path):
             "training_data"] is own
         said = CliRunner().invoke(cli, args).stderr.rstrip()
         assert said.endswith("; the run's own training data, not held out") is own, said
+    # copies, wherever they lie: all of the files, one file, or some of them
+    shutil.copytree(data, tmp_path / "copy")
+    shutil.copy(data / "part-1.parquet", tmp_path / "one.parquet")
+    shutil.copytree(other, tmp_path / "mixed")
+    shutil.copy(data / "part-0.parquet", tmp_path / "mixed" / "part-9.parquet")
+    for path, own, end in (
+            ("copy", True, "; copies of the run's training files (the same bytes), not held out"),
+            ("one.parquet", True, "; a copy of a training file of the run (the same bytes), not "
+                                  "held out"),
+            ("mixed", False, "; 1 of its 4 files is a copy of the run's training files (the same "
+                             "bytes): not held out")):
+        args = ["evaluate", str(tmp_path / "r"), str(tmp_path / path), "--workers", "0"]
+        assert json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)[
+            "training_data"] is own
+        said = CliRunner().invoke(cli, args).stderr.rstrip()
+        assert said.endswith(end), said

@@ -242,13 +242,17 @@ def _signature(fs: pafs.FileSystem, path: str, size: int) -> str:
     return digest.hexdigest()
 
 
-def shared_files(a: Dataset, b: Dataset) -> int:
-    """How many of a's files have the contents of one of b's, wherever they lie: a copy of
-    a file, or of the folder, is data already seen. Only files of equal sizes are read
-    (2 MiB of each at most, by `_signature`)."""
-    def sized(ds: Dataset) -> tuple[pafs.FileSystem, dict[str, int]]:
-        fs, _ = filesystem(ds.source)
-        files = sorted({blk.file for blk in ds.blocks})
+def shared_files(a: Dataset, b: Dataset | str) -> int:
+    """How many of a's files have the contents of one of b's (a dataset, or its source:
+    only its files are listed), wherever they lie: a copy of a file, or of the folder, is
+    data already seen. Only files of equal sizes are read (2 MiB of each at most, by
+    `_signature`)."""
+    def sized(ds: Dataset | str) -> tuple[pafs.FileSystem, dict[str, int]]:
+        if isinstance(ds, str):
+            fs, files = list_files(ds)
+        else:
+            fs, _ = filesystem(ds.source)
+            files = sorted({blk.file for blk in ds.blocks})
         return fs, {i.path: i.size for i in fs.get_file_info(files)}
 
     (fs_a, size_a), (fs_b, size_b) = sized(a), sized(b)

@@ -34,6 +34,7 @@ from .data import (
     describe_columns,
     plan,
     schema_line,
+    shared_files,
 )
 from .errors import ConfigError, DataError
 from .model import Architecture, Params, forward
@@ -367,6 +368,28 @@ def _run_dataset(model: Model) -> dict:
     return read_run_json(run).get("dataset", {})
 
 
+def training_files(dataset: Dataset, run_dataset: dict) -> tuple[bool, str]:
+    """Whether DATA is the run's training data: the same files (the fingerprint), or copies
+    of them wherever they lie (data.shared_files, where the run's DATA can still be read
+    from here), and what the schema line says of it ("" when it is held out)."""
+    if dataset.fingerprint == run_dataset.get("fingerprint"):
+        return True, "; the run's own training data, not held out"
+    try:
+        shared = shared_files(dataset, run_dataset["source"]) if run_dataset else 0
+    except (DataError, OSError):  # moved or gone since: nothing to compare with
+        shared = 0
+    files = len({b.file for b in dataset.blocks})
+    if not shared:
+        return False, ""
+    if shared == files:
+        return True, ("; copies of the run's training files (the same bytes), not held out"
+                      if files > 1 else "; a copy of a training file of the run (the same "
+                      "bytes), not held out")
+    copies = "is a copy" if shared == 1 else "are copies"
+    return False, (f"; {shared} of its {files} files {copies} of the run's training files "
+                   "(the same bytes): not held out")
+
+
 def _model_id_column(model: Model) -> str | None:
     """The id column the model's run used (its run.json), if RUN is a run folder."""
     return _run_dataset(model).get("id_column")
@@ -447,10 +470,8 @@ def evaluate(config: EvalConfig, note: Note | None = None) -> dict:
     `note` receives the data's schema line before any work starts."""
     model = read_model(config.model)
     dataset = plan_for_model(config, model, read_target=True)
-    # The same files as the run's (the fingerprint): metrics on the data it was fit to
-    training = dataset.fingerprint == _run_dataset(model).get("fingerprint")
-    pool = _pool(config, dataset, model, note, "; the run's own training data, not held "
-                 "out" if training else "")
+    training, said = training_files(dataset, _run_dataset(model))
+    pool = _pool(config, dataset, model, note, said)
     try:
         metrics = evaluate_with(pool, model.arch, model.params, model.standardize,
                                 model.target_scale)

@@ -485,8 +485,9 @@ class Run:
                 f"feature {self.unscaled!r} reaches {size:.6g}"
                 + (f" ({len(far) - 1} more beyond {UNSCALED:g})" if len(far) > 1 else "")
                 + ": a private run does not standardize its features, and at this scale "
-                "clipping leaves the gradients mostly noise; scale them first (mean 0, std 1, "
-                "from the training rows)")
+                "clipping leaves the gradients mostly noise; scale them first (to about mean 0, "
+                "std 1, by public statistics or known ranges: statistics of the private rows "
+                "are not covered by the privacy accounting)")
 
     def _note_coarse_columns(self) -> None:
         """Warn of features and targets that the compute dtype holds in too few steps over

@@ -23,6 +23,7 @@ from gradpipe.data import (
     read_block,
     read_rows,
     schema_line,
+    split_keys,
 )
 from gradpipe.errors import ConfigError, DataError
 
@@ -571,6 +572,36 @@ def test_hive_partition_keys_are_named_not_missing(tmp_path: Path) -> None:
         plan(DataSpec(path, target=("split",)))
     with pytest.raises(DataError, match="'split' is a partition key"):
         plan(DataSpec(path, features=("x", "split")))
+
+
+def test_a_partition_that_looks_like_a_split_is_warned_of_under_quiet(tmp_path: Path) -> None:
+    """split=train/ and split=test/ read together trained on the test rows: a warning, which
+    --quiet keeps, naming the folder to give; a key like store=a/ is only on the line."""
+    from click.testing import CliRunner
+
+    from gradpipe.cli import cli
+
+    rng = np.random.default_rng(2)
+    for key, values in (("split", ("test", "train")), ("store", ("a", "b")),
+                        ("day", ("dev", "train"))):
+        for v in values:
+            x = rng.normal(size=20)
+            write_parquet(tmp_path / key / f"{key}={v}" / "part-0.parquet",
+                          {"x": x, "label": (x > 0).astype(int)})
+        ds = plan(DataSpec(str(tmp_path / key)))
+        assert split_keys(ds) == ([] if key == "store" else [(key, values)])
+        result = CliRunner().invoke(cli, ["train", str(tmp_path / key), "--steps", "20", "-q",
+                                          "--out", str(tmp_path / f"run-{key}")])
+        assert result.exit_code == 0, result.output
+        warned = [line for line in result.stderr.splitlines() if "is partitioned by" in line]
+        if key == "store":
+            assert warned == []
+        else:
+            assert warned == [
+                f"gradpipe: warning: {tmp_path / key} is partitioned by {key!r} "
+                f"({key}={values[0]}, {key}={values[1]}) and every folder's rows are trained on, "
+                f"held-out ones included: give the training folder alone (such as "
+                f"{tmp_path / key}/{key}=train)"]
 
 
 def test_tiny_row_groups_are_said_on_the_schema_line(tmp_path: Path) -> None:

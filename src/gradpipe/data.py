@@ -549,6 +549,20 @@ def partition_keys(files: list[str], columns: list[str]) -> dict[str, list[str]]
     return {k: sorted(v) for k, v in found.items()}
 
 
+# A partition key that splits rows into training and held-out sets, by its name or values.
+SPLIT_KEY = re.compile(r"(?i)^(split|splits|fold|folds|subset|set|dataset|partition|phase|"
+                       r"stage|part)$")
+SPLIT_VALUE = re.compile(r"(?i)^(train|training|test|testing|val|valid|validation|eval|"
+                         r"evaluation|dev|holdout|heldout)$")
+
+
+def split_keys(dataset: Dataset) -> list[tuple[str, tuple[str, ...]]]:
+    """The dataset's partition keys that look like a train/test split (SPLIT_KEY names, or
+    a SPLIT_VALUE among their values): every folder's rows are read, held-out ones too."""
+    return [(k, v) for k, v in dataset.partition_keys
+            if SPLIT_KEY.match(k) or any(SPLIT_VALUE.match(x) for x in v)]
+
+
 def _check_partition_keys(keys: dict[str, list[str]], spec: DataSpec, path: str) -> None:
     """A target, id or feature named as a partition key: said so, not 'missing'."""
     asked = [*(spec.target if spec.read_target else ()),

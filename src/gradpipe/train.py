@@ -34,6 +34,7 @@ from .data import (
     plan,
     schema_line,
     shared_files,
+    split_keys,
 )
 from .errors import WARNING, ConfigError, DataError, DivergenceError, RunInterrupted
 from .evaluate import evaluate_with, exact_name
@@ -294,6 +295,7 @@ class Run:
                 self._note_far_targets(mean, std)
         self._note_coarse_columns()
         self._note_unscaled_private()
+        self._note_split_partitions()
         if config.val:
             self.val_pool = self._val_pool()
         # Said once the data is read and checked, before the first step.
@@ -469,6 +471,19 @@ class Run:
                     f"from its mean {mean[i]:.6g}: a few rows that far out dominate the squared "
                     "loss; check them (gradpipe scores ranks the rows by loss_last), or train "
                     "on log(target) if it is skewed (incomes, waiting times)")
+
+    def _note_split_partitions(self) -> None:
+        """Warn of hive partitions that look like a train/test split (split=train/,
+        split=test/): the schema line says every folder's rows are used, a warning says it
+        under --quiet too, with the folder to give instead."""
+        for key, values in split_keys(self.dataset):
+            first = next((v for v in values if v.lower().startswith("train")), values[0])
+            shown = ", ".join(f"{key}={v}" for v in values[:4]) + (
+                ", ..." if len(values) > 4 else "")
+            self.warnings.append(
+                f"{self.config.data} is partitioned by {key!r} ({shown}) and every folder's "
+                f"rows are trained on, held-out ones included: give the training folder "
+                f"alone (such as {self.config.data.rstrip('/')}/{key}={first})")
 
     def _note_unscaled_private(self) -> None:
         """A private run trains on the features as they are (no --standardize): warn of a

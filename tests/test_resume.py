@@ -61,6 +61,37 @@ def test_steps_may_grow_and_the_steps_done_keep_their_learning_rates(cls_data, t
     assert extended["lr"].to_pylist()[6:] == lr_10[6:]
 
 
+def test_an_extended_run_has_the_records_and_scores_of_the_longer_run(cls_data, tmp_path):
+    """The old last step was recorded because it was the last (gradients, per-sample rows,
+    off their grids): extending the run drops them, so that its folder, and the scores made
+    from it, are those of a run of the new length from the start."""
+    out, longer = tmp_path / "run", tmp_path / "longer"
+    common = ["--workers", "0", "--hidden", "4", "--quiet", "--per-sample", "norms",
+              "--per-sample-every", "4", "--record-every", "4"]
+    assert invoke("train", cls_data, *common, "--steps", "7", "--out", out).exit_code == 0
+    assert sorted(p.name for p in (out / "per_sample").iterdir())[-1] == "step=6"
+    r = invoke("train", "--resume", "--out", out, "--steps", "12", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert invoke("train", cls_data, *common, "--steps", "12", "--out", longer).exit_code == 0
+    for kind in ("per_sample", "gradients"):
+        names = sorted(p.name for p in (out / kind).iterdir())
+        assert names == sorted(p.name for p in (longer / kind).iterdir()), kind
+    assert sorted(p.name for p in (out / "per_sample").iterdir()) == [
+        "step=0", "step=11", "step=4", "step=8"]
+    for run in (out, longer):
+        assert invoke("scores", run, "--out", tmp_path / f"scores-{run.name}").exit_code == 0
+    a = pq.read_table(tmp_path / "scores-run")
+    b = pq.read_table(tmp_path / "scores-longer")
+    assert a.equals(b)
+    # a step on both grids stays: 7 -> 9 steps with every 3 keeps step 6
+    keep = tmp_path / "keep"
+    grid = ["--workers", "0", "--hidden", "4", "--quiet", "--per-sample", "norms",
+            "--per-sample-every", "3"]
+    assert invoke("train", cls_data, *grid, "--steps", "7", "--out", keep).exit_code == 0
+    assert invoke("train", "--resume", "--out", keep, "--steps", "9", "--quiet").exit_code == 0
+    assert "step=6" in {p.name for p in (keep / "per_sample").iterdir()}
+
+
 def test_a_resumed_run_is_judged_against_its_start_not_the_resume_point(cls_data, tmp_path):
     # lr 300 makes the loss rise from step 0; the resumed run's warning compares with step 0
     out = tmp_path / "run"

@@ -131,6 +131,15 @@ class Recorder:
             if s > step:
                 store.remove(path)
 
+    def drop_step(self, step: int, kinds: tuple[str, ...]) -> None:
+        """Remove the records of one step in `kinds` (gradients, per_sample): those an
+        extended run wrote at its old last step, which the longer run would not have."""
+        for kind in kinds:
+            pattern = _STEP_FILE if kind == "gradients" else _STEP_DIR
+            path = _steps(store.join(self.out, kind), pattern).get(step)
+            if path is not None:
+                store.remove(path)
+
     # --- records, one file per step --------------------------------------------------------
     def metrics(self, row: dict) -> None:
         """Add a step's metrics row; rows are written as one file per checkpoint interval

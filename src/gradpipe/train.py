@@ -252,6 +252,7 @@ class Run:
                       else config.momentum),
             output_activation=self.arch.output_activation, loss=self.arch.loss)
         self.step, self.velocity = 0, np.zeros(self.arch.n_params)
+        self.old_steps = 0  # resuming: the run's --steps before
         if config.resume:
             assert config.out is not None
             info = read_run_json(config.out)
@@ -267,6 +268,7 @@ class Run:
                 raise ConfigError(f"--resume {config.out}: the dataset {config.data} changed "
                                   "since the run began")
             self.step, params, velocity = read_checkpoint(config.out)
+            self.old_steps = int(info.get("config", {}).get("steps") or 0)
             self.params = params.astype(self.arch.dtype)
             if velocity is not None:
                 self.velocity = velocity
@@ -716,12 +718,28 @@ class Run:
             return
         rec.start(self.info("running", started=self.started), overwrite=config.overwrite,
                   resume_step=self.step if config.resume else None)
+        if config.resume:
+            self._forget_old_last_step()
         if self.key is not None and (not config.resume or self.restore_key):  # for --resume
             with atomic_file(store.join(rec.out, privacy.KEY_FILE)) as tmp:
                 tmp.touch(mode=0o600)
                 tmp.write_text(self.key + "\n")
         if config.update and not config.resume:
             self._checkpoint()  # step 0: a diverged or killed run still has w_0
+
+    def _forget_old_last_step(self) -> None:
+        """A run extended with more --steps recorded its old last step's gradient and
+        per-sample rows because it was the last: a run of the new length would not have
+        them there (off the --record-every and --per-sample-every grids), so they go, and
+        the extended run's folder is the longer run's (its scores included)."""
+        config, rec = self.config, self.recorder
+        old_last = self.old_steps - 1
+        if rec is None or not 0 <= old_last < self.step or old_last == config.steps - 1:
+            return
+        kinds = tuple(kind for kind, every in (("gradients", config.record_every),
+                                               ("per_sample", config.per_sample_every))
+                      if not (every and old_last % every == 0))
+        rec.drop_step(old_last, kinds)
 
     def _gradient(self, step: int, last: int, recorded: bool) -> Gradient:
         """The step's gradient: fanned out to the workers, their tree nodes reduced in block

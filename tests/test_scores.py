@@ -308,6 +308,23 @@ def test_a_run_without_per_sample_rows_is_refused_in_one_line(tmp_path):
     one_line_error(run("scores", tmp_path / "nowhere", "--workers", "0"), "nowhere")
 
 
+def test_scores_of_an_unfinished_run_say_so(tmp_path):
+    """An interrupted run scores over the steps it recorded, and says that resuming it and
+    scoring again covers the rest; a finished run's scores say nothing of the kind."""
+    data = make_classification(tmp_path / "d", rows=30, features=3, classes=CLASSES)
+    out = train(data, tmp_path / "run")
+    result = run("scores", out, "--workers", "0")
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    result = run("scores", out, "--workers", "0", "--out", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[-1] == (
+        "gradpipe: warning: the run is interrupted (its last recorded step is 13, of 14 "
+        f"steps): these scores cover its steps so far; after gradpipe train --resume --out "
+        f"{out}, run gradpipe scores again")
+
+
 def test_readme_query_runs_on_the_scores(tmp_path):
     """The DuckDB queries of the README's "Finding bad data" section, on a fresh run."""
     text = (REPO / "README.md").read_text()

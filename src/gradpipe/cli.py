@@ -533,6 +533,11 @@ def scores(ctx: click.Context, run: str, **params: Any) -> None:
             f"recorded step{'s' * (len(summary['steps']) != 1)} in {summary['parts']} "
             f"part{'s' * (summary['parts'] != 1)} to "
             f"{summary['out']}", *render_top(summary))
+    if summary["run_status"] not in (None, "completed"):
+        click.echo(f"{WARNING}the run is {summary['run_status']} (its last recorded step is "
+                   f"{summary['steps'][-1]}, of {summary['run_steps']} steps): these scores "
+                   f"cover its steps so far; after gradpipe train --resume --out {run}, run "
+                   "gradpipe scores again", err=True)
 
 
 @cli.command()

@@ -375,6 +375,10 @@ def scores(config: ScoresConfig, note: Note | None = None) -> dict:
     finally:
         pool.close()
     summary["by"] = config.by
+    # An unfinished run (interrupted, failed, or still running): its later steps are not in
+    # these scores, which the caller says (inspect says so too once the run has them).
+    summary["run_status"] = info.get("status")
+    summary["run_steps"] = info.get("config", {}).get("steps")
     from .report import with_class_values
 
     summary["top"] = with_class_values(

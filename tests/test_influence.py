@@ -270,6 +270,23 @@ def test_output_text_and_ordering(tmp_path):
     assert keys == sorted(keys, key=lambda k: (k[0], k[1] != "proponent", k[2]))
 
 
+def test_influence_of_a_private_run_warns_that_it_is_not_private(tmp_path):
+    data = make_classification(tmp_path / "d", rows=40, features=4, classes=CLASSES)
+    test = make_classification(tmp_path / "t", rows=9, features=4, classes=CLASSES, files=1,
+                               seed=5)
+    out = train(data, tmp_path / "run", "--no-standardize", "--dp-clip", "1", "--dp-noise",
+                "1", "--batch-rate", "0.5", "--dp-delta", "1e-3")
+    result = run("influence", out, "--test", test, "--out", tmp_path / "i.parquet",
+                 "--workers", "0", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == (f"gradpipe: warning: {out} is a private run, but influence values "
+                             "are exact functions of its training rows, not covered by its "
+                             "epsilon: keep them as private as the data\n")
+    assert influence(out, test, tmp_path / "j.parquet")["private_run"] is True
+    assert influence(train(data, tmp_path / "plain"), test, tmp_path / "k.parquet")[
+        "private_run"] is False
+
+
 def test_bad_input_is_refused_in_one_line(tmp_path):
     data = make_classification(tmp_path / "d", rows=40, features=4, classes=CLASSES)
     test = make_classification(tmp_path / "t", rows=9, features=4, classes=CLASSES, files=1,

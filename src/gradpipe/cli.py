@@ -588,6 +588,10 @@ def influence(ctx: click.Context, run: str, **params: Any) -> None:
             f"{summary['test_samples']} test samples among {summary['training_samples']} "
             f"training samples, {len(summary['checkpoints'])} checkpoints) to "
             f"{summary['out']}")
+    if summary["private_run"]:
+        click.echo(f"{WARNING}{run} is a private run, but influence values are exact "
+                   "functions of its training rows, not covered by its epsilon: keep them as "
+                   "private as the data", err=True)
 
 
 @cli.command()

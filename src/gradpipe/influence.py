@@ -359,7 +359,9 @@ def influence(config: InfluenceConfig, note: Note | None = None) -> dict:
     return {"out": str(out), "run": str(run), "test": config.test, "rows": table.num_rows,
             "test_samples": test.n_rows, "training_samples": train.n_rows, "top": config.top,
             "checkpoints": [s for s, _, _ in weights], "lr": [e for _, e, _ in weights],
-            "columns": table.column_names}
+            "columns": table.column_names,
+            # a private run's influence is exact in its private rows: not covered by epsilon
+            "private_run": bool(info.get("privacy"))}
 
 
 def influence_table(proponents: Ranked, opponents: Ranked) -> pa.Table:

@@ -255,6 +255,21 @@ def test_labels_outside_the_model_are_refused_by_name_and_value(tmp_path: Path) 
         plan(DataSpec(str(b), classes=(0, 1)))
     with pytest.raises(DataError, match=r"has labels False, True, not among .* \('a', 'b'\)"):
         plan(DataSpec(str(b), classes=("a", "b")))
+    # ... but labels that would be the model's classes once converted are said to be so
+    t = one_file(tmp_path / "t", {"x": np.arange(3.0), "label": ["2", "0", "2"]})
+    with pytest.raises(DataError, match=r"has labels '0', '2', not among the model's 3 classes "
+                       r"\(0..2\): a model can only be used on its own classes\. The labels "
+                       r"here are text and the model's classes integers: convert the column to "
+                       r"the model's type first \(pandas: df\['label'\]\.astype\(int\)\)\.$"):
+        plan(DataSpec(str(t), classes=(0, 1, 2)))
+    i = one_file(tmp_path / "i", {"x": np.arange(3.0), "label": [1, 0, 1]})
+    with pytest.raises(DataError, match=r"The labels here are integers and the model's classes "
+                       r"text: .*astype\(str\)"):
+        plan(DataSpec(str(i), classes=("0", "1")))
+    with pytest.raises(DataError) as e:  # 'x' is no class either way: no conversion to offer
+        plan(DataSpec(str(one_file(tmp_path / "x", {"x": np.arange(2.0), "label": ["x", "1"]})),
+                      classes=(0, 1)))
+    assert "convert" not in str(e.value)
 
 
 def test_read_block_refuses_a_label_outside_the_classes(tmp_path: Path) -> None:

@@ -730,15 +730,36 @@ def _class_values(
             if outside:
                 assert allowed is not None
                 numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in outside)
+                retyped = _retyped_hint(outside, allowed, allowed_keys, column)
                 raise DataError(
                     f"{path}: column {column!r} has labels {describe_values(outside, 6)}, "
                     f"not among the model's {len(allowed)} classes "
                     f"({_describe_classes(allowed)}): a model can only be used on its own "
-                    "classes." + (f" If {column!r} counts or measures rather than names a "
-                                  "class, train with --task regression." if numbers else "")
+                    "classes." + (retyped or (f" If {column!r} counts or measures rather than "
+                                              "names a class, train with --task regression."
+                                              if numbers else ""))
                 )
         found |= new
     return found
+
+
+def _retyped_hint(outside: list[ClassValue], allowed: tuple[ClassValue, ...],
+                  allowed_keys: set, column: str) -> str:
+    """Labels of another type than the model's classes that would be among them once
+    converted ('2' for 2, 2 for '2'): said, with the conversion; "" otherwise."""
+    theirs, ours = {type(v) for v in outside}, type(allowed[0])
+    if len(theirs) != 1 or ours in theirs or not {type(v) for v in allowed} == {ours}:
+        return ""
+    try:
+        converted = [ours(v) for v in outside]
+    except (TypeError, ValueError):
+        return ""
+    if not all(_key(v) in allowed_keys for v in converted):
+        return ""
+    kind = {str: "text", int: "integers", bool: "booleans"}
+    return (f" The labels here are {kind.get(theirs.pop(), 'values')} and the model's classes "
+            f"{kind.get(ours, 'values')}: convert the column to the model's type first "
+            f"(pandas: df[{column!r}].astype({ours.__name__})).")
 
 
 def _reads_as_number(text: str) -> bool:

@@ -21,7 +21,7 @@ import re
 import shlex
 import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -743,7 +743,7 @@ def _class_values(
     return found
 
 
-def _retyped_hint(outside: list[ClassValue], allowed: tuple[ClassValue, ...],
+def _retyped_hint(outside: Sequence[ClassValue], allowed: tuple[ClassValue, ...],
                   allowed_keys: set, column: str) -> str:
     """Labels of another type than the model's classes that would be among them once
     converted ('2' for 2, 2 for '2'): said, with the conversion; "" otherwise."""

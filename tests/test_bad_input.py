@@ -528,6 +528,17 @@ def test_out_that_is_a_file(tmp_path: Path) -> None:
     assert out.read_text() == "a file"
 
 
+def test_out_that_cannot_be_created_is_one_line(tmp_path: Path) -> None:
+    """The system's refusal (under a file here; /proc or a read-only mount alike) is the
+    path and the reason in one line, not a traceback."""
+    write_parquet(tmp_path / "d" / "part-0.parquet", good_columns())
+    (tmp_path / "afile").write_text("a file")
+    out = tmp_path / "afile" / "run"
+    result = invoke(cmd("train", str(tmp_path / "d"), out, []))
+    assert_one_line_error(result, str(out), "Not a directory")
+    assert (tmp_path / "afile").read_text() == "a file"
+
+
 @pytest.mark.parametrize("exists", [True, False], ids=["plain-folder", "missing-folder"])
 def test_resume_on_a_folder_that_is_not_a_run(tmp_path: Path, exists: bool) -> None:
     write_parquet(tmp_path / "d" / "part-0.parquet", good_columns())

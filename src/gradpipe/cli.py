@@ -96,6 +96,12 @@ class Group(click.Group):
             raise UserError(str(e)) from None
         except click.UsageError as e:  # a subcommand's flags: one line, as every refusal
             raise UserError(_usage_line(e)) from None
+        except OSError as e:
+            # A file the system refused (an --out that cannot be created, a full disk): the
+            # path and the reason, in one line. Without a path it is not the user's to fix.
+            if not e.filename:
+                raise
+            raise UserError(f"{e.filename}: {e.strerror or e}") from None
 
 
 class Command(click.Command):

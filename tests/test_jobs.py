@@ -69,6 +69,30 @@ def test_train_and_grad_read_a_job_file_that_names_a_command(tmp_path, command):
     assert json.loads(result.stdout.splitlines()[-1])["step"] == (1 if command == "train" else 0)
 
 
+def test_a_job_file_naming_the_other_command_is_refused(tmp_path):
+    """`gradpipe train --job` on a file that says command = "grad" trained 300 steps; the
+    other way round it computed one gradient: refused in one line, nothing written. A file
+    without `command` goes with either, and check takes a train file."""
+    data = make_classification(tmp_path / "data", rows=30)
+    for command, other in (("grad", "train"), ("train", "grad")):
+        job = tmp_path / f"{command}.toml"
+        job.write_text(f'command = "{command}"\ndata = "{data}"\nhidden = [3]\nsteps = 2\n'
+                       f'workers = 0\nout = "{tmp_path / command}"\n')
+        result = CliRunner().invoke(cli, [other, "--job", str(job)])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert result.stderr == (f"gradpipe: error: --job {job}: the file says command = "
+                                 f"{command!r}, and this is gradpipe {other}: run gradpipe "
+                                 f"{command} --job {job}, or change the file\n")
+        assert not (tmp_path / command).exists()
+    plain = tmp_path / "plain.toml"
+    plain.write_text(f'data = "{data}"\nhidden = [3]\nworkers = 0\n')
+    result = CliRunner().invoke(cli, ["grad", "--job", str(plain), "--out", str(tmp_path / "g"),
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["check", "--job", str(tmp_path / "train.toml")])
+    assert result.exit_code == 0, result.output
+
+
 def test_the_bundled_job_files_are_valid():
     digits = read_job_file(REPO / "jobs" / "digits.toml")
     assert digits.command == "train"

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import WARNING, DivergenceError, GradpipeError, RunInterrupted
+from .errors import WARNING, ConfigError, DivergenceError, GradpipeError, RunInterrupted
 
 
 class UserError(click.ClickException):
@@ -171,7 +171,7 @@ def build_config(ctx: click.Context, data: str | None, params: dict, **fixed: An
     """TrainConfig from the flags given, over a job file (if any), over the defaults; with
     --resume, over the options the run was started with (run.json)."""
     from .config import TrainConfig
-    from .jobs import read_job_file
+    from .jobs import COMMANDS, read_job_file
     from .options import build, options, parse_values
     from .train import resumed_config
 
@@ -182,6 +182,11 @@ def build_config(ctx: click.Context, data: str | None, params: dict, **fixed: An
     sources: dict = {}
     if params.get("job"):
         job = read_job_file(params["job"])
+        name = ctx.command.name
+        if job.command_given and name in COMMANDS and job.command != name:
+            raise ConfigError(f"--job {job.path}: the file says command = {job.command!r}, and "
+                              f"this is gradpipe {name}: run gradpipe {job.command} --job "
+                              f"{job.path}, or change the file")
         values.update(job.values)
         sources = {name: str(job.path) for name in job.values}
     values.update(flags)

@@ -51,6 +51,7 @@ class JobFile:
     path: Path
     command: str  # train | grad
     values: dict[str, Any]  # TrainConfig field values (not `command`)
+    command_given: bool = False  # the file has a `command` key (else "train" by default)
 
 
 def read_job_file(path: str | Path) -> JobFile:
@@ -68,11 +69,12 @@ def read_job_file(path: str | Path) -> JobFile:
         raise ConfigError(f"--job {path}: is a folder, not a TOML file") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    given = "command" in raw
     command = raw.pop("command", "train")
     if command not in COMMANDS:
         raise ConfigError(f"{path}: key 'command' must be one of "
                           f"{', '.join(repr(c) for c in COMMANDS)}, got {command!r}")
-    return JobFile(path, command, parse_values(TrainConfig, raw, where=f"{path}: "))
+    return JobFile(path, command, parse_values(TrainConfig, raw, where=f"{path}: "), given)
 
 
 # --- Ray Jobs -------------------------------------------------------------------------------

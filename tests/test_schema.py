@@ -619,6 +619,38 @@ def test_a_partition_that_looks_like_a_split_is_warned_of_under_quiet(tmp_path: 
                 f"{tmp_path / key}/{key}=train)"]
 
 
+def test_files_not_named_parquet_are_said_not_read(tmp_path: Path) -> None:
+    """A renamed part (part-2, part-3.PARQUET) and a notes file were left out in silence:
+    the schema line names them, and train warns of those that are Parquet by their bytes."""
+    from click.testing import CliRunner
+
+    from gradpipe.cli import cli
+
+    d = tmp_path / "d"
+    for i in range(3):
+        x = np.arange(10.0) + i
+        write_parquet(d / f"part-{i}.parquet", {"x": x, "label": (x > 5).astype(int)})
+    (d / "part-2.parquet").rename(d / "part-2")
+    (d / "sub").mkdir()
+    (d / "sub" / "part-3.PARQUET").write_bytes((d / "part-1.parquet").read_bytes())
+    (d / "notes.txt").write_text("PAR1 not really")
+    (d / "_SUCCESS").write_text("")
+    ds = plan(DataSpec(str(d)))
+    assert ds.n_rows == 20
+    assert ds.unread_files == (("notes.txt", False), ("part-2", True),
+                               ("sub/part-3.PARQUET", True))
+    assert ("; not read: 3 files not named *.parquet (notes.txt, part-2, sub/part-3.PARQUET)"
+            in schema_line(ds))
+    result = CliRunner().invoke(cli, ["train", str(d), "--steps", "2", "-q", "--out",
+                                      str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert (f"gradpipe: warning: 2 files in {d} are Parquet but not named *.parquet, so not "
+            "read: 'part-2', 'sub/part-3.PARQUET'; rename them to read their rows"
+            in result.stderr.splitlines())
+    # a folder of *.parquet files alone says nothing
+    assert "not read" not in schema_line(plan(DataSpec(str(tmp_path / "d" / "part-0.parquet"))))
+
+
 def test_tiny_row_groups_are_said_on_the_schema_line(tmp_path: Path) -> None:
     write_parquet(tmp_path / "a.parquet", {"x": np.arange(200.0), "label": np.arange(200) % 2},
                   row_group_size=4)

@@ -179,6 +179,9 @@ class Dataset:
     # What of `data import`'s --target and --task the files declared and this plan took
     # ("--target target --task regression"): said on the schema line.
     declared: str | None = None
+    # Files in the folder not named *.parquet, not read: (relative name, Parquet by its
+    # contents); said on the schema line, and train warns of the Parquet ones.
+    unread_files: tuple[tuple[str, bool], ...] = ()
 
     @property
     def scales_targets(self) -> bool:
@@ -207,6 +210,7 @@ class Dataset:
             "target_named_columns": list(self.target_named_columns),
             "probability_targets": self.probability_targets,
             "partition_keys": {k: list(v) for k, v in self.partition_keys},
+            "unread_files": [name for name, _ in self.unread_files],
             "rows": self.n_rows,
             "files": len({b.file for b in self.blocks}),
             "blocks": len(self.blocks),
@@ -263,22 +267,51 @@ def shared_files(a: Dataset, b: Dataset | str) -> int:
 
 def list_files(source: str) -> tuple[pafs.FileSystem, list[str]]:
     """The Parquet files of a dataset, sorted by path."""
+    fs, _, files, _ = _listing(source)
+    return fs, files
+
+
+def _listing(source: str) -> tuple[pafs.FileSystem, str, list[str], list[str]]:
+    """(filesystem, root, the *.parquet files, the other files) of a dataset, sorted by
+    path. Hidden and underscore names (_SUCCESS, .tmp: writer bookkeeping) are neither."""
     fs, root, info = existing(source)
     if info.type == pafs.FileType.File:
-        return fs, [root]
+        return fs, root, [root], []
     _refuse_run_folder(fs, root, source)
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = sorted(
+    found = sorted(
         e.path
         for e in entries
         if e.type == pafs.FileType.File
-        and e.path.endswith(".parquet")
-        # Hidden and underscore files (_SUCCESS, .tmp) are writer bookkeeping, not data.
         and not any(p.startswith((".", "_")) for p in os.path.relpath(e.path, root).split("/"))
     )
+    files = [f for f in found if f.endswith(".parquet")]
     if not files:
         raise DataError(f"{source}: no Parquet files (*.parquet) in this folder")
-    return fs, files
+    return fs, root, files, [f for f in found if not f.endswith(".parquet")]
+
+
+# Files of a folder not named *.parquet whose first and last bytes are looked at for
+# Parquet's magic (a renamed part, part-3.PARQUET, a Hive file 000000_0), at most.
+UNREAD_CHECKED = 16
+
+
+def _unread(fs: pafs.FileSystem, root: str, others: list[str]) -> tuple[tuple[str, bool], ...]:
+    """(name relative to the folder, Parquet by its contents) of the files a folder holds
+    besides its *.parquet ones, which are not read: said on the schema line."""
+    out = []
+    for i, path in enumerate(others):
+        parquet = False
+        if i < UNREAD_CHECKED:
+            try:
+                with fs.open_input_file(path) as f:
+                    size = f.size()
+                    parquet = size >= 12 and f.read_at(4, 0) == b"PAR1" and f.read_at(
+                        4, size - 4) == b"PAR1"
+            except OSError:
+                parquet = False
+        out.append((os.path.relpath(path, root), parquet))
+    return tuple(out)
 
 
 def _refuse_run_folder(fs: pafs.FileSystem, root: str, source: str) -> None:
@@ -901,7 +934,8 @@ def plan(spec: DataSpec) -> Dataset:
         raise DataError(f"block size must be >= 1 row, got {spec.block_rows}")
     if spec.task not in TASKS:
         raise ConfigError(f"--task {spec.task!r}: choose one of {', '.join(TASKS)}")
-    fs, files = list_files(spec.path)
+    fs, root, files, others = _listing(spec.path)
+    unread = _unread(fs, root, others) if others else ()
     # The reference schema is the first file with rows: an empty DataFrame written by pandas
     # has null-typed columns, and a file without rows adds nothing to check.
     reference, first = files[0], _open(fs, files[0])
@@ -1007,6 +1041,7 @@ def plan(spec: DataSpec) -> Dataset:
         partition_keys=tuple((k, tuple(v)) for k, v in keys.items()),
         ranges=ranges.found(),
         declared=declared,
+        unread_files=unread,
     )
 
 
@@ -1215,6 +1250,11 @@ def schema_line(dataset: Dataset) -> str:
                                                                else "")
         parts.append(f"partition key {_show(key)} in the folder names not read ({shown}): "
                      "every folder's rows are used")
+    if dataset.unread_files:
+        names = [_show(n) for n, _ in dataset.unread_files]
+        n = len(names)
+        parts.append(f"not read: {n} file{'s' * (n != 1)} not named *.parquet ("
+                     + ", ".join(names[:4]) + (", ..." if n > 4 else "") + ")")
     if dataset.ignored_columns:
         plural = "s" * (len(dataset.ignored_columns) != 1)
         parts.append(f"ignored index column{plural} "

@@ -298,6 +298,7 @@ class Run:
         self._note_coarse_columns()
         self._note_unscaled_private()
         self._note_split_partitions()
+        self._note_unread_parquet()
         if config.val:
             self.val_pool = self._val_pool()
         # Said once the data is read and checked, before the first step.
@@ -473,6 +474,18 @@ class Run:
                     f"from its mean {mean[i]:.6g}: a few rows that far out dominate the squared "
                     "loss; check them (gradpipe scores ranks the rows by loss_last), or train "
                     "on log(target) if it is skewed (incomes, waiting times)")
+
+    def _note_unread_parquet(self) -> None:
+        """Warn of files in DATA that are Parquet by their contents but not named *.parquet
+        (a renamed part, part-3.PARQUET): their rows are not trained on."""
+        parquet = [name for name, is_parquet in self.dataset.unread_files if is_parquet]
+        if parquet:
+            n = len(parquet)
+            self.warnings.append(
+                f"{n} file{'s' * (n != 1)} in {self.config.data} "
+                f"{'are' if n != 1 else 'is'} Parquet but not named *.parquet, so not read: "
+                + ", ".join(map(repr, parquet[:4])) + (", ..." if n > 4 else "")
+                + "; rename them to read their rows")
 
     def _note_split_partitions(self) -> None:
         """Warn of hive partitions that look like a train/test split (split=train/,

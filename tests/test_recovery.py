@@ -64,6 +64,50 @@ def test_a_driver_killed_at_a_random_moment_resumes_bitwise(tmp_path, seed):
     assert not list(cut.rglob(".*.tmp-*"))
 
 
+def test_a_run_folder_being_written_is_not_taken_by_a_second_process(tmp_path):
+    """Two writers of one folder both said `wrote`: a --resume or an --overwrite while the run
+    goes is refused in one line (RUN/.lock, held by the writing process), run.json untouched.
+    Once the writer is killed, inspect says no process writes it, and --resume continues."""
+    from click.testing import CliRunner
+
+    from gradpipe.cli import cli
+
+    data = make_classification(tmp_path / "data", rows=2000, features=16, classes=4, files=2,
+                               row_group_size=500)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([GRADPIPE, "train", str(data), "--workers", "0", "--hidden", "64",
+                             "--steps", "100000", "--checkpoint-every", "20", "--out", str(run),
+                             "--quiet"], stderr=subprocess.DEVNULL)
+    try:
+        while not (run / "checkpoints" / "step-000020" / "state.json").exists():
+            assert proc.poll() is None, "the run ended before the test could begin"
+            time.sleep(0.01)
+        before = (run / "run.json").read_bytes()
+        for args in (["train", "--resume", "--out", str(run)],
+                     ["train", str(data), "--steps", "3", "--overwrite", "--out", str(run)]):
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code == 2, result.output
+            assert result.stderr == (f"gradpipe: error: --out {run}: another gradpipe process "
+                                     "is writing this run folder now; wait for it to end or "
+                                     "stop it (then --resume continues it)\n")
+            assert json.loads((run / "run.json").read_bytes())["status"] == "running"
+        assert json.loads(before)["config"] == json.loads((run / "run.json").read_bytes())[
+            "config"]
+        inspect = CliRunner().invoke(cli, ["inspect", str(run), "--json"])
+        assert json.loads(inspect.stdout)["run"]["writing"] is True
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert json.loads(CliRunner().invoke(cli, ["inspect", str(run), "--json"]).stdout)[
+        "run"]["writing"] is False
+    said = CliRunner().invoke(cli, ["inspect", str(run)]).stdout
+    assert "no process writes it now (killed?); gradpipe train --resume continues it" in said
+    import fcntl  # the killed writer's lock went with it: a new writer may take it
+
+    with open(run / ".lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 # Runs the CLI with the recorder's writes wrapped: the KILL_AT-th write leaves a half-written
 # temporary file and the driver SIGKILLs itself in the middle of it.
 DIE_WHILE_WRITING = """

@@ -19,7 +19,9 @@ records of the steps after it, so that nothing is duplicated; everything that re
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -91,26 +93,82 @@ def check_apart(out: str | Path, **inputs: str | None) -> None:
                               "does not hold the data.")
 
 
+# In a local run folder: held locked (flock) by the process writing the run, as long as it
+# runs; the system lets go of it when the process ends, however it ends.
+LOCK_FILE = ".lock"
+
+
 class Recorder:
     """Writes one run folder. `start` creates it (or, resuming, trims it to a checkpoint)."""
 
     def __init__(self, out: str | Path) -> None:
         self.out = store.resolve(str(out))
         self._pending: list[dict] = []  # metrics rows not yet written (< METRICS_ROWS)
+        self._locks: list[int] = []  # descriptors of the lock files this process holds
+        # Whether this process writes the folder (holds its lock; a store has none): a run
+        # refused because another one writes it must not mark that run's run.json failed.
+        self.owns = False
 
     # --- the folder ----------------------------------------------------------------------
     def start(self, info: dict, *, overwrite: bool = False, resume_step: int | None = None) -> None:
         """Create the folder (replacing an old run with `overwrite`), or resume it at
-        `resume_step`: temporaries and the records of steps >= resume_step are removed."""
+        `resume_step`: temporaries and the records of steps >= resume_step are removed.
+        Refused when another process writes the folder now (its lock is held)."""
         if resume_step is None:
             prepare_run_dir(self.out, overwrite=overwrite)
             if overwrite:
+                if store.is_file(store.join(self.out, "run.json")):
+                    self._lock()  # not while another process writes that run
                 store.remove(self.out)
             store.makedirs(self.out)
+            self._lock()
         else:
+            self._lock()
             sweep(self.out)
             self.drop_records_from(resume_step)
+        self.owns = True
         self.status(info)
+
+    def _lock(self) -> None:
+        """Hold RUN/.lock (local folders; object stores have no locks)."""
+        if store.is_remote(self.out):
+            return
+        fd = os.open(os.path.join(self.out, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise self.taken() from None
+        self._locks.append(fd)
+
+    def taken(self) -> ConfigError:
+        """The refusal when another process writes the folder."""
+        return ConfigError(f"--out {self.out}: another gradpipe process is writing this run "
+                           "folder now; wait for it to end or stop it (then --resume "
+                           "continues it)")
+
+    @staticmethod
+    def writing(out: str) -> bool | None:
+        """Whether a process holds the run folder's lock now (None: a store, or a folder
+        written before locks): run.json's "running" of a killed run is not."""
+        out = store.resolve(str(out))
+        path = os.path.join(out, LOCK_FILE)
+        if store.is_remote(out) or not os.path.isfile(path):
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def release(self) -> None:
+        """Let go of the run folder's lock (the process's end does it too)."""
+        for fd in self._locks:
+            os.close(fd)
+        self._locks = []
 
     def status(self, info: dict) -> None:
         """Replace run.json (configuration, status, summary), the waiting metrics first."""

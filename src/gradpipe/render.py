@@ -90,7 +90,11 @@ def render(summary: dict, console: Any = None) -> None:
         t.columns[0].min_width = len("fingerprint")
         t.columns[1].no_wrap, t.columns[1].overflow = False, "fold"
         sizes = "-".join(str(n) for n in model.get("sizes") or [])
-        t.add_row("command", f"{run['command']}  ({run['status']})")
+        status = run["status"]
+        if status == "running" and run.get("writing") is False:
+            status += (": but no process writes it now (killed?); gradpipe train --resume "
+                       "continues it")
+        t.add_row("command", f"{run['command']}  ({status})")
         t.add_row("model", f"{sizes}  {model.get('activation')} / {model.get('output_activation')}"
                   f", {model.get('loss')} loss, {model.get('dtype')}, "
                   f"{_num(model.get('parameters'))} parameters")

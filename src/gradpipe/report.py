@@ -548,6 +548,10 @@ def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) 
     result = Inspection(summary)
     if output.run is not None:
         summary["run"] = run_info(output.run)
+        if summary["run"]["status"] == "running":  # or killed: its lock says which
+            from .recorder import Recorder
+
+            summary["run"]["writing"] = Recorder.writing(output.path)
     if output.metrics is not None:
         result.metrics = read_metrics(output.metrics)
         summary["metrics"] = metrics_summary(result.metrics)

@@ -233,6 +233,8 @@ class Run:
             check_apart(config.out, DATA=config.data, **{"--val": config.val})
             if not config.resume:
                 prepare_run_dir(config.out, overwrite=config.overwrite)
+            if self.recorder is not None and Recorder.writing(config.out):
+                raise self.recorder.taken()  # said before any work (start() takes the lock)
         self.dataset = plan(data_spec(config))
         if config.private and not config.resume:
             check_unique_ids(self.dataset, "a private run needs one id a row, its guarantee "
@@ -561,6 +563,8 @@ class Run:
         for pool in (getattr(self, "pool", None), self.val_pool):
             if pool is not None:
                 pool.close()
+        if self.recorder is not None:
+            self.recorder.release()
 
     def info(self, status: str, **extra: Any) -> dict:
         """run.json: what ran, on what, with which result."""
@@ -597,7 +601,8 @@ class Run:
             with _sigterm_as_interrupt():
                 return self._loop(progress)
         except KeyboardInterrupt:
-            started = rec is not None and store.is_file(store.join(rec.out, "run.json"))
+            started = (rec is not None and rec.owns
+                       and store.is_file(store.join(rec.out, "run.json")))
             if started:
                 assert rec is not None
                 rec.status(self.info("interrupted", started=self.started, steps_done=self.step))
@@ -612,7 +617,7 @@ class Run:
         except DivergenceError:
             raise  # run.json says diverged already
         except Exception as e:  # bad data met mid-run (streaming), a lost cluster, or a bug
-            if rec is not None and store.is_file(store.join(rec.out, "run.json")):
+            if rec is not None and rec.owns and store.is_file(store.join(rec.out, "run.json")):
                 try:
                     rec.status(self.info("failed", started=self.started, steps_done=self.step,
                                          error=str(e) or type(e).__name__))

@@ -93,6 +93,24 @@ def test_a_job_file_naming_the_other_command_is_refused(tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_an_upload_over_the_clusters_cap_is_said_with_the_ways_out():
+    """Ray's dashboard answers 413 to a working directory over its request cap (100 MiB
+    measured): one line that says so and how to upload less, not Ray's raw error."""
+    from gradpipe.errors import JobError
+    from gradpipe.jobs import Jobs
+
+    jobs = Jobs.__new__(Jobs)  # no cluster: only the error mapping is under test
+    jobs.url = "http://127.0.0.1:8265"
+    with pytest.raises(JobError) as e, jobs._errors():
+        raise RuntimeError("Request failed with status code 413: Maximum request body size "
+                           "104857600 exceeded.")
+    assert str(e.value) == (
+        "http://127.0.0.1:8265: the working directory is too large to upload (Request failed "
+        "with status code 413: Maximum request body size 104857600 exceeded). Upload less: "
+        "--working-dir a smaller folder, a smaller --max-file-mb, or name what stays behind in "
+        ".rayignore; read large data from shared storage or s3://, not the upload")
+
+
 def test_the_bundled_job_files_are_valid():
     digits = read_job_file(REPO / "jobs" / "digits.toml")
     assert digits.command == "train"

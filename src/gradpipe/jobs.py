@@ -317,6 +317,12 @@ class Jobs:
             if job_id is not None and ("404" in text or "does not exist" in text):
                 raise JobError(f"job {job_id}: no such job on {self.url}. "
                                "See `gradpipe jobs list`.") from None
+            if "413" in text or "request body size" in text:  # the upload is over the cap
+                raise JobError(f"{self.url}: the working directory is too large to upload "
+                               f"({text.rstrip('.')}). Upload less: --working-dir a smaller "
+                               "folder, a smaller --max-file-mb, or name what stays behind in "
+                               ".rayignore; read large data from shared storage or s3://, "
+                               "not the upload") from None
             raise JobError(f"{self.url}: {text}") from None
         except ValueError as e:  # a package too large to upload, or a reply that is not JSON
             raise JobError(f"{self.url}: {_first(e)}") from None

@@ -103,7 +103,7 @@ def test_grad_writes_a_run_folder_with_step_0(tmp_path):
     summary = json.loads(result.output)
     assert summary["step"] == 0 and summary["samples"] == 1797
     assert sorted(p.name for p in out.iterdir()) == [
-        "gradients", "metrics", "run.json", "weights.parquet"]
+        ".lock", "gradients", "metrics", "run.json", "weights.parquet"]
     info = json.loads((out / "run.json").read_text())
     assert info["command"] == "grad" and info["status"] == "completed"
     grads = pq.read_table(out / "gradients")
@@ -243,3 +243,24 @@ def test_the_dashboard_url_as_address_is_named_as_such(tmp_path):
 def test_an_option_value_that_looks_like_an_option_is_a_value():
     result = run("train", DIGITS, "--features", "--target", "--target", "label", "--help")
     assert result.exit_code == 0
+
+
+def test_progress_without_a_terminal_is_a_plain_line_now_and_then(capsys, monkeypatch):
+    """In a log file (stderr not a terminal) there is no bar: a plain line every
+    line_seconds shows a long run is alive; its rate counts from the end of the first step,
+    not from the start of the workers."""
+    from gradpipe.cli import Progress
+
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    clock = iter([0.0, 10.0, 11.0, 11.5, 13.0, 20.0, 21.0])
+    monkeypatch.setattr("gradpipe.cli.time.perf_counter", lambda: next(clock))
+    with Progress(5, True, line_seconds=2.0) as progress:
+        for step in range(1, 5):  # the first step ends at t = 10 (workers started slowly)
+            progress(step, {"samples": 100, "loss": 0.5, "grad_norm": 0.25, "accuracy": 0.75})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "step 1 of 5  loss 0.5  |grad| 0.25  acc 0.750  (10 s)",
+        "step 4 of 5  loss 0.5  |grad| 0.25  acc 0.750  100 samples/s  (13 s)"]
+    with Progress(5, False, line_seconds=0.0) as quiet:
+        quiet(1, {"samples": 1, "loss": 0.5, "grad_norm": 0.25})
+    assert capsys.readouterr().err == ""

@@ -218,16 +218,26 @@ def build_config(ctx: click.Context, data: str | None, params: dict, **fixed: An
 
 
 class Progress:
-    """A rich progress bar on stderr (steps with the loss, or rows); silent unless stderr is a
-    terminal."""
+    """A rich progress bar on stderr (steps with the loss, or rows) when stderr is a terminal;
+    otherwise (a log file, `gradpipe jobs logs`) a plain line every `line_seconds`, so that a
+    long run shows it is alive. The rate counts from the end of the first step, after the
+    workers started."""
 
-    def __init__(self, total: int, enabled: bool, unit: str = "step") -> None:
-        self.enabled = enabled and sys.stderr.isatty()
+    LINE_SECONDS = 30.0
+
+    def __init__(self, total: int, enabled: bool, unit: str = "step",
+                 line_seconds: float | None = None) -> None:
+        tty = sys.stderr.isatty()
+        self.enabled = enabled and tty
+        self.lines = enabled and not tty  # plain lines instead of the bar
+        self.line_seconds = self.LINE_SECONDS if line_seconds is None else line_seconds
         self.total = total
         self.unit = unit
         self.bar: Any = None
         self.samples = 0
         self.t0 = time.perf_counter()
+        self.first: tuple[float, int] | None = None  # (time, samples) at the first step's end
+        self.last_line = self.t0
 
     def __enter__(self) -> "Progress":
         if self.enabled:
@@ -239,17 +249,29 @@ class Progress:
                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                            console=Console(stderr=True), transient=False)
             self.bar.__enter__()
-            self.task = self.bar.add_task("train", total=self.total, info="starting")
+            self.task = self.bar.add_task("train", total=self.total,
+                                          info="reading the data, starting the workers")
         return self
 
     def __call__(self, step: int, metrics: dict) -> None:
         self.samples += metrics["samples"]
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (now, self.samples)
+        if self.bar is None and not self.lines:
+            return
+        info = f"loss {metrics['loss']:.4g}  |grad| {metrics['grad_norm']:.3g}"
+        if "accuracy" in metrics:
+            info += f"  acc {metrics['accuracy']:.3f}"
+        t1, s1 = self.first
+        if now > t1:
+            info += f"  {(self.samples - s1) / (now - t1):,.0f} samples/s"
         if self.bar is not None:
-            rate = self.samples / max(time.perf_counter() - self.t0, 1e-9)
-            info = f"loss {metrics['loss']:.4g}  |grad| {metrics['grad_norm']:.3g}"
-            if "accuracy" in metrics:
-                info += f"  acc {metrics['accuracy']:.3f}"
-            self.bar.update(self.task, completed=step, info=f"{info}  {rate:,.0f} samples/s")
+            self.bar.update(self.task, completed=step, info=info)
+        elif now - self.last_line >= self.line_seconds and step < self.total:
+            self.last_line = now
+            click.echo(f"{self.unit} {step} of {self.total}  {info}  ({now - self.t0:.0f} s)",
+                       err=True)
 
     def rows(self, done: int) -> None:
         """Rows written so far (data synth)."""
@@ -360,7 +382,7 @@ def train(ctx: click.Context, data: str | None, **params: Any) -> None:
     if config.out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         config = dataclasses.replace(config, out=f"runs/train-{stamp}")
-    with Progress(config.steps, not params["quiet"]) as progress:
+    with Progress(config.steps, not (params["quiet"] or params["as_json"])) as progress:
         note = Note(params, progress)
         metrics = run_train(config, progress, note=note)
     if not metrics:  # a resumed run that had already finished

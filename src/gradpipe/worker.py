@@ -780,8 +780,9 @@ class Pool:
 # local instance starts in 5-10 s, a step on Ray costs 7-9 ms more than in-process, one core
 # computes an MLP step at about 20 GFLOP/s in float32, and in-process uses every core
 # where blocks are large enough): when the whole run is below SMALL_WORK_FLOPS, or each
-# step below SMALL_STEP_FLOPS.
-SMALL_WORK_FLOPS = 2e10  # about 1 s of compute: less than Ray's start
+# step below SMALL_STEP_FLOPS. 200,000 rows x 64 features, 20 steps (5.8e10 operations)
+# took 8.3 s end to end on a local instance and 2.4 s in-process (2 worker processes).
+SMALL_WORK_FLOPS = 2e11  # about 10 s of one core's compute: Ray's start, 5-10 s
 SMALL_STEP_FLOPS = 3e8  # about 15 ms a step: Ray's per-step overhead would eat any gain
 # Without Ray (--workers 0), steps of at least PROCESS_STEP_FLOPS run in one child process
 # per core (local.py) instead of one thread per core: two threads share one GIL, which cost

@@ -582,6 +582,10 @@ def test_hive_partition_keys_are_named_not_missing(tmp_path: Path) -> None:
     assert ("partition key split in the folder names not read (split=test, split=train): "
             "every folder's rows are used") in schema_line(ds)
     assert ds.to_dict()["partition_keys"] == {"split": ["test", "train"]}
+    # a folder above DATA is no partition of it: all its rows have that value
+    for leaf in (f"{path}/split=train", f"{path}/split=train/part-0.parquet"):
+        assert plan(DataSpec(leaf)).partition_keys == ()
+        assert "partition key" not in schema_line(plan(DataSpec(leaf)))
     with pytest.raises(DataError, match=r"'split' is a partition key in the folder names "
                        r"\(split=test/...\), not a column of the files"):
         plan(DataSpec(path, target=("split",)))
@@ -598,18 +602,19 @@ def test_a_partition_that_looks_like_a_split_is_warned_of_under_quiet(tmp_path: 
 
     rng = np.random.default_rng(2)
     for key, values in (("split", ("test", "train")), ("store", ("a", "b")),
-                        ("day", ("dev", "train"))):
+                        ("day", ("dev", "train")), ("fold", ("train",))):
         for v in values:
             x = rng.normal(size=20)
             write_parquet(tmp_path / key / f"{key}={v}" / "part-0.parquet",
                           {"x": x, "label": (x > 0).astype(int)})
         ds = plan(DataSpec(str(tmp_path / key)))
-        assert split_keys(ds) == ([] if key == "store" else [(key, values)])
+        quiet = key == "store" or len(values) == 1  # one value: nothing held out with it
+        assert split_keys(ds) == ([] if quiet else [(key, values)])
         result = CliRunner().invoke(cli, ["train", str(tmp_path / key), "--steps", "20", "-q",
                                           "--out", str(tmp_path / f"run-{key}")])
         assert result.exit_code == 0, result.output
         warned = [line for line in result.stderr.splitlines() if "is partitioned by" in line]
-        if key == "store":
+        if quiet:
             assert warned == []
         else:
             assert warned == [

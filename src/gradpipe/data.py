@@ -570,13 +570,16 @@ def _check_unique_names(schema: pa.Schema, path: str) -> None:
 _PARTITION = re.compile(r"^([^=]+)=(.*)$")
 
 
-def partition_keys(files: list[str], columns: list[str]) -> dict[str, list[str]]:
-    """{key: sorted values} of the hive partitions in the files' folder names (species=setosa/
-    part-0.parquet, as pandas' partition_cols and Spark write them), but for names that are
-    columns of the files too."""
+def partition_keys(files: list[str], columns: list[str], root: str = "") -> dict[str, list[str]]:
+    """{key: sorted values} of the hive partitions in the files' folder names below `root`
+    (species=setosa/part-0.parquet, as pandas' partition_cols and Spark write them), but for
+    names that are columns of the files too. Folders above the dataset (DATA given as
+    wine/split=train) are not its partitions: all its rows have that value."""
     found: dict[str, set[str]] = {}
+    prefix = root.rstrip("/") + "/" if root else ""
     for path in files:
-        for part in path.split("/")[:-1]:
+        inside = path[len(prefix):] if prefix and path.startswith(prefix) else path
+        for part in inside.split("/")[:-1]:
             if (m := _PARTITION.match(part)) and m.group(1) not in columns:
                 found.setdefault(m.group(1), set()).add(m.group(2))
     return {k: sorted(v) for k, v in found.items()}
@@ -592,8 +595,8 @@ SPLIT_VALUE = re.compile(r"(?i)^(train|training|test|testing|val|valid|validatio
 def split_keys(dataset: Dataset) -> list[tuple[str, tuple[str, ...]]]:
     """The dataset's partition keys that look like a train/test split (SPLIT_KEY names, or
     a SPLIT_VALUE among their values): every folder's rows are read, held-out ones too."""
-    return [(k, v) for k, v in dataset.partition_keys
-            if SPLIT_KEY.match(k) or any(SPLIT_VALUE.match(x) for x in v)]
+    return [(k, v) for k, v in dataset.partition_keys if len(v) > 1
+            and (SPLIT_KEY.match(k) or any(SPLIT_VALUE.match(x) for x in v))]
 
 
 def _check_partition_keys(keys: dict[str, list[str]], spec: DataSpec, path: str) -> None:
@@ -946,7 +949,8 @@ def plan(spec: DataSpec) -> Dataset:
     schema = first.schema_arrow
     spec, declared = _declared(schema, spec)
     _check_unique_names(schema, reference)
-    keys = partition_keys(files, schema.names)
+    keys = partition_keys(files, schema.names,
+                          root if files != [root] else root.rsplit("/", 1)[0])  # a file's folder
     _check_partition_keys(keys, spec, reference)
     _check_columns(schema, spec, reference)  # first: a missing target explains the rest
 

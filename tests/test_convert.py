@@ -366,6 +366,24 @@ def test_no_target_brings_in_rows_to_predict(tmp_path: Path, source: str) -> Non
                    "--no-target for rows to predict")
 
 
+def test_import_says_which_files_it_did_not_import(tmp_path: Path) -> None:
+    """A renamed Parquet part was dropped from the import in silence, and the written folder
+    hid it from every later command: the warning names it, with --json too."""
+    src = tmp_path / "src"
+    make_classification(src, rows=30, files=3)
+    (src / "part-2.parquet").rename(src / "part-2")
+    (src / "notes.txt").write_text("not data")
+    for extra in ([], ["--json"]):
+        result = import_(src, tmp_path / "out", "--overwrite", *extra)
+        assert result.exit_code == 0, result.output
+        assert result.stderr == (f"gradpipe: warning: 2 files in {src} not named *.parquet were "
+                                 "not imported: 'notes.txt', 'part-2'; 1 of them is Parquet: "
+                                 "rename them to *.parquet and import again\n")
+    summary = json.loads(result.stdout)
+    assert summary["unread_files"] == ["notes.txt", "part-2"]
+    assert summary["unread_parquet"] == ["part-2"] and summary["rows"] == 20
+
+
 # --------------------------------------------------------------------------- refused
 
 

@@ -468,3 +468,19 @@ def test_evaluate_says_when_the_data_is_the_runs_own_training_data(tmp_path):
             "training_data"] is own
         said = CliRunner().invoke(cli, args).stderr.rstrip()
         assert said.endswith(end), said
+
+
+def test_copies_of_training_data_given_relative_are_found_from_another_folder(
+        tmp_path, monkeypatch):
+    """A run trained on DATA given relative to its folder: evaluate run elsewhere still finds
+    a copy of its files, through run.json's absolute data_path."""
+    monkeypatch.chdir(tmp_path)
+    make_classification(tmp_path / "d", rows=40, classes=3)
+    assert CliRunner().invoke(cli, ["train", "d", "--workers", "0", "--steps", "3",
+                                    "--out", "r", "--quiet"]).exit_code == 0
+    shutil.copytree(tmp_path / "d", tmp_path / "copy")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "r"), str(tmp_path / "copy"),
+                                      "--workers", "0", "--json"])
+    assert json.loads(result.stdout)["training_data"] is True

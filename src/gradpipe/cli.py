@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shlex
 import sys
 import time
@@ -101,7 +102,9 @@ class Group(click.Group):
             # path and the reason, in one line. Without a path it is not the user's to fix.
             if not e.filename:
                 raise
-            raise UserError(f"{e.filename}: {e.strerror or e}") from None
+            # a temporary beside an output (.NAME.tmp-XXXXXXXX) is named as the output
+            path = re.sub(r"/\.([^/]+)\.tmp-[0-9a-f]{8}(?=/|$)", r"/\1", str(e.filename))
+            raise UserError(f"{path}: {e.strerror or e}") from None
 
 
 class Command(click.Command):
@@ -994,6 +997,14 @@ def data_import(src: str, out: str, as_json: bool, **params: Any) -> None:
     from .convert import import_dataset
 
     summary = import_dataset(src, out, **params)
+    if skipped := summary["unread_files"]:  # said on stderr, even with --json
+        parquet = summary["unread_parquet"]
+        click.echo(f"{WARNING}{len(skipped)} file{'s' * (len(skipped) != 1)} in {src} not "
+                   "named *.parquet were not imported: " + ", ".join(map(repr, skipped[:4]))
+                   + (", ..." if len(skipped) > 4 else "")
+                   + (f"; {len(parquet)} of them {'are' if len(parquet) != 1 else 'is'} "
+                      "Parquet: rename them to *.parquet and import again" if parquet else ""),
+                   err=True)
     if as_json:
         click.echo(json.dumps(summary))
         return

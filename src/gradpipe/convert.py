@@ -530,6 +530,7 @@ def import_dataset(
         nulls = f"missing ({CSV_NULLS})"
         batches = csv.batches(columns, types)  # a generator: nothing is read yet
         keys: tuple = ()
+        unread: tuple = ()
     else:
         # plan checks the schemas, column types and classes, naming files.
         dataset = plan(DataSpec(source, features=features, target=target,
@@ -541,6 +542,7 @@ def import_dataset(
         rows = dataset.n_rows
         nulls = "null"
         keys = dataset.partition_keys  # in the folder names, not read: said, not written
+        unread = dataset.unread_files  # files not named *.parquet: said, not written
         batches = parquet_batches(source, columns, min(row_group_size, ROW_GROUP_SIZE))
     if files > rows:
         raise ConfigError(f"--files {files}: more files than the {rows} rows of {source}")
@@ -569,6 +571,8 @@ def import_dataset(
         summary |= {"classes": list(written.classes), "class_type": written.class_type}
     summary["ignored_columns"] = ignored
     summary["partition_keys"] = {k: list(v) for k, v in keys}
+    summary["unread_files"] = [name for name, _ in unread]
+    summary["unread_parquet"] = [name for name, parquet in unread if parquet]
     # An index column left out: --id-column would have kept it (schema_line says so).
     summary["schema"] = schema_line(dataclasses.replace(
         written, ignored_columns=tuple(ignored), partition_keys=keys,

@@ -368,14 +368,25 @@ def _run_dataset(model: Model) -> dict:
     return read_run_json(run).get("dataset", {})
 
 
-def training_files(dataset: Dataset, run_dataset: dict) -> tuple[bool, str]:
+def _run_data_path(model: Model) -> str | None:
+    """The run's DATA as an absolute path or URI (run.json's data_path), if RUN is a run."""
+    run = model.path
+    if not store.is_file(store.join(run, "run.json")):
+        return None
+    info = read_run_json(run)
+    return info.get("data_path") or info.get("dataset", {}).get("source")
+
+
+def training_files(dataset: Dataset, run_dataset: dict, data_path: str | None = None
+                   ) -> tuple[bool, str]:
     """Whether DATA is the run's training data: the same files (the fingerprint), or copies
-    of them wherever they lie (data.shared_files, where the run's DATA can still be read
-    from here), and what the schema line says of it ("" when it is held out)."""
+    of them wherever they lie (data.shared_files, where the run's DATA, `data_path`, can
+    still be read), and what the schema line says of it ("" when it is held out)."""
     if dataset.fingerprint == run_dataset.get("fingerprint"):
         return True, "; the run's own training data, not held out"
+    source = data_path or run_dataset.get("source")
     try:
-        shared = shared_files(dataset, run_dataset["source"]) if run_dataset else 0
+        shared = shared_files(dataset, source) if source else 0
     except (DataError, OSError):  # moved or gone since: nothing to compare with
         shared = 0
     files = len({b.file for b in dataset.blocks})
@@ -470,7 +481,7 @@ def evaluate(config: EvalConfig, note: Note | None = None) -> dict:
     `note` receives the data's schema line before any work starts."""
     model = read_model(config.model)
     dataset = plan_for_model(config, model, read_target=True)
-    training, said = training_files(dataset, _run_dataset(model))
+    training, said = training_files(dataset, _run_dataset(model), _run_data_path(model))
     pool = _pool(config, dataset, model, note, said)
     try:
         metrics = evaluate_with(pool, model.arch, model.params, model.standardize,

@@ -190,7 +190,8 @@ def test_parquet_reshard(tmp_path: Path) -> None:
                        "task": "classification", "classes": [0, 1, 2], "class_type": "int64",
                        "id_column": None,
                        "declared": {"target": ["label"], "task": "auto", "id_column": None},
-                       "ignored_columns": [], "partition_keys": {},
+                       "ignored_columns": [], "partition_keys": {}, "unread_files": [],
+                       "unread_parquet": [],
                        "schema": "classification on 'label': 3 classes (0, 1, 2); 5 features "
                                  "(x0, x1, x2, x3, x4); 60 rows in 4 blocks of 2 files"}
     assert layout(tmp_path / "out") == {"part-00000.parquet": [16, 14],

@@ -98,10 +98,11 @@ def test_a_run_folder_being_written_is_not_taken_by_a_second_process(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert json.loads(CliRunner().invoke(cli, ["inspect", str(run), "--json"]).stdout)[
-        "run"]["writing"] is False
+    info = json.loads(CliRunner().invoke(cli, ["inspect", str(run), "--json"]).stdout)["run"]
+    assert info["writing"] is False and info["last_checkpoint"] >= 20
     said = CliRunner().invoke(cli, ["inspect", str(run)]).stdout
-    assert "no process writes it now (killed?); gradpipe train --resume continues it" in said
+    assert "no process writes it now (killed?); gradpipe train --resume --out" in said
+    assert f"(last checkpoint: step {info['last_checkpoint']:,})" in said
     import fcntl  # the killed writer's lock went with it: a new writer may take it
 
     with open(run / ".lock") as f:

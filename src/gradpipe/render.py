@@ -93,7 +93,7 @@ def render(summary: dict, console: Any = None) -> None:
         status = run["status"]
         if status == "running" and run.get("writing") is False:
             status += (": but no process writes it now (killed?); gradpipe train --resume "
-                       "continues it")
+                       f"--out {summary['path']} continues it")
         t.add_row("command", f"{run['command']}  ({status})")
         t.add_row("model", f"{sizes}  {model.get('activation')} / {model.get('output_activation')}"
                   f", {model.get('loss')} loss, {model.get('dtype')}, "
@@ -106,6 +106,8 @@ def render(summary: dict, console: Any = None) -> None:
                   f"{_count(data.get('blocks') or 0, 'block')}, {task}")
         t.add_row("fingerprint", str(data.get("fingerprint")))
         steps = f"{_num(run.get('steps_done'))} of {_num(run.get('steps'))}"
+        if run.get("steps_done") is None and run.get("last_checkpoint") is not None:
+            steps += f" (last checkpoint: step {_num(run['last_checkpoint'])})"
         if run.get("diverged_at") is not None:
             steps += f", diverged at step {run['diverged_at']}"
         t.add_row("steps", steps)

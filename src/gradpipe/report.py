@@ -548,10 +548,13 @@ def inspect_output(path: str | Path, *, top: int = 10, step: int | None = None) 
     result = Inspection(summary)
     if output.run is not None:
         summary["run"] = run_info(output.run)
-        if summary["run"]["status"] == "running":  # or killed: its lock says which
-            from .recorder import Recorder
+        if summary["run"]["status"] in ("running", "interrupted", "failed"):
+            from .recorder import Recorder, latest_checkpoint
 
-            summary["run"]["writing"] = Recorder.writing(output.path)
+            if summary["run"]["status"] == "running":  # or killed: its lock says which
+                summary["run"]["writing"] = Recorder.writing(output.path)
+            last = latest_checkpoint(output.path)  # where --resume would begin
+            summary["run"]["last_checkpoint"] = None if last is None else last[0]
     if output.metrics is not None:
         result.metrics = read_metrics(output.metrics)
         summary["metrics"] = metrics_summary(result.metrics)

@@ -359,6 +359,8 @@ def test_no_target_brings_in_rows_to_predict(tmp_path: Path, source: str) -> Non
     one_line_error(CliRunner().invoke(cli, ["train", str(tmp_path / "new"), "--out",
                                             str(tmp_path / "r3")]),
                    "imported without a target (data import --no-target)")
+    one_line_error(CliRunner().invoke(cli, ["evaluate", str(run), str(tmp_path / "new")]),
+                   "imported without a target (data import --no-target)", "'label'")
     one_line_error(import_(src, tmp_path / "both", "--no-target", "--target", "x0"),
                    "--no-target with --target")
     assert not (tmp_path / "both").exists() and not (tmp_path / "r3").exists()

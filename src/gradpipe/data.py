@@ -645,6 +645,16 @@ def _declared(schema: pa.Schema, spec: DataSpec) -> tuple[DataSpec, str | None]:
     return spec, " ".join(taken) or None
 
 
+def imported_without_target(source: str) -> bool:
+    """Whether DATA's files were written by `data import --no-target` (rows to predict)."""
+    fs, files = list_files(source)
+    raw = (_open(fs, files[0]).schema_arrow.metadata or {}).get(IMPORT_KEY)
+    try:
+        return raw is not None and json.loads(raw).get("target") == []
+    except (ValueError, AttributeError):
+        return False
+
+
 def _check_columns(schema: pa.Schema, spec: DataSpec, path: str) -> None:
     """The target (if read) and id columns exist, and the id is an integer column."""
     names = schema.names

@@ -32,6 +32,7 @@ from .data import (
     DataSpec,
     column_names,
     describe_columns,
+    imported_without_target,
     plan,
     schema_line,
     shared_files,
@@ -423,6 +424,10 @@ def plan_for_model(config: EvalConfig, model: Model, read_target: bool) -> Datas
             "name.")
     absent = [t for t in target if t not in names]
     if read_target and absent:
+        if imported_without_target(config.data):
+            raise DataError(f"{config.data}: imported without a target (data import "
+                            "--no-target): rows for gradpipe predict; evaluating needs the "
+                            f"target {', '.join(map(repr, absent))}")
         raise DataError(
             f"{config.data}: no target column {', '.join(map(repr, absent))} of the model "
             f"{model.path} (found: {describe_columns(names, absent[0])}): its loss on these "

@@ -53,7 +53,7 @@ def test_processes_give_the_bits_of_threads(data, tmp_path, dtype, monkeypatch):
                           per_sample_every=1),
               note=said.append)
         where = said[0].rsplit("; ", 1)[1]
-        assert where == ("in-process" if mode == "threads" else
+        assert where == ("in-process (--workers 0)" if mode == "threads" else
                          "without Ray: 2 worker processes on this machine"), said[0]
         info = json.loads((out / "run.json").read_text())
         assert (info["workers"], info["processes"]) == (0, 0 if mode == "threads" else 2)

@@ -277,7 +277,7 @@ def test_the_schema_line_says_where_the_work_runs(ray_local, tmp_path: Path) -> 
     for workers in (0, 2):
         train(TrainConfig(data=str(DIGITS), out=str(tmp_path / f"w{workers}"), hidden=(4,),
                           steps=1, workers=workers), note=said[workers].append)
-    assert said[0][0].endswith("; in-process")
+    assert said[0][0].endswith("; in-process (--workers 0)")
     assert said[2][0].endswith("; 2 Ray workers on a local instance")
     one: list[str] = []  # a dataset of one block: one worker, whatever --workers says
     data = make_classification(tmp_path / "one", rows=30, files=1, row_group_size=30)

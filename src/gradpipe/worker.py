@@ -676,7 +676,8 @@ class Pool:
         --workers) why fewer Ray workers than asked, when the data has fewer blocks."""
         n = self.workers
         if n == 0:
-            return self.without_ray() or "; in-process"
+            return self.without_ray() or ("; in-process (--workers 0)" if asked == 0
+                                          else "; in-process")
         blocks = len(self.dataset.blocks)
         fewer = (f" (--workers {asked}, but {blocks} block{'s' * (blocks != 1)}: a smaller "
                  "--block-rows splits them)" if asked is not None and n < asked else "")

@@ -333,6 +333,15 @@ def test_bad_input_is_refused_in_one_line(tmp_path):
         one_line_error(run("influence", out, "--test", test, "--out", folder, "--workers", "0",
                            "--overwrite"), "a folder; influence writes one Parquet file")
         assert not (tmp_path / "new").exists() and not list((tmp_path / "folder").iterdir())
+    # --overwrite replaces an influence file only: never the run's own model or a checkpoint
+    model = (out / "weights.parquet").read_bytes()
+    for own in (out / "weights.parquet",
+                next((out / "checkpoints").iterdir()) / "weights.parquet"):
+        before = own.read_bytes()
+        one_line_error(run("influence", out, "--test", test, "--out", own, "--workers", "0",
+                           "--overwrite"), "is not an influence file", "refusing to replace it")
+        assert own.read_bytes() == before
+    assert (out / "weights.parquet").read_bytes() == model
     # a run without final weights: resume it (influence takes no checkpoint as RUN)
     stopped = train(data, tmp_path / "stopped")
     (stopped / "weights.parquet").unlink()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from . import store
@@ -310,6 +311,10 @@ def influence(config: InfluenceConfig, note: Note | None = None) -> dict:
     if store.exists(out) and not config.overwrite:
         raise ConfigError(f"--out {out}: exists. Pass --overwrite to replace the file, or "
                           "choose another --out.")
+    if store.exists(out) and not _is_influence_file(out):  # a run's weights.parquet, say
+        raise ConfigError(f"--out {out}: is not an influence file (no test_sample, "
+                          "train_sample and influence columns); refusing to replace it with "
+                          "--overwrite")
     check_apart(out, DATA=data, **{"--test": config.test})
     if not store.is_file(store.join(run, "weights.parquet")):  # a checkpoint is no run here
         raise ConfigError(no_final_weights(run, checkpoint=False))
@@ -362,6 +367,16 @@ def influence(config: InfluenceConfig, note: Note | None = None) -> dict:
             "columns": table.column_names,
             # a private run's influence is exact in its private rows: not covered by epsilon
             "private_run": bool(info.get("privacy"))}
+
+
+def _is_influence_file(loc: str) -> bool:
+    """Whether `loc` is a Parquet file with influence_table's columns: --overwrite replaces
+    such a file only, never a run's weights or a dataset."""
+    try:
+        names = set(pq.read_schema(store.open_input(loc)).names)
+    except (pa.ArrowInvalid, OSError):
+        return False
+    return {"test_sample", "kind", "rank", "train_sample", "influence"} <= names
 
 
 def influence_table(proponents: Ranked, opponents: Ranked) -> pa.Table:

@@ -331,6 +331,14 @@ def test_a_bucket_root_is_no_output_folder(s3, tmp_path):
     # with the data in the bucket, it is the data that the bucket would hold
     line = _one_line_within(10, "train", data, "--workers", "0", "--out", f"s3://{BUCKET}")
     assert "inside --out" in line
+    # scores too (pyarrow's 'Would delete bucket' came through before)
+    run = tmp_path / "run"
+    assert CliRunner().invoke(cli, ["train", str(local), "--workers", "0", "--steps", "2",
+                                    "--per-sample", "norms", "--out", str(run),
+                                    "--quiet"]).exit_code == 0
+    line = _one_line_within(10, "scores", run, "--workers", "0", "--out", f"s3://{BUCKET}")
+    assert f"--out s3://{BUCKET}: a bucket, not a folder in it; write to a prefix such as " \
+        f"s3://{BUCKET}/scores" in line
 
 
 def test_an_upload_the_store_does_not_keep_whole_is_refused_and_removed(s3, tmp_path,

@@ -139,6 +139,14 @@ def sweep(folder: str | Path) -> int:
     return len(found)
 
 
+def refuse_bucket_root(out: str, name: str, example: str = "runs/NAME") -> None:
+    """An output that is a whole bucket (s3://bucket): replacing it would delete the bucket."""
+    out = store.resolve(str(out))
+    if store.is_remote(out) and "/" not in out.split("://", 1)[1].rstrip("/"):
+        raise ConfigError(f"{name}: a bucket, not a folder in it; write to a prefix such as "
+                          f"{out.rstrip('/')}/{example}")
+
+
 def check_replaceable(out: str | Path, overwrite: bool, *, name: str,
                       foreign: Callable[[str], str | None], also: str = "") -> None:
     """Whether a command may write the folder `out`: a new or empty folder, yes; one that
@@ -146,10 +154,7 @@ def check_replaceable(out: str | Path, overwrite: bool, *, name: str,
     the command did not write (it returns what, or None). `name` is how the user called it,
     `also` another way out for the message (", --resume to continue it")."""
     out = store.resolve(str(out))
-    if store.is_remote(out) and "/" not in out.split("://", 1)[1]:
-        # --overwrite would delete the folder: on S3 that would be the whole bucket
-        raise ConfigError(f"{name}: a bucket, not a folder in it; write to a prefix such as "
-                          f"{out}/runs/NAME")
+    refuse_bucket_root(out, name)
     store.check_bucket(out)
     if store.is_file(out):
         raise ConfigError(f"{name}: exists and is not a folder. Choose another folder.")

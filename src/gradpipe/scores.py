@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from . import store
-from .atomic import atomic_dir
+from .atomic import atomic_dir, refuse_bucket_root
 from .config import TrainConfig  # the execution options, declared there
 from .data import Block, Dataset
 from .errors import ConfigError, DataError
@@ -299,6 +299,7 @@ def _check_out(out: str, run: str) -> None:
     """Refuse to replace a non-empty folder that is not an earlier scores folder, or a
     folder in another run's folder (its `scores` would be this run's, and `inspect` and
     every query of that run would read them as its own)."""
+    refuse_bucket_root(out, f"--out {out}", "scores")
     store.check_bucket(out)
     parent = store.parent(out)
     if parent != run and store.is_file(store.join(parent, "run.json")):

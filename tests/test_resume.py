@@ -67,7 +67,7 @@ def test_an_extended_run_has_the_records_and_scores_of_the_longer_run(cls_data, 
     from it, are those of a run of the new length from the start."""
     out, longer = tmp_path / "run", tmp_path / "longer"
     common = ["--workers", "0", "--hidden", "4", "--quiet", "--per-sample", "norms",
-              "--per-sample-every", "4", "--record-every", "4"]
+              "--per-sample-every", "4", "--record-every", "4", "--val", str(cls_data)]
     assert invoke("train", cls_data, *common, "--steps", "7", "--out", out).exit_code == 0
     assert sorted(p.name for p in (out / "per_sample").iterdir())[-1] == "step=6"
     r = invoke("train", "--resume", "--out", out, "--steps", "12", "--quiet")
@@ -83,6 +83,8 @@ def test_an_extended_run_has_the_records_and_scores_of_the_longer_run(cls_data, 
     a = pq.read_table(tmp_path / "scores-run")
     b = pq.read_table(tmp_path / "scores-longer")
     assert a.equals(b)
+    # the metrics too: the val_* measured at the old last step are null, as in the longer run
+    assert read_metrics(out).drop(["seconds"]).equals(read_metrics(longer).drop(["seconds"]))
     # a step on both grids stays: 7 -> 9 steps with every 3 keeps step 6
     keep = tmp_path / "keep"
     grid = ["--workers", "0", "--hidden", "4", "--quiet", "--per-sample", "norms",

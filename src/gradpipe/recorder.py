@@ -198,6 +198,27 @@ class Recorder:
             if path is not None:
                 store.remove(path)
 
+    def null_metrics(self, step: int, columns: tuple[str, ...]) -> None:
+        """Set `columns` of step's metrics row to null (the val_* an extended run measured
+        at its old last step, which a longer run leaves null there)."""
+        import pyarrow.compute as pc
+
+        files = _steps(store.join(self.out, "metrics"), _STEP_FILE)
+        first = max((s for s in files if s <= step), default=None)
+        if first is None:
+            return
+        table = pq.read_table(store.open_input(files[first]))
+        at = pc.equal(table.column("step"), step)
+        if not pc.any(at).as_py():
+            return
+        for name in columns:
+            if name in table.column_names:
+                i = table.column_names.index(name)
+                column = table.column(name)
+                table = table.set_column(i, name, pc.if_else(
+                    at, pa.scalar(None, column.type), column))
+        write_table(table, files[first])
+
     # --- records, one file per step --------------------------------------------------------
     def metrics(self, row: dict) -> None:
         """Add a step's metrics row; rows are written as one file per checkpoint interval

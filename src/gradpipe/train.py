@@ -758,6 +758,8 @@ class Run:
                                                ("per_sample", config.per_sample_every))
                       if not (every and old_last % every == 0))
         rec.drop_step(old_last, kinds)
+        if self.val_pool is not None and "gradients" in kinds:  # val_* go with the records
+            rec.null_metrics(old_last, self._val_keys())
 
     def _gradient(self, step: int, last: int, recorded: bool) -> Gradient:
         """The step's gradient: fanned out to the workers, their tree nodes reduced in block

@@ -244,6 +244,9 @@ def test_a_missing_bucket_is_one_line(s3, tmp_path):
                             "s3://no-such-bucket-here/run")
     assert "no such bucket 'no-such-bucket-here'" in line
     assert not store.exists(f"{s3}/run")
+    # a data error names the file as the URI it was given as, scheme included
+    line = _one_line_within(10, "train", data, "--workers", "0", "--target", "nope")
+    assert line.startswith(f"gradpipe: error: {data}/") and "missing target column" in line
 
 
 def test_refused_credentials_are_one_line(s3, tmp_path):

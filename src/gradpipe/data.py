@@ -938,6 +938,19 @@ def _resolve_task(
 
 
 def plan(spec: DataSpec) -> Dataset:
+    """`_plan`, with the errors of a dataset on an object store naming its files as URIs
+    (s3://bucket/key), as the user wrote them, not as the filesystem's bucket/key."""
+    try:
+        return _plan(spec)
+    except DataError as e:
+        scheme, _, rest = str(spec.path).partition("://")
+        text = str(e)
+        if rest and scheme != "file" and text.startswith(rest.split("/", 1)[0] + "/"):
+            raise DataError(f"{scheme}://{text}") from None
+        raise
+
+
+def _plan(spec: DataSpec) -> Dataset:
     """Check the files' metadata and columns, number the blocks, settle task and classes.
 
     Only metadata is read, and then the target column alone, file by file, when the

@@ -296,6 +296,14 @@ def _listing(source: str) -> tuple[pafs.FileSystem, str, list[str], list[str]]:
 UNREAD_CHECKED = 16
 
 
+def parquet_magic(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether a file begins and ends with Parquet's magic bytes, PAR1 (OSError if it cannot
+    be read)."""
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        return size >= 12 and f.read_at(4, 0) == b"PAR1" and f.read_at(4, size - 4) == b"PAR1"
+
+
 def _unread(fs: pafs.FileSystem, root: str, others: list[str]) -> tuple[tuple[str, bool], ...]:
     """(name relative to the folder, Parquet by its contents) of the files a folder holds
     besides its *.parquet ones, which are not read: said on the schema line."""
@@ -304,10 +312,7 @@ def _unread(fs: pafs.FileSystem, root: str, others: list[str]) -> tuple[tuple[st
         parquet = False
         if i < UNREAD_CHECKED:
             try:
-                with fs.open_input_file(path) as f:
-                    size = f.size()
-                    parquet = size >= 12 and f.read_at(4, 0) == b"PAR1" and f.read_at(
-                        4, size - 4) == b"PAR1"
+                parquet = parquet_magic(fs, path)
             except OSError:
                 parquet = False
         out.append((os.path.relpath(path, root), parquet))
@@ -612,21 +617,30 @@ def _check_partition_keys(keys: dict[str, list[str]], spec: DataSpec, path: str)
             f".to_parquet(FILE) (without partition_cols)")
 
 
+def _import_record(schema: pa.Schema) -> tuple[tuple[str, ...], str, object] | None:
+    """(target, task, id column) that `data import` kept in the files' metadata
+    (IMPORT_KEY); None where there is none, or not ours. A target of () is --no-target."""
+    raw = (schema.metadata or {}).get(IMPORT_KEY)
+    if raw is None:
+        return None
+    try:
+        found = json.loads(raw)
+        # id_column is absent in files of before it was kept
+        return tuple(str(t) for t in found["target"]), str(found["task"]), found.get("id_column")
+    except (ValueError, KeyError, TypeError, AttributeError):  # not ours, or damaged
+        return None
+
+
 def _declared(schema: pa.Schema, spec: DataSpec) -> tuple[DataSpec, str | None]:
     """The spec with what `data import` declared in the files' metadata (IMPORT_KEY) where
     the user said nothing else: its id column where --id-column was not given, its target
     where --target was left at its default and the files have no such column, and its
     --task where the target is the declared one and --task is auto. Also the flags taken,
     for the schema line (None: none)."""
-    raw = (schema.metadata or {}).get(IMPORT_KEY)
-    if raw is None:
+    record = _import_record(schema)
+    if record is None:
         return spec, None
-    try:
-        found = json.loads(raw)
-        target, task = tuple(str(t) for t in found["target"]), str(found["task"])
-        id_column = found.get("id_column")  # absent in files of before it was kept
-    except (ValueError, KeyError, TypeError, AttributeError):  # not ours, or damaged
-        return spec, None
+    target, task, id_column = record
     if spec.read_target and not target and not all(t in schema.names for t in spec.target):
         raise DataError(f"{spec.path}: imported without a target (data import --no-target): "
                         "rows for gradpipe predict; training and evaluating need their target")
@@ -648,11 +662,8 @@ def _declared(schema: pa.Schema, spec: DataSpec) -> tuple[DataSpec, str | None]:
 def imported_without_target(source: str) -> bool:
     """Whether DATA's files were written by `data import --no-target` (rows to predict)."""
     fs, files = list_files(source)
-    raw = (_open(fs, files[0]).schema_arrow.metadata or {}).get(IMPORT_KEY)
-    try:
-        return raw is not None and json.loads(raw).get("target") == []
-    except (ValueError, AttributeError):
-        return False
+    record = _import_record(_open(fs, files[0]).schema_arrow)
+    return record is not None and record[0] == ()
 
 
 def _check_columns(schema: pa.Schema, spec: DataSpec, path: str) -> None:

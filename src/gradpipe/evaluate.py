@@ -361,31 +361,23 @@ def exact_name(name: str) -> str:
     return re.sub(r"[][*?]", lambda m: f"[{m.group()}]", name)
 
 
-def _run_dataset(model: Model) -> dict:
-    """run.json's `dataset` of the model's run, if RUN is a run folder; else {}."""
+def _run_json(model: Model) -> dict:
+    """run.json of the model's run, if RUN is a run folder; else {}."""
     run = model.path
     if not store.is_file(store.join(run, "run.json")):
         return {}
-    return read_run_json(run).get("dataset", {})
+    return read_run_json(run)
 
 
-def _run_data_path(model: Model) -> str | None:
-    """The run's DATA as an absolute path or URI (run.json's data_path), if RUN is a run."""
-    run = model.path
-    if not store.is_file(store.join(run, "run.json")):
-        return None
-    info = read_run_json(run)
-    return info.get("data_path") or info.get("dataset", {}).get("source")
-
-
-def training_files(dataset: Dataset, run_dataset: dict, data_path: str | None = None
-                   ) -> tuple[bool, str]:
-    """Whether DATA is the run's training data: the same files (the fingerprint), or copies
-    of them wherever they lie (data.shared_files, where the run's DATA, `data_path`, can
-    still be read), and what the schema line says of it ("" when it is held out)."""
+def training_files(dataset: Dataset, run: dict) -> tuple[bool, str]:
+    """Whether DATA is the run's training data (`run`: its run.json): the same files (the
+    fingerprint), or copies of them wherever they lie (data.shared_files, where the run's
+    DATA, by its absolute data_path, can still be read), and what the schema line says of
+    it ("" when it is held out)."""
+    run_dataset = run.get("dataset", {})
     if dataset.fingerprint == run_dataset.get("fingerprint"):
         return True, "; the run's own training data, not held out"
-    source = data_path or run_dataset.get("source")
+    source = run.get("data_path") or run_dataset.get("source")
     try:
         shared = shared_files(dataset, source) if source else 0
     except (DataError, OSError):  # moved or gone since: nothing to compare with
@@ -404,7 +396,7 @@ def training_files(dataset: Dataset, run_dataset: dict, data_path: str | None = 
 
 def _model_id_column(model: Model) -> str | None:
     """The id column the model's run used (its run.json), if RUN is a run folder."""
-    return _run_dataset(model).get("id_column")
+    return _run_json(model).get("dataset", {}).get("id_column")
 
 
 def plan_for_model(config: EvalConfig, model: Model, read_target: bool) -> Dataset:
@@ -486,7 +478,7 @@ def evaluate(config: EvalConfig, note: Note | None = None) -> dict:
     `note` receives the data's schema line before any work starts."""
     model = read_model(config.model)
     dataset = plan_for_model(config, model, read_target=True)
-    training, said = training_files(dataset, _run_dataset(model), _run_data_path(model))
+    training, said = training_files(dataset, _run_json(model))
     pool = _pool(config, dataset, model, note, said)
     try:
         metrics = evaluate_with(pool, model.arch, model.params, model.standardize,

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
@@ -201,8 +202,6 @@ class Recorder:
     def null_metrics(self, step: int, columns: tuple[str, ...]) -> None:
         """Set `columns` of step's metrics row to null (the val_* an extended run measured
         at its old last step, which a longer run leaves null there)."""
-        import pyarrow.compute as pc
-
         files = _steps(store.join(self.out, "metrics"), _STEP_FILE)
         first = max((s for s in files if s <= step), default=None)
         if first is None:
